@@ -1,0 +1,111 @@
+"""GritConfig: every knob of rank-space K-FAC (GRIT), validated and documented.
+
+See DESIGN.md §2 for the math the knobs control.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Optional, Sequence
+
+BACKENDS = ("auto", "torch", "triton")
+NONFINITE_POLICIES = ("skip", "raise", "ignore")
+
+
+@dataclass
+class GritConfig:
+    """Configuration of :class:`grit_kernels.GritPreconditioner`.
+
+    Attributes:
+        update_freq: invert the factors every ``update_freq`` optimizer steps (>= 1). Statistics are
+            folded into the EMA at every step; only the (cheap) inversion is amortised.
+        damping: relative damping. Each r x r factor ``C`` is inverted as ``C + lam*I`` with
+            ``lam = damping * trace(C) / r + eps_abs``. Relative damping keeps the update invariant to
+            reparametrisations ``(A, B) -> (cA, B/c)``. Range [0, 1e6].
+        eps_abs: absolute damping floor added to ``lam`` (> 0 unless ``damping`` > 0 and factors are
+            never zero), in the units of the factor. Range [0, inf).
+        ema_decay: ``beta`` of the factor EMA ``C <- beta*C + (1-beta)*C_step``; the first step
+            initialises ``C`` directly. Range [0, 1).
+        retry_damping_factor: if the Cholesky factorisation fails, retry once with ``lam`` multiplied
+            by this (> 1). Then keep the previous inverse, else fall back to ``I/lam``.
+        warmup_steps: optimizer steps during which gradients pass through unpreconditioned while the
+            factors are already being estimated. PEFT initialises ``B = 0`` so the backward factor is
+            ~0 at first; a short warm-up keeps early steps bounded. Range [0, inf).
+        kl_clip: trust region on the preconditioned step (K-FAC KL-clip). After preconditioning all
+            gradients are scaled by ``nu = min(1, sqrt(kl_clip / (lr^2 * sum(g_pre . g))))``, computed
+            on the device. ``None`` disables it. It is reparametrisation invariant and has almost no
+            effect with Adam-type optimizers (which are invariant to a global gradient scale).
+        backend: ``"auto"`` (Triton on CUDA, torch on CPU), ``"torch"`` or ``"triton"``.
+        target_modules: optional names or name suffixes of LoRA layers to precondition (for example
+            ``["q_proj", "v_proj"]``); ``None`` preconditions every supported LoRA layer.
+        exclude_modules: names or name suffixes of LoRA layers to leave unpreconditioned.
+        nonfinite_grads: what :class:`GritOptimizer` does when a LoRA gradient is NaN/Inf:
+            ``"skip"`` (skip the step, discard its statistics, warn; costs one device->host scalar read
+            per step, like ``GradScaler``), ``"raise"`` (raise ``FloatingPointError``), or
+            ``"ignore"`` (no check, no host sync; the bank still refuses non-finite statistics).
+    """
+
+    update_freq: int = 10
+    damping: float = 1e-3
+    eps_abs: float = 1e-12
+    ema_decay: float = 0.95
+    retry_damping_factor: float = 100.0
+    warmup_steps: int = 10
+    kl_clip: Optional[float] = 1e-3
+    backend: str = "auto"
+    target_modules: Optional[Sequence[str]] = None
+    exclude_modules: Sequence[str] = ()
+    nonfinite_grads: str = "skip"
+
+    def __post_init__(self) -> None:
+        self._check_int("update_freq", 1)
+        self._check_int("warmup_steps", 0)
+        self._check_range("damping", 0.0, 1e6)
+        self._check_range("eps_abs", 0.0, math.inf)
+        self._check_range("ema_decay", 0.0, 1.0, hi_open=True)
+        self._check_range("retry_damping_factor", 1.0, math.inf, lo_open=True)
+        if self.kl_clip is not None:
+            self._check_range("kl_clip", 0.0, math.inf, lo_open=True)
+        if self.damping == 0.0 and self.eps_abs == 0.0:
+            raise ValueError("GritConfig: damping and eps_abs cannot both be 0 (the factors may be singular)")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"GritConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.nonfinite_grads not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"GritConfig.nonfinite_grads must be one of {NONFINITE_POLICIES}, got {self.nonfinite_grads!r}"
+            )
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise ValueError(f"GritConfig.{name} must be a list of names, not the string {value!r}")
+            if value is not None:
+                setattr(self, name, tuple(value))
+
+    def _check_int(self, name: str, lo: int) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise ValueError(f"GritConfig.{name} must be an integer >= {lo}, got {value!r}")
+
+    def _check_range(self, name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
+        value = getattr(self, name)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) or (
+            value == math.inf and hi == math.inf
+        )
+        if ok:
+            ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+        if not ok:
+            left = "(" if lo_open else "["
+            right = ")" if hi_open or hi == math.inf else "]"
+            raise ValueError(f"GritConfig.{name} must be in {left}{lo}, {hi}{right}, got {value!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GritConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"GritConfig: unknown fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
