@@ -1,0 +1,135 @@
+"""Statistics-capturing LoRA path and the patching of PEFT LoRA layers.
+
+A patched layer computes ``y = base(x) + s * B(capture(A(dropout(x))))`` where ``capture`` is the
+identity autograd Function :class:`RankStatsCapture`. Its backward receives ``delta = dL/dh`` (the
+rank-space gradient autograd forms anyway) and adds both ``h^T h`` and ``delta^T delta`` (fp32) to the
+module's bank slice. Capturing *both* statistics in backward means a micro-batch is counted exactly
+once: forwards without backward (evaluation, the no-grad first pass of reentrant activation
+checkpointing) add nothing, and a recomputed forward only regenerates saved tensors.
+
+Supported: PEFT ``lora.Linear`` over ``nn.Linear`` and the bitsandbytes ``Linear4bit`` /
+``Linear8bitLt`` LoRA layers, one active adapter, any dropout, rsLoRA. Everything else is reported
+by :func:`unsupported_reason` and left alone.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from . import ops
+
+
+class CaptureSlot:
+    """Where one module's statistics go: views into the :class:`~grit_kernels.bank.FactorBank`."""
+
+    __slots__ = ("forward_stat", "backward_stat", "rows", "backend")
+
+    def __init__(self, forward_stat: torch.Tensor, backward_stat: torch.Tensor, rows: torch.Tensor, backend: str):
+        self.forward_stat, self.backward_stat, self.rows, self.backend = forward_stat, backward_stat, rows, backend
+
+    def capture(self, h: torch.Tensor, delta: torch.Tensor) -> None:
+        ops.accumulate_gram_(self.forward_stat, h, backend=self.backend)
+        ops.accumulate_gram_(self.backward_stat, delta, backend=self.backend)
+        self.rows.add_(h.numel() // h.shape[-1])
+
+
+class RankStatsCapture(torch.autograd.Function):
+    """Identity on ``h [..., r]``; its backward records ``sum h h^T`` and ``sum delta delta^T``."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, slot: CaptureSlot) -> torch.Tensor:
+        ctx.slot = slot
+        ctx.save_for_backward(h)
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx: Any, delta: torch.Tensor):
+        (h,) = ctx.saved_tensors
+        ctx.slot.capture(h, delta)
+        return delta, None
+
+
+def _supported_classes() -> tuple[type, ...]:
+    from peft.tuners.lora import layer as lora_layer
+
+    classes: list[type] = [lora_layer.Linear]
+    try:
+        from peft.tuners.lora import bnb as lora_bnb
+
+        classes += [getattr(lora_bnb, n) for n in ("Linear4bit", "Linear8bitLt") if hasattr(lora_bnb, n)]
+    except Exception:  # bitsandbytes missing or broken: plain LoRA still works
+        pass
+    return tuple(classes)
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    from peft.tuners.lora.layer import LoraLayer
+
+    return isinstance(module, LoraLayer)
+
+
+def unsupported_reason(module: nn.Module) -> Optional[str]:
+    """``None`` if GRIT can precondition this PEFT LoRA layer, else what is wrong and what to change."""
+    kind = type(module).__name__
+    if not isinstance(module, _supported_classes()):
+        return f"{kind} LoRA is not supported (only Linear / bnb Linear4bit / Linear8bitLt LoRA layers)"
+    adapters = list(module.active_adapters)
+    if len(adapters) != 1:
+        return f"{len(adapters)} active adapters {adapters}; activate exactly one (model.set_adapter(name))"
+    adapter = adapters[0]
+    if adapter not in module.lora_A:
+        return f"active adapter {adapter!r} has no LoRA weights in this layer"
+    if adapter in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(adapter, False):
+        return "DoRA / LoRA variants are not supported; use plain LoRA (use_dora=False)"
+    if not isinstance(module.lora_A[adapter], nn.Linear) or not isinstance(module.lora_B[adapter], nn.Linear):
+        return "lora_A / lora_B are not nn.Linear"
+    return None
+
+
+def _grit_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Replacement ``forward`` of a patched PEFT LoRA layer (bound to the layer instance)."""
+    state = self._grit_state
+    adapter = state["adapter"]
+    if (
+        self.disable_adapters
+        or self.merged
+        or kwargs.get("adapter_names") is not None
+        or list(self.active_adapters) != [adapter]
+    ):
+        return state["original_forward"](x, *args, **kwargs)
+    result = self.base_layer(x, *args, **kwargs)
+    if state["clone_result"]:  # bitsandbytes 4-bit: PEFT clones defensively, so do we
+        result = result.clone()
+    result_dtype = result.dtype
+    lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
+    if not torch.is_autocast_enabled():
+        x = self._cast_input_dtype(x, lora_A.weight.dtype)
+    h = lora_A(self.lora_dropout[adapter](x))
+    if torch.is_grad_enabled() and h.requires_grad:
+        h = RankStatsCapture.apply(h, state["slot"])
+    return result + (lora_B(h) * self.scaling[adapter]).to(result_dtype)
+
+
+def patch_lora_layer(module: nn.Module, slot: CaptureSlot) -> None:
+    """Route ``module``'s LoRA path through :class:`RankStatsCapture` (instance-level forward)."""
+    if hasattr(module, "_grit_state"):
+        raise RuntimeError("this LoRA layer is already patched by a GritPreconditioner; call .remove() first")
+    module._grit_state = {
+        "adapter": module.active_adapters[0],
+        "slot": slot,
+        "original_forward": module.forward,
+        "clone_result": "4bit" in type(module).__name__,
+    }
+    module.forward = types.MethodType(_grit_forward, module)
+
+
+def unpatch_lora_layer(module: nn.Module) -> None:
+    """Restore the plain PEFT forward."""
+    if hasattr(module, "_grit_state"):
+        del module._grit_state
+        if "forward" in module.__dict__:
+            del module.forward

@@ -1,0 +1,137 @@
+"""GritOptimizer: wraps any torch optimizer; preconditions LoRA gradients before its step.
+
+It shares the wrapped optimizer's ``param_groups`` and ``state`` so LR schedulers, gradient
+clipping helpers and checkpointing see the inner optimizer unchanged.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+
+from .preconditioner import GritPreconditioner
+
+
+class GritOptimizer(torch.optim.Optimizer):
+    """``GritOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-4), preconditioner)``.
+
+    ``step()``: (1) if ``config.nonfinite_grads != "ignore"``, check every LoRA gradient for NaN/Inf
+    (one device->host scalar read); on a bad step either skip it -- statistics discarded, adapters and
+    optimizer state untouched, ``skipped_steps`` incremented -- or raise; (2) ``preconditioner.step``;
+    (3) the inner optimizer's step. ``zero_grad()`` also discards statistics of a step that was never
+    taken (for example one skipped by ``GradScaler``).
+
+    Args:
+        optimizer: any torch optimizer (AdamW, SGD, bitsandbytes 8-bit, ...) over the model's params.
+        preconditioner: the :class:`GritPreconditioner` of the same model.
+        grad_scaler: optional ``torch.amp.GradScaler`` used for the backward passes; its current scale
+            is divided out of the backward factor (read on the device).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        preconditioner: GritPreconditioner,
+        grad_scaler: Optional[Any] = None,
+    ):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"GritOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(preconditioner, GritPreconditioner):
+            raise TypeError(f"expected a GritPreconditioner, got {type(preconditioner).__name__}")
+        owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [m.name for m in preconditioner.modules if id(m.lora_A) not in owned or id(m.lora_B) not in owned]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} preconditioned LoRA modules are not in the optimizer (e.g. {missing[:3]}); "
+                "build the optimizer over model.parameters()"
+            )
+        self.optimizer = optimizer
+        self.preconditioner = preconditioner
+        self.grad_scaler = grad_scaler
+        self.skipped_steps = 0
+        lora_ids = {id(p) for p in preconditioner.parameters()}
+        self._lora_groups = [g for g in optimizer.param_groups if any(id(p) in lora_ids for p in g["params"])]
+        # share, do not copy: schedulers and checkpoints act on the inner optimizer
+        self.defaults = optimizer.defaults
+        self._optimizer_step_pre_hooks = {}
+        self._optimizer_step_post_hooks = {}
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.optimizer.state = value
+
+    def _lr(self):
+        lrs = [g["lr"] for g in self._lora_groups]
+        if any(isinstance(lr, torch.Tensor) for lr in lrs):
+            return torch.stack([torch.as_tensor(lr, dtype=torch.float32) for lr in lrs]).max()
+        return max(lrs)
+
+    def _grads_finite(self) -> bool:
+        grads = [p.grad for p in self.preconditioner.parameters() if p.grad is not None]
+        if not grads:
+            return True
+        norms = torch._foreach_norm(grads)
+        return bool(torch.isfinite(torch.stack(norms)).all())
+
+    def step(self, closure: Optional[Callable] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        policy = self.preconditioner.config.nonfinite_grads
+        if policy != "ignore" and not self._grads_finite():
+            self.preconditioner.discard_step()
+            if policy == "raise":
+                raise FloatingPointError(
+                    "GritOptimizer: NaN/Inf in LoRA gradients; the step was not taken and its statistics were "
+                    "discarded (check the loss: e.g. a batch whose labels are all -100 gives NaN under mean reduction)"
+                )
+            self.skipped_steps += 1
+            warnings.warn(
+                f"GritOptimizer: NaN/Inf in LoRA gradients, step skipped ({self.skipped_steps} so far); "
+                "adapters, optimizer state and factors unchanged",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return loss
+        self.preconditioner.step(lr=self._lr(), loss_scale=self._loss_scale())
+        self.optimizer.step()
+        return loss
+
+    def _loss_scale(self) -> Optional[torch.Tensor]:
+        """The GradScaler's current scale as a device tensor (no sync), or None without AMP scaling."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        return scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else scaler._scale
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.preconditioner.discard_step()
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "preconditioner": self.preconditioner.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.preconditioner.load_state_dict(state_dict["preconditioner"])
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        return f"GritOptimizer({self.optimizer.__class__.__name__}, {self.preconditioner!r})"

@@ -1,0 +1,216 @@
+"""GritPreconditioner: a PEFT model -> patched LoRA layers + one FactorBank; ``step()`` preconditions.
+
+A training step as data (DESIGN.md §4): forward -> backward (each patched layer adds its
+``sum h h^T``, ``sum delta delta^T`` and row count to the bank) -> ``step()``: EMA fold (one batched op),
+every ``update_freq`` steps the batched inversion (one op), grouped preconditioning of every
+lora_A / lora_B ``.grad`` in place (one op), optional KL-clip -> the wrapped optimizer steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from . import ops
+from .bank import BACKWARD, FORWARD, FactorBank
+from .config import GritConfig
+from .layers import CaptureSlot, is_lora_layer, patch_lora_layer, unpatch_lora_layer, unsupported_reason
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GritModule:
+    """One preconditioned LoRA module: its name, layer, adapter weights and bank index."""
+
+    name: str
+    layer: nn.Module
+    lora_A: nn.Parameter  # [r, d_in]
+    lora_B: nn.Parameter  # [d_out, r]
+    index: int
+
+
+def _name_matches(name: str, patterns) -> bool:
+    return any(name == p or name.endswith("." + p) or name.split(".")[-1] == p for p in patterns)
+
+
+class GritPreconditioner:
+    """Rank-space K-FAC for every supported LoRA layer of ``model``.
+
+    Args:
+        model: a PEFT model (or any module containing PEFT LoRA layers) with one active adapter.
+        config: :class:`GritConfig`; defaults if ``None``.
+
+    Attributes:
+        modules: the preconditioned :class:`GritModule` s, in bank order.
+        skipped: ``{layer name: reason}`` of LoRA layers left unpreconditioned (one warning lists them).
+        bank: the :class:`FactorBank`.
+        step_count: optimizer steps taken so far (host integer; no device sync).
+    """
+
+    def __init__(self, model: nn.Module, config: Optional[GritConfig] = None):
+        self.config = config if config is not None else GritConfig()
+        if not isinstance(self.config, GritConfig):
+            raise TypeError(f"config must be a GritConfig, got {type(self.config).__name__}")
+        cfg = self.config
+        found, self.skipped = [], {}
+        for name, layer in model.named_modules():
+            if not is_lora_layer(layer):
+                continue
+            if cfg.target_modules is not None and not _name_matches(name, cfg.target_modules):
+                continue
+            if _name_matches(name, cfg.exclude_modules):
+                continue
+            reason = unsupported_reason(layer)
+            if reason is None:
+                found.append((name, layer))
+            else:
+                self.skipped[name] = reason
+        if self.skipped:
+            lines = "\n".join(f"  {n}: {r}" for n, r in self.skipped.items())
+            warnings.warn(f"GRIT leaves {len(self.skipped)} LoRA layer(s) unpreconditioned:\n{lines}", stacklevel=2)
+        if not found:
+            raise ValueError(
+                "GritPreconditioner found no supported PEFT LoRA layer in the model"
+                + (f" (target_modules={list(cfg.target_modules)})" if cfg.target_modules is not None else "")
+                + "; wrap the model with peft.get_peft_model(model, LoraConfig(...)) first"
+            )
+        self.modules: list[GritModule] = []
+        for i, (name, layer) in enumerate(found):
+            adapter = layer.active_adapters[0]
+            self.modules.append(
+                GritModule(name, layer, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, i)
+            )
+        devices = {m.lora_A.device for m in self.modules} | {m.lora_B.device for m in self.modules}
+        if len(devices) != 1:
+            raise ValueError(f"GRIT needs all LoRA adapters on one device, found {sorted(map(str, devices))}")
+        self.bank = FactorBank([m.lora_A.shape[0] for m in self.modules], device=devices.pop())
+        self.backend = ops.resolve_backend(cfg.backend, self.bank.device)
+        for m in self.modules:
+            patch_lora_layer(m.layer, CaptureSlot(*self.bank.stat_views(m.index), backend=self.backend))
+        self.step_count = 0
+        self._removed = False
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_modules(self) -> int:
+        return len(self.modules)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """All preconditioned adapter weights (lora_A then lora_B per module)."""
+        return [p for m in self.modules for p in (m.lora_A, m.lora_B)]
+
+    @property
+    def preconditioning_active(self) -> bool:
+        """Whether the next ``step()`` preconditions (False during warm-up)."""
+        return self.step_count >= self.config.warmup_steps
+
+    # ------------------------------------------------------------------ the step
+    def step(
+        self,
+        lr: Optional[Union[float, torch.Tensor]] = None,
+        loss_scale: Optional[Union[float, torch.Tensor]] = None,
+    ) -> None:
+        """Fold statistics, refresh inverses when due, precondition every LoRA ``.grad`` in place.
+
+        Args:
+            lr: learning rate, used only by the KL-clip (``config.kl_clip``); ``None`` skips the clip.
+            loss_scale: the AMP loss scale the backward pass ran under (a tensor is read on the device,
+                never synchronised); it is divided out of the backward factor.
+        Call exactly once per optimizer step, after backward and before the inner optimizer step.
+        No host synchronisation: every decision on tensor values is made on the device.
+        """
+        self._check_not_removed()
+        cfg = self.config
+        self.bank.fold(cfg.ema_decay, loss_scale=loss_scale, backend=self.backend)
+        since = self.step_count - cfg.warmup_steps
+        if since >= 0:
+            if since % cfg.update_freq == 0:
+                self.bank.refresh_inverses(cfg.damping, cfg.eps_abs, cfg.retry_damping_factor, backend=self.backend)
+            self._precondition_grads(lr)
+        self.step_count += 1
+
+    def discard_step(self) -> None:
+        """Drop the statistics of a step that will not be taken (skipped for NaN/Inf, GradScaler skip)."""
+        self.bank.reset_accumulators()
+
+    def _precondition_grads(self, lr) -> None:
+        modules = [m for m in self.modules if m.lora_A.grad is not None and m.lora_B.grad is not None]
+        if not modules:
+            return
+        inv_d, inv_h = self.bank.inverse[BACKWARD], self.bank.inverse[FORWARD]
+        if len(modules) != len(self.modules):
+            index = torch.tensor([m.index for m in modules], device=self.bank.device)
+            inv_d, inv_h = inv_d[index], inv_h[index]
+        grads_a = [m.lora_A.grad for m in modules]
+        grads_b = [m.lora_B.grad for m in modules]
+        clip = self.config.kl_clip is not None and lr is not None
+        dot = ops.precondition_(grads_a, grads_b, inv_d, inv_h, compute_dot=clip, backend=self.backend)
+        if clip:
+            lr_sq = torch.as_tensor(lr, dtype=torch.float32, device=self.bank.device) ** 2
+            quad = (lr_sq * dot.abs()).clamp_min(torch.finfo(torch.float32).tiny)
+            nu = torch.sqrt(self.config.kl_clip / quad).clamp(max=1.0)
+            torch._foreach_mul_(grads_a + grads_b, nu)
+
+    # ------------------------------------------------------------------ observability
+    def curvature_summary(self) -> dict[str, torch.Tensor]:
+        """Device tensors describing the factors (read them with ``.item()`` at logging steps only).
+
+        Keys: ``damping_mean``, ``trace_forward_mean``, ``trace_backward_mean``, ``condition_max``
+        (largest eigenvalue ratio of the damped factors, via an eigen solve of the bank), and
+        ``inverse_failures`` (matrices whose latest inversion used the retry or a fallback).
+        """
+        bank, cfg = self.bank, self.config
+        lam = bank.damping_values(cfg.damping, cfg.eps_abs)
+        trace = torch.diagonal(bank.factor, dim1=2, dim2=3).sum(dim=2)
+        eig = torch.linalg.eigvalsh(bank.factor.reshape(-1, bank.max_rank, bank.max_rank).double())
+        # padded entries add zero eigenvalues; the damped spectrum is eig + lam
+        lam_flat = lam.reshape(-1, 1).double()
+        cond = (eig.max(dim=1).values + lam_flat[:, 0]) / (eig.clamp_min(0).min(dim=1).values + lam_flat[:, 0])
+        return {
+            "damping_mean": lam.mean(),
+            "trace_forward_mean": trace[FORWARD].mean(),
+            "trace_backward_mean": trace[BACKWARD].mean(),
+            "condition_max": cond.max().float(),
+            "inverse_failures": (bank.status > 0).sum(),
+        }
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "config": self.config.to_dict(),
+            "step_count": self.step_count,
+            "module_names": [m.name for m in self.modules],
+            "bank": self.bank.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a saved state onto this preconditioner's device (the model must have the same modules)."""
+        self._check_not_removed()
+        names = [m.name for m in self.modules]
+        if list(state["module_names"]) != names:
+            missing = set(state["module_names"]) ^ set(names)
+            raise ValueError(f"GritPreconditioner.load_state_dict: module mismatch, e.g. {sorted(missing)[:5]}")
+        self.bank.load_state_dict(state["bank"])
+        self.step_count = int(state["step_count"])
+
+    def remove(self) -> None:
+        """Restore plain PEFT layers; the preconditioner cannot be used afterwards."""
+        for m in self.modules:
+            unpatch_lora_layer(m.layer)
+        self._removed = True
+
+    def _check_not_removed(self) -> None:
+        if self._removed:
+            raise RuntimeError("this GritPreconditioner was removed; create a new one")
+
+    def __repr__(self) -> str:
+        return (
+            f"GritPreconditioner(num_modules={self.num_modules}, max_rank={self.bank.max_rank}, "
+            f"backend={self.backend!r}, step_count={self.step_count}, skipped={len(self.skipped)})"
+        )
