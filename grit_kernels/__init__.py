@@ -1,9 +1,39 @@
-"""grit-kernels: rank-space K-FAC (GRIT) natural-gradient fine-tuning for PEFT LoRA / QLoRA."""
+"""grit-kernels: rank-space K-FAC (GRIT) natural-gradient fine-tuning for PEFT LoRA / QLoRA.
+
+Two lines on top of PEFT::
+
+    pre = gk.GritPreconditioner(peft_model, gk.GritConfig())
+    opt = gk.GritOptimizer(torch.optim.AdamW(peft_model.parameters(), lr=2e-4), pre)
+"""
 
 from . import ops, reference
+from .bank import FactorBank
 from .config import GritConfig
+from .optim import GritOptimizer
+from .preconditioner import GritPreconditioner
 from .status import InverseStatus
 
 __version__ = "0.1.0"
 
-__all__ = ["GritConfig", "InverseStatus", "ops", "reference", "__version__"]
+_TRAINER_NAMES = ("GritTrainer", "GritTrainingArguments", "enable_grit")
+
+
+def __getattr__(name):  # the Trainer integration imports transformers.Trainer: load it on first use
+    if name in _TRAINER_NAMES:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'grit_kernels' has no attribute {name!r}")
+
+
+__all__ = [
+    "FactorBank",
+    "GritConfig",
+    "GritOptimizer",
+    "GritPreconditioner",
+    "InverseStatus",
+    "ops",
+    "reference",
+    "__version__",
+    *_TRAINER_NAMES,
+]
