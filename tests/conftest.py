@@ -1,0 +1,35 @@
+"""Shared helpers. Kernels run on the CPU through the Triton interpreter, so the variable must be set
+before anything imports triton (test modules that use Triton also set it themselves)."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (0/0 counts as 0)."""
+    out, ref = out.double().cpu(), ref.double().cpu()
+    denom = ref.norm().item()
+    diff = (out - ref).norm().item()
+    return diff if denom == 0 else diff / denom
+
+
+@pytest.fixture
+def fresh_seed():
+    """A fresh seed per test run (printed so a failure can be replayed)."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    print(f"seed={seed}")
+    return seed

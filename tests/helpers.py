@@ -1,0 +1,46 @@
+"""Small models for the property tests (tiny, random weights, built from configs)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from grit_kernels.models import build_lora_model, tiny_llama_config
+
+
+class TwoLayer(nn.Module):
+    """y = fc2(tanh(fc1(x))): two LoRA targets of different shapes."""
+
+    def __init__(self, d_in=7, d_hidden=6, d_out=5):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, d_hidden)
+        self.fc2 = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def two_layer_lora(r=3, seed=0, **lora_kwargs):
+    """PEFT LoRA over :class:`TwoLayer` with random (non-zero) A and B."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    base = TwoLayer()
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["fc1", "fc2"], init_lora_weights=False, **lora_kwargs)
+    return get_peft_model(base, cfg)
+
+
+def small_llama(num_layers=2, seed=0, random_b=True, **kwargs):
+    """A few-layer tiny Llama with LoRA on all 7 projections (B random unless ``random_b=False``)."""
+    if random_b:
+        kwargs.setdefault("init_lora_weights", False)
+    return build_lora_model(tiny_llama_config(num_layers=num_layers), seed=seed, **kwargs)
+
+
+def lora_pairs(model):
+    """[(lora_A.weight, lora_B.weight, scaling)] of every LoRA layer, in module order."""
+    out = []
+    for module in model.modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            out.append((module.lora_A["default"].weight, module.lora_B["default"].weight, module.scaling["default"]))
+    return out
