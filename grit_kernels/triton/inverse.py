@@ -1,0 +1,228 @@
+"""Triton ``damped_cholesky_inverse``: every ``r x r`` factor of the model inverted in one launch.
+
+One program per matrix holds the matrix in registers as an ``RP x RP`` fp32 tile (``RP`` = ``R``
+rounded up to a power of two, at least 16 for ``tl.dot``; rows/columns past the matrix's rank are
+the identity). Per attempt with damping ``lam``:
+
+1. right-looking Cholesky of ``C + lam*I``, one column per loop iteration (tile-wide ``tl.where``
+   updates); it reads only the lower triangle of ``C``, like ``torch.linalg.cholesky``; a pivot that
+   is not positive and finite marks the attempt failed,
+2. forward substitution for ``L^-1``, one row per iteration,
+3. ``C^-1 = L^-T L^-1`` with ``tl.dot(..., input_precision="ieee")`` (no TF32), symmetrised.
+
+The fallback chain of DESIGN.md §2 is decided inside the kernel (no host synchronisation): attempt
+with ``lam``, retry with ``lam * retry_factor`` only where the first failed (a branch on the device),
+else the previous inverse where ``previous_valid``, else ``I/lam`` (``I`` if ``lam`` is not finite
+and positive). A non-finite entry in the ``r x r`` block or a non-finite ``lam`` fails every attempt;
+so does a non-finite result. Status codes: :class:`grit_kernels.status.InverseStatus`.
+
+``R > MAX_TRITON_R`` (64) and float64 matrices go to the sync-free torch batched path
+(:func:`grit_kernels.ops.inverse._torch_batched`): the register tile would spill beyond 64.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..status import InverseStatus
+
+MAX_TRITON_R = 64
+FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
+
+
+@triton.jit
+def _all_finite(x):
+    return tl.sum(tl.sum((~(tl.abs(x) <= FLT_MAX)).to(tl.int32), axis=1), axis=0) == 0
+
+
+@triton.jit
+def _damped_inverse(c, lam, r, idx_r, idx_c):
+    """Inverse of ``c + lam*I`` on the leading ``r x r`` block (identity outside) and success flag.
+
+    ``c``: ``[RP, RP]`` fp32, exactly symmetric, identity outside the block.
+    """
+    row = idx_r[:, None]
+    col = idx_c[None, :]
+    active_diag = (row == col) & (row < r)
+    m = c + tl.where(active_diag, lam, 0.0)
+    eye_pad = tl.where((row == col) & (row >= r), 1.0, 0.0)
+
+    # Cholesky, right-looking: lt holds L^T (lt[j, b] = L[b, j]).
+    lt = eye_pad
+    ok = lam == lam  # True (lam is finite here), as a device scalar
+    for j in range(0, r):
+        col_j = tl.sum(tl.where(col == j, m, 0.0), axis=1)  # m[:, j], indexed by row
+        row_j = tl.sum(tl.where(row == j, m, 0.0), axis=0)  # m[j, :] == m[:, j], indexed by column
+        d = tl.sum(tl.where(idx_r == j, col_j, 0.0), axis=0)
+        pivot_ok = (d > 0.0) & (d <= FLT_MAX)
+        ok = ok & pivot_ok
+        s = tl.sqrt(tl.where(pivot_ok, d, 1.0))
+        l_by_row = tl.where(idx_r > j, col_j / s, tl.where(idx_r == j, s, 0.0))
+        l_by_col = tl.where(idx_c > j, row_j / s, tl.where(idx_c == j, s, 0.0))
+        lt = tl.where(row == j, l_by_col[None, :], lt)
+        m = tl.where((row > j) & (col > j), m - l_by_row[:, None] * l_by_col[None, :], m)
+
+    # Forward substitution: li = L^-1, row i = (e_i - sum_{k<i} L[i, k] li[k, :]) / L[i, i].
+    li = eye_pad
+    for i in range(0, r):
+        l_row_i = tl.sum(tl.where(col == i, lt, 0.0), axis=1)  # L[i, k], indexed by k (row)
+        l_ii = tl.sum(tl.where(idx_r == i, l_row_i, 0.0), axis=0)
+        v = tl.sum(l_row_i[:, None] * li, axis=0)  # includes k == i, where li[i, :] is still 0
+        e_i = tl.where(idx_c == i, 1.0, 0.0)
+        li = tl.where(row == i, ((e_i - v) / l_ii)[None, :], li)
+
+    inv = tl.dot(tl.trans(li), li, input_precision="ieee")
+    ok = ok & _all_finite(inv)
+    return inv, ok
+
+
+@triton.jit
+def _inverse_kernel(
+    mats_ptr,
+    out_ptr,
+    status_ptr,
+    ranks_ptr,
+    prev_ptr,
+    prev_valid_ptr,
+    R,
+    sm0,
+    sm1,
+    sm2,
+    so0,
+    so1,
+    so2,
+    sp0,
+    sp1,
+    sp2,
+    stride_rank,
+    stride_pv,
+    damping,
+    eps_abs,
+    retry_factor,
+    RP: tl.constexpr,
+    HAS_RANKS: tl.constexpr,
+    HAS_PREV: tl.constexpr,
+):
+    i = tl.program_id(0).to(tl.int64)
+    if HAS_RANKS:
+        r = tl.load(ranks_ptr + i * stride_rank).to(tl.int32)
+    else:
+        r = R
+    idx_r = tl.arange(0, RP)
+    idx_c = tl.arange(0, RP)
+    row = idx_r[:, None]
+    col = idx_c[None, :]
+    block = (row < r) & (col < r)
+    diag = row == col
+    eye_pad = tl.where(diag & (row >= r), 1.0, 0.0)
+    eye_block = tl.where(diag & (row < r), 1.0, 0.0)
+
+    base = mats_ptr + i * sm0
+    c_raw = tl.load(base + row * sm1 + col * sm2, mask=block, other=0.0).to(tl.float32)
+    c_up = tl.load(base + col * sm1 + row * sm2, mask=block, other=0.0).to(tl.float32)  # c_raw^T
+    c_finite = _all_finite(c_raw)
+    # The lower triangle mirrored: exactly symmetric, what a Cholesky factorisation reads.
+    c = tl.where(row >= col, c_raw, c_up)
+    c = tl.where(c_finite, c, 0.0) + eye_pad
+    trace = tl.sum(tl.sum(tl.where(diag, c_raw, 0.0), axis=1), axis=0)
+    lam = damping * trace / r.to(tl.float32) + eps_abs
+    lam_finite = tl.abs(lam) <= FLT_MAX
+
+    lam1 = tl.where(lam_finite, lam, 1.0)
+    result, ok = _damped_inverse(c, lam1, r, idx_r, idx_c)
+    ok = ok & c_finite & lam_finite
+    status = tl.where(ok, 0, 3)
+    if ok == 0:  # a branch on the device: the retry costs nothing where the first attempt worked
+        lam2 = lam * retry_factor
+        lam2_finite = tl.abs(lam2) <= FLT_MAX
+        retried, ok2 = _damped_inverse(c, tl.where(lam2_finite, lam2, 1.0), r, idx_r, idx_c)
+        ok2 = ok2 & c_finite & lam2_finite
+        usable = lam_finite & (lam > 0.0)
+        fallback = eye_block / tl.where(usable, lam, 1.0) + eye_pad
+        fallback_status = 3
+        if HAS_PREV:
+            keep = tl.load(prev_valid_ptr + i * stride_pv) != 0
+            prev = tl.load(prev_ptr + i * sp0 + row * sp1 + col * sp2, mask=block, other=0.0).to(tl.float32)
+            fallback = tl.where(keep, prev + eye_pad, fallback)
+            fallback_status = tl.where(keep, 2, 3)
+        result = tl.where(ok2, retried, fallback)
+        status = tl.where(ok2, 1, fallback_status)
+
+    result = 0.5 * (result + tl.trans(result))
+    in_matrix = (row < R) & (col < R)
+    tl.store(out_ptr + i * so0 + row * so1 + col * so2, result.to(out_ptr.dtype.element_ty), mask=in_matrix)
+    tl.store(status_ptr + i, status.to(tl.int32))
+
+
+def _num_warps(rp: int) -> int:
+    return {16: 1, 32: 2}.get(rp, 4)
+
+
+def damped_cholesky_inverse(
+    mats: torch.Tensor,
+    damping: float,
+    eps_abs: float = 1e-12,
+    ranks: Optional[torch.Tensor] = None,
+    previous: Optional[torch.Tensor] = None,
+    previous_valid: Optional[torch.Tensor] = None,
+    retry_factor: float = 100.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton backend of :func:`grit_kernels.ops.damped_cholesky_inverse` (same contract).
+
+    ``mats``: ``[n, R, R]`` float32 (float16/bfloat16 are upcast in the kernel; any strides);
+    returns ``(inverses [n, R, R] in mats.dtype, status [n] int32)`` from one kernel launch.
+    """
+    n, R, _ = mats.shape
+    if R > MAX_TRITON_R or mats.dtype == torch.float64:
+        from ..ops.inverse import _torch_batched
+
+        return _torch_batched(mats, damping, eps_abs, ranks, previous, previous_valid, retry_factor)
+    device = mats.device
+    out = torch.empty((n, R, R), dtype=mats.dtype, device=device)
+    status = torch.empty((n,), dtype=torch.int32, device=device)
+    if n == 0:
+        return out, status
+    if ranks is not None and not torch.is_tensor(ranks):
+        ranks = torch.as_tensor(list(ranks), dtype=torch.int32, device=device)
+    has_prev = previous is not None and previous_valid is not None
+    if has_prev:
+        prev_valid = previous_valid.to(device=device)
+        prev_valid = prev_valid.view(torch.uint8) if prev_valid.dtype == torch.bool else prev_valid
+        prev_strides = previous.stride()
+    else:  # unused pointer arguments (distinct tensors: the interpreter mishandles aliased arguments)
+        previous = torch.zeros((1, 1, 1), dtype=torch.float32, device=device)
+        prev_valid, prev_strides = torch.zeros((1,), dtype=torch.uint8, device=device), (0, 0, 0)
+    if ranks is None:
+        ranks_arg, stride_rank = torch.zeros((1,), dtype=torch.int32, device=device), 0
+    else:
+        ranks_arg, stride_rank = ranks.to(device), ranks.stride(0)
+    rp = max(16, triton.next_power_of_2(R))
+    _inverse_kernel[(n,)](
+        mats,
+        out,
+        status,
+        ranks_arg,
+        previous,
+        prev_valid,
+        R,
+        *mats.stride(),
+        *out.stride(),
+        *prev_strides,
+        stride_rank,
+        prev_valid.stride(0),
+        float(damping),
+        float(eps_abs),
+        float(retry_factor),
+        RP=rp,
+        HAS_RANKS=ranks is not None,
+        HAS_PREV=has_prev,
+        num_warps=_num_warps(rp),
+    )
+    return out, status
+
+
+__all__ = ["MAX_TRITON_R", "InverseStatus", "damped_cholesky_inverse"]
