@@ -10,6 +10,9 @@ the identity). Per attempt with damping ``lam``:
 2. forward substitution for ``L^-1``, one row per iteration,
 3. ``C^-1 = L^-T L^-1`` with ``tl.dot(..., input_precision="ieee")`` (no TF32), symmetrised.
 
+Square roots and divisions are the IEEE-rounded ``tl.sqrt_rn`` / ``tl.div_rn`` (Triton's ``/`` and
+``tl.sqrt`` are approximate on the GPU).
+
 The fallback chain of DESIGN.md §2 is decided inside the kernel (no host synchronisation): attempt
 with ``lam``, retry with ``lam * retry_factor`` only where the first failed (a branch on the device),
 else the previous inverse where ``previous_valid``, else ``I/lam`` (``I`` if ``lam`` is not finite
@@ -60,9 +63,10 @@ def _damped_inverse(c, lam, r, idx_r, idx_c):
         d = tl.sum(tl.where(idx_r == j, col_j, 0.0), axis=0)
         pivot_ok = (d > 0.0) & (d <= FLT_MAX)
         ok = ok & pivot_ok
-        s = tl.sqrt(tl.where(pivot_ok, d, 1.0))
-        l_by_row = tl.where(idx_r > j, col_j / s, tl.where(idx_r == j, s, 0.0))
-        l_by_col = tl.where(idx_c > j, row_j / s, tl.where(idx_c == j, s, 0.0))
+        s = tl.sqrt_rn(tl.where(pivot_ok, d, 1.0))
+        # div_rn wants operands of equal shape
+        l_by_row = tl.where(idx_r > j, tl.div_rn(col_j, tl.zeros_like(col_j) + s), tl.where(idx_r == j, s, 0.0))
+        l_by_col = tl.where(idx_c > j, tl.div_rn(row_j, tl.zeros_like(row_j) + s), tl.where(idx_c == j, s, 0.0))
         lt = tl.where(row == j, l_by_col[None, :], lt)
         m = tl.where((row > j) & (col > j), m - l_by_row[:, None] * l_by_col[None, :], m)
 
@@ -73,7 +77,7 @@ def _damped_inverse(c, lam, r, idx_r, idx_c):
         l_ii = tl.sum(tl.where(idx_r == i, l_row_i, 0.0), axis=0)
         v = tl.sum(l_row_i[:, None] * li, axis=0)  # includes k == i, where li[i, :] is still 0
         e_i = tl.where(idx_c == i, 1.0, 0.0)
-        li = tl.where(row == i, ((e_i - v) / l_ii)[None, :], li)
+        li = tl.where(row == i, tl.div_rn(e_i - v, tl.zeros_like(v) + l_ii)[None, :], li)
 
     inv = tl.dot(tl.trans(li), li, input_precision="ieee")
     ok = ok & _all_finite(inv)
