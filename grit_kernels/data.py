@@ -1,0 +1,473 @@
+"""Alpaca-style data for causal-LM fine-tuning: formatting, masked labels, padding and packing.
+
+Everything here runs offline. The pieces, in the order a pipeline uses them::
+
+    records = load_alpaca_json("data.json")            # or generate_alpaca_sample(n, seed)
+    tok = ByteTokenizer()                               # or any HF tokenizer
+    features = tokenize_alpaca(records, tok, max_length=1024)
+    batch = DynamicPaddingCollator(tok.pad_token_id)(features[:8])      # pad to the longest row
+    batch = PackedCollator()(features[:8])              # or: one row, no padding at all
+
+Labels: only response tokens and the final eos are supervised; prompt tokens and padding are -100,
+so they contribute nothing to the loss (DESIGN.md §9: unmasked padding gave a meaningless loss).
+
+Padding-free packing relies on transformers (>= 4.54; checked on 5.23) detecting packed rows from
+``position_ids``: its mask builder then makes attention block-diagonal causal for the ``eager`` and
+``sdpa`` implementations (flash-attention uses the same position_ids). It does so **only** when no
+``attention_mask`` is passed **and no KV cache exists** -- and Llama creates a ``DynamicCache`` even in
+training when ``use_cache`` is on (the config default), which silently turns the detection off and
+lets packed sequences attend to each other. :class:`PackedCollator` therefore puts
+``use_cache=False`` into every batch. ``tests/test_data.py`` verifies on CPU that a packed row gives
+the same logits as the sequences run one by one (and that with the cache on it does not). Models or
+versions without the detection need an explicit 4D mask: :func:`block_causal_mask` builds one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+
+IGNORE_INDEX = -100
+
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+class ByteTokenizer:
+    """A byte-level tokenizer with no vocabulary file: token id = UTF-8 byte + ``offset``.
+
+    Ids ``0..offset-1`` are special: ``pad_token_id = 0``, ``bos_token_id = 1``, ``eos_token_id = 2``,
+    ``unk_token_id = 3``; bytes map to ``offset .. offset+255``, so ``vocab_size = 260`` by default and any
+    model with a vocabulary of at least 260 ids (the tiny Llama has 512, Llama-3 128256) can use it.
+    One token per byte: ASCII text gives about 4x as many tokens as a BPE tokenizer would.
+
+    ``encode(text, add_bos=False, add_eos=False) -> list[int]``; ``decode(ids, skip_special_tokens=True)
+    -> str`` (invalid UTF-8 is replaced); ``tok(text_or_texts, add_special_tokens=True)`` returns
+    ``{"input_ids": ..., "attention_mask": ...}`` like a Hugging Face tokenizer (``add_special_tokens``
+    prepends bos).
+    """
+
+    pad_token_id = 0
+    bos_token_id = 1
+    eos_token_id = 2
+    unk_token_id = 3
+
+    def __init__(self, offset: int = 4):
+        if not isinstance(offset, int) or offset < 4:
+            raise ValueError(f"ByteTokenizer offset must be an integer >= 4 (ids 0-3 are special), got {offset!r}")
+        self.offset = offset
+        self.vocab_size = offset + 256
+        self.pad_token = "<pad>"
+        self.bos_token = "<s>"
+        self.eos_token = "</s>"
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"ByteTokenizer.encode expects a str, got {type(text).__name__}")
+        ids = [b + self.offset for b in text.encode("utf-8")]
+        return ([self.bos_token_id] if add_bos else []) + ids + ([self.eos_token_id] if add_eos else [])
+
+    def decode(self, ids: Union[Sequence[int], torch.Tensor], skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        out, names = bytearray(), {0: self.pad_token, 1: self.bos_token, 2: self.eos_token}
+        for i in ids:
+            i = int(i)
+            if i >= self.offset and i < self.vocab_size:
+                out.append(i - self.offset)
+            elif not skip_special_tokens:
+                out += names.get(i, "<unk>").encode()
+        return out.decode("utf-8", errors="replace")
+
+    def __call__(self, text: Union[str, Sequence[str]], add_special_tokens: bool = True, **_: Any) -> dict:
+        if isinstance(text, str):
+            ids = self.encode(text, add_bos=add_special_tokens)
+            return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+        batch = [self.encode(t, add_bos=add_special_tokens) for t in text]
+        return {"input_ids": batch, "attention_mask": [[1] * len(ids) for ids in batch]}
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    """Ids of ``text`` without special tokens, for a ByteTokenizer or a Hugging Face tokenizer."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return tokenizer.encode(text)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+# --------------------------------------------------------------------------------------------- Alpaca
+def format_alpaca(record: Mapping[str, Any]) -> tuple[str, str]:
+    """``(prompt, response)`` of an Alpaca record ``{"instruction", "input" (optional), "output"}``
+    with the standard Alpaca template (the no-input variant when ``input`` is empty)."""
+    instruction, context = record["instruction"], record.get("input") or ""
+    if context.strip():
+        prompt = ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=context)
+    else:
+        prompt = ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+    return prompt, record["output"]
+
+
+def tokenize_alpaca(
+    records: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    max_length: int = 1024,
+    drop_unsupervised: bool = True,
+) -> list[dict[str, list[int]]]:
+    """Tokenize Alpaca records into ``{"input_ids": list[int], "labels": list[int]}`` features.
+
+    Row layout: ``[bos] + prompt + response + [eos]`` (bos only if the tokenizer has one), truncated
+    to ``max_length`` tokens from the end. ``labels`` equals ``input_ids`` on the response and eos
+    tokens and is ``-100`` on bos and prompt tokens (the model shifts labels by one internally).
+
+    Args:
+        records: dicts with ``instruction``, optional ``input``, ``output`` (see :func:`load_alpaca_json`).
+        tokenizer: :class:`ByteTokenizer` or a Hugging Face tokenizer (needs ``eos_token_id``).
+        max_length: maximum tokens per row (>= 2).
+        drop_unsupervised: drop rows whose prompt fills ``max_length`` so that no response token is
+            left (they would make a loss of 0/0); if False they are kept with all labels -100.
+
+    Returns:
+        one feature dict per kept record, in order (lists of Python ints, ready for the collators).
+    """
+    if max_length < 2:
+        raise ValueError(f"tokenize_alpaca: max_length must be >= 2, got {max_length}")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError("tokenize_alpaca: the tokenizer has no eos_token_id")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    features = []
+    for record in records:
+        prompt, response = format_alpaca(record)
+        prompt_ids = ([bos] if bos is not None else []) + _encode(tokenizer, prompt)
+        response_ids = _encode(tokenizer, response) + [eos]
+        input_ids = (prompt_ids + response_ids)[:max_length]
+        n_prompt = min(len(prompt_ids), len(input_ids))
+        labels = [IGNORE_INDEX] * n_prompt + input_ids[n_prompt:]
+        if drop_unsupervised and n_prompt == len(input_ids):
+            continue
+        features.append({"input_ids": input_ids, "labels": labels})
+    return features
+
+
+def load_alpaca_json(path: Union[str, os.PathLike]) -> list[dict[str, str]]:
+    """Load Alpaca records from a JSON array file or a JSON-lines file (``.jsonl``).
+
+    Each record must be an object with string fields ``instruction`` and ``output`` and an optional
+    string ``input`` (missing or null means ""). Returns ``[{"instruction", "input", "output"}, ...]``.
+
+    Raises:
+        ValueError: naming the file and, for a bad record, its index and field.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read Alpaca data ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    stripped = text.lstrip()
+    if path.endswith(".jsonl") or (stripped and not stripped.startswith("[")):
+        raw = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                raw.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    else:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        if not isinstance(raw, list):
+            raise ValueError(f"{path}: expected a JSON array of records, got a JSON {type(raw).__name__}")
+    records = []
+    for i, rec in enumerate(raw):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: record {i}: expected an object, got {type(rec).__name__}")
+        for field in ("instruction", "output"):
+            if field not in rec:
+                raise ValueError(f"{path}: record {i}: missing field {field!r}")
+            if not isinstance(rec[field], str):
+                raise ValueError(f"{path}: record {i}: field {field!r} must be a string, got {type(rec[field]).__name__}")
+        context = rec.get("input")
+        if context is not None and not isinstance(context, str):
+            raise ValueError(f"{path}: record {i}: field 'input' must be a string, got {type(context).__name__}")
+        records.append({"instruction": rec["instruction"], "input": context or "", "output": rec["output"]})
+    return records
+
+
+# --------------------------------------------------------------------------------------------- synthetic data
+_WORDS = (
+    "the of and to in is that for it as with was on be by this are or from at an which not have has but "
+    "model data time system value number result method function process example first new used two can "
+    "each more also when would other such these some only most about into than its then them over any "
+    "write explain describe list give summarize compare create suggest answer question following text "
+    "water energy light city river market health science history music language computer network "
+    "student teacher family research design climate policy story answer plan list reason step simple"
+).split()
+
+
+def _text(rng: random.Random, n_bytes: int, unit: str) -> str:
+    """Space-separated words from ``_WORDS`` totalling ``n_bytes`` bytes ("bytes") or words ("words")."""
+    words, size = [], 0
+    target = max(1, n_bytes)
+    while size < target:
+        w = rng.choice(_WORDS)
+        words.append(w)
+        size += (len(w) + 1) if unit == "bytes" else 1
+    text = " ".join(words)
+    if unit == "bytes":  # exactly ``target`` bytes including the final period
+        text = text[: target - 1].rstrip() or words[0][: max(1, target - 1)]
+        text = text + "." * (target - len(text))
+        return text[0].upper() + text[1:]
+    return text[0].upper() + text[1:] + "."
+
+
+def generate_alpaca_sample(
+    n: int,
+    seed: int = 0,
+    response_median: float = 180.0,
+    response_sigma: float = 0.75,
+    instruction_median: float = 18.0,
+    instruction_sigma: float = 0.5,
+    input_fraction: float = 0.4,
+    input_median: float = 25.0,
+    input_sigma: float = 0.9,
+    max_response: int = 1024,
+    unit: str = "bytes",
+) -> list[dict[str, str]]:
+    """``n`` synthetic Alpaca records with an Alpaca-GPT4-like length distribution, deterministic in ``seed``.
+
+    Lengths are lognormal: ``length = median * exp(sigma * N(0, 1))``. Defaults: responses median 180,
+    sigma 0.75 (p90 ~470, p99 ~1000, clipped to ``max_response``); instructions median 18; 40% of
+    records have an ``input`` of median 25. Text is drawn from a fixed small word list.
+
+    ``unit`` says what a length counts: ``"bytes"`` (default) makes each field that many UTF-8 bytes,
+    i.e. that many :class:`ByteTokenizer` tokens, so tokenized lengths follow the distribution exactly;
+    ``"words"`` makes it that many words (a BPE tokenizer gives ~1.3 tokens per word). The constant
+    Alpaca template adds ~140-190 prompt tokens per row under :class:`ByteTokenizer`.
+
+    Returns:
+        ``[{"instruction": str, "input": str, "output": str}, ...]`` of length ``n``.
+    """
+    if unit not in ("bytes", "words"):
+        raise ValueError(f"generate_alpaca_sample: unit must be 'bytes' or 'words', got {unit!r}")
+    if n < 0:
+        raise ValueError(f"generate_alpaca_sample: n must be >= 0, got {n}")
+    rng = random.Random(seed)
+
+    def draw(median: float, sigma: float, cap: Optional[int] = None) -> int:
+        length = int(round(median * math.exp(sigma * rng.gauss(0.0, 1.0))))
+        return max(2, min(length, cap) if cap else length)
+
+    records = []
+    for _ in range(n):
+        instruction = _text(rng, draw(instruction_median, instruction_sigma), unit)
+        context = _text(rng, draw(input_median, input_sigma), unit) if rng.random() < input_fraction else ""
+        output = _text(rng, draw(response_median, response_sigma, max_response), unit)
+        records.append({"instruction": instruction, "input": context, "output": output})
+    return records
+
+
+# --------------------------------------------------------------------------------------------- batching
+def _as_list(x: Any) -> list[int]:
+    return x.tolist() if isinstance(x, torch.Tensor) else list(x)
+
+
+class DynamicPaddingCollator:
+    """Pad a list of features to the longest row of the batch (optionally rounded up to a multiple).
+
+    ``DynamicPaddingCollator(pad_token_id, pad_to_multiple_of=None, padding_side="right")(features)``
+    takes ``[{"input_ids": [...], "labels": [...] (optional)}, ...]`` and returns ``input_ids`` and
+    ``attention_mask`` ``[B, T]`` (int64) and ``labels`` ``[B, T]`` with ``-100`` on padding (labels
+    default to a copy of ``input_ids`` when absent). ``T = max length`` rounded up to
+    ``pad_to_multiple_of`` (8 suits tensor cores).
+    """
+
+    def __init__(self, pad_token_id: int = 0, pad_to_multiple_of: Optional[int] = None, padding_side: str = "right"):
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+        self.pad_token_id, self.pad_to_multiple_of, self.padding_side = pad_token_id, pad_to_multiple_of, padding_side
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("DynamicPaddingCollator: empty batch")
+        ids = [_as_list(f["input_ids"]) for f in features]
+        labels = [_as_list(f["labels"]) if "labels" in f else list(i) for f, i in zip(features, ids)]
+        width = max(len(i) for i in ids)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        out_ids = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)
+        out_labels = torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, (i, l) in enumerate(zip(ids, labels)):
+            if len(l) != len(i):
+                raise ValueError(f"DynamicPaddingCollator: row {row} has {len(i)} input_ids but {len(l)} labels")
+            span = slice(0, len(i)) if self.padding_side == "right" else slice(width - len(i), width)
+            out_ids[row, span] = torch.tensor(i, dtype=torch.long)
+            out_labels[row, span] = torch.tensor(l, dtype=torch.long)
+            mask[row, span] = 1
+        return {"input_ids": out_ids, "attention_mask": mask, "labels": out_labels}
+
+
+class PackedCollator:
+    """Padding-free packing: all features of the batch concatenated into one row ``[1, sum(L_i)]``.
+
+    Returns ``input_ids``, ``labels`` and ``position_ids`` (restarting at 0 for each sequence) as
+    ``[1, T]`` int64 tensors, ``use_cache=False``, and **no** ``attention_mask``: transformers then
+    derives the sequence boundaries from ``position_ids`` and attends block-diagonally (see the module
+    docstring for why ``use_cache=False`` is required). The label of each sequence's first token is
+    -100, so the last token of one sequence never learns to predict the next sequence.
+
+    ``PackedCollator(return_attention_mask_4d=False)``: with True, also returns an explicit additive
+    block-diagonal causal ``attention_mask`` ``[1, 1, T, T]`` (float32, 0 / -inf) from
+    :func:`block_causal_mask`, for models that do not detect packing from ``position_ids``
+    (costs O(T^2) memory).
+    """
+
+    def __init__(self, return_attention_mask_4d: bool = False):
+        self.return_attention_mask_4d = return_attention_mask_4d
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("PackedCollator: empty batch")
+        ids, labels, positions = [], [], []
+        for f in features:
+            i = _as_list(f["input_ids"])
+            if not i:
+                continue
+            l = _as_list(f["labels"]) if "labels" in f else list(i)
+            ids += i
+            labels += [IGNORE_INDEX] + l[1:]
+            positions += range(len(i))
+        batch = {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "use_cache": False,
+        }
+        if self.return_attention_mask_4d:
+            batch["attention_mask"] = block_causal_mask(batch["position_ids"])
+        return batch
+
+
+def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive mask ``[B, 1, T, T]`` (0 where allowed, dtype-min elsewhere): token ``q`` attends to
+    ``k <= q`` of the same packed sequence. Sequences start where ``position_ids`` is 0 (or drops)."""
+    if position_ids.dim() == 1:
+        position_ids = position_ids[None]
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    seq = starts.long().cumsum(-1)
+    t = position_ids.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = (seq[:, :, None] == seq[:, None, :]) & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def length_grouped_indices(
+    lengths: Sequence[int], batch_size: int, seed: int = 0, mega_batch_mult: int = 50
+) -> list[int]:
+    """A permutation of ``range(len(lengths))`` whose consecutive ``batch_size`` chunks hold similar lengths.
+
+    Shuffles, cuts into mega-batches of ``batch_size * mega_batch_mult``, sorts each by length
+    (longest first) and shuffles the order of the resulting batches, keeping the longest batch
+    first (an out-of-memory surfaces at step 1). Deterministic in ``seed``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    mega = batch_size * max(1, mega_batch_mult)
+    batches = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    if not batches:
+        return []
+    longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+    first = batches.pop(longest)
+    rng.shuffle(batches)
+    return [i for b in [first] + batches for i in b]
+
+
+class LengthGroupedBatchSampler(torch.utils.data.Sampler):
+    """Batch sampler over :func:`length_grouped_indices`; ``set_epoch(e)`` reshuffles (seed + e).
+
+    ``LengthGroupedBatchSampler(lengths, batch_size, seed=0, mega_batch_mult=50, drop_last=False)``;
+    use as ``DataLoader(features, batch_sampler=..., collate_fn=DynamicPaddingCollator(...))``.
+    """
+
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, seed: int = 0, mega_batch_mult: int = 50, drop_last: bool = False
+    ):
+        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
+        self.mega_batch_mult, self.drop_last, self.epoch = mega_batch_mult, drop_last, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = length_grouped_indices(self.lengths, self.batch_size, self.seed + self.epoch, self.mega_batch_mult)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            if len(batch) == self.batch_size or not self.drop_last:
+                yield batch
+
+    def __len__(self) -> int:
+        n = len(self.lengths)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+def real_token_fraction(batch: Mapping[str, torch.Tensor]) -> float:
+    """Fraction of the batch's ``input_ids`` positions that hold real (non-padding) tokens.
+
+    Uses a 2D ``attention_mask`` when present; a batch without one (or with a 4D packing mask) has
+    no padding and gives 1.0. One host read: call it for reporting, not inside the training step.
+    """
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return 1.0
+    return float(mask.sum().item()) / max(1, mask.numel())
+
+
+__all__ = [
+    "ALPACA_PROMPT_NO_INPUT",
+    "ALPACA_PROMPT_WITH_INPUT",
+    "ByteTokenizer",
+    "DynamicPaddingCollator",
+    "IGNORE_INDEX",
+    "LengthGroupedBatchSampler",
+    "PackedCollator",
+    "block_causal_mask",
+    "format_alpaca",
+    "generate_alpaca_sample",
+    "length_grouped_indices",
+    "load_alpaca_json",
+    "real_token_fraction",
+    "tokenize_alpaca",
+]
