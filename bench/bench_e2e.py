@@ -1,0 +1,789 @@
+"""End-to-end speed comparison: AdamW-LoRA vs GRIT (our kernels) vs GRIT the prior way (vs Unsloth).
+
+Every arm trains the same model (same seed: same base weights and LoRA init) on the same batches
+(same synthetic Alpaca records, same tokenizer, same padding policy), and is timed in the same
+process. Arms:
+
+* ``adamw``      -- plain PEFT LoRA with ``torch.optim.AdamW`` (the baseline of every ratio);
+* ``grit``       -- :class:`grit_kernels.GritPreconditioner` + :class:`grit_kernels.GritOptimizer`
+  around the same AdamW, ``backend="auto"`` (Triton on CUDA, torch on CPU);
+* ``grit-prior`` -- the same math done the way published GRIT code does it
+  (``bench/prior_art_grit.py``: per-module hooks, fp16 statistics, host inversion, ``.item()``);
+* ``unsloth``    -- Unsloth's ``FastLanguageModel`` with AdamW, when ``unsloth`` imports (CUDA only);
+  skipped with a message otherwise.
+
+Defaults: on CPU the tiny 32-layer Llama (224 LoRA modules, r=16, fp32); on CUDA Llama-3-8B shapes
+(random weights), QLoRA NF4, r=16, bf16, batch 2 x grad-accum 4. A step is ``grad_accum``
+forward/backward passes plus the optimizer step; its time is wall-clock (CUDA synchronised).
+Reported: median step time and its 20/80% quantiles after warm-up, real (non-padding) tokens/s,
+peak memory, ratio to AdamW. Arms are interleaved step by step (rotating which goes first) on CPU
+and run back to back on CUDA (so each arm's peak memory is its own).
+
+Peak memory: CUDA ``torch.cuda.max_memory_allocated`` during the arm's steps. CPU: peak RSS
+(``ru_maxrss``) of a fresh subprocess that builds the arm and runs a few steps, and its growth over
+the RSS after building the model (``--no-memory`` skips this).
+
+Writes ``bench/results/<device-slug>/e2e[-qlora].json`` (device, versions, date, config, raw
+per-step times) and a PNG plot beside it (when matplotlib is installed).
+
+Run: ``grit-kernels bench e2e`` (or ``python bench/bench_e2e.py``); ``--help`` lists the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as _dt
+import gc
+import importlib.util
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+ARMS = ("adamw", "grit", "grit-prior", "unsloth")
+SEQ_POLICIES = ("dynamic", "grouped", "max", "packed")
+PRESETS = ("tiny", "llama3-8b")
+CPU_TARGET_RATIO = 1.15  # issue #5: GRIT / AdamW step time on the tiny 224-module model, CPU
+
+
+def _load_sibling(name: str):
+    """Import ``bench/<name>.py`` by path (bench/ is not a package)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass
+class E2EConfig:
+    """What one end-to-end comparison runs. ``None`` fields take the device default."""
+
+    preset: Optional[str] = None  # "tiny" (CPU default) | "llama3-8b" (CUDA default)
+    model_config: Optional[str] = None  # a HF config.json path or inline JSON (model_type defaults to llama)
+    model_path: Optional[str] = None  # a local HF model directory (real weights)
+    layers: Optional[int] = None  # override num_hidden_layers
+    r: int = 16
+    qlora: Optional[bool] = None  # NF4 base weights (bitsandbytes)
+    dtype: Optional[str] = None  # float32 | bfloat16 | float16
+    batch_size: Optional[int] = None
+    grad_accum: Optional[int] = None
+    seq: str = "dynamic"  # dynamic: pad to the longest in the micro-batch; max: pad to max_length; packed
+    max_length: Optional[int] = None
+    steps: int = 20  # measured optimizer steps per arm
+    warmup: int = 5  # unmeasured optimizer steps per arm (GRIT warm-up is set to this, see below)
+    arms: tuple = ARMS
+    order: Optional[str] = None  # interleave (CPU default) | sequential (CUDA default)
+    lr: float = 2e-4
+    seed: int = 0
+    backend: str = "auto"
+    memory: Optional[bool] = None  # CPU: measure peak RSS per arm in a subprocess
+    device: Optional[str] = None
+    progress: bool = True
+    notes: list = field(default_factory=list)
+
+    def resolve(self) -> "E2EConfig":
+        """Fill device defaults and validate; returns a new config."""
+        c = dataclasses.replace(self, arms=tuple(self.arms), notes=list(self.notes))
+        if c.device is None:
+            c.device = "cuda" if torch.cuda.is_available() else "cpu"
+        cuda = c.device.startswith("cuda")
+        if c.preset is None and c.model_config is None and c.model_path is None:
+            c.preset = "llama3-8b" if cuda else "tiny"
+        if c.preset is not None and c.preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {PRESETS}, got {c.preset!r}")
+        defaults = dict(
+            qlora=cuda,
+            dtype="bfloat16" if cuda else "float32",
+            batch_size=2 if cuda else 4,
+            grad_accum=4 if cuda else 1,
+            max_length=2048 if cuda else 512,
+            order="sequential" if cuda else "interleave",
+            memory=not cuda,
+        )
+        for key, value in defaults.items():
+            if getattr(c, key) is None:
+                setattr(c, key, value)
+        if c.seq not in SEQ_POLICIES:
+            raise ValueError(f"--seq must be one of {SEQ_POLICIES}, got {c.seq!r}")
+        unknown = [a for a in c.arms if a not in ARMS]
+        if unknown or not c.arms:
+            raise ValueError(f"--arms: unknown {unknown}; choose from {ARMS}")
+        if c.order not in ("interleave", "sequential"):
+            raise ValueError(f"--order must be interleave or sequential, got {c.order!r}")
+        for key in ("steps", "batch_size", "grad_accum", "max_length", "r"):
+            if getattr(c, key) < 1:
+                raise ValueError(f"--{key.replace('_', '-')} must be >= 1")
+        if c.warmup < 0:
+            raise ValueError("--warmup must be >= 0")
+        if c.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {c.dtype!r}")
+        return c
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+# ----------------------------------------------------------------------------- data
+def make_batches(cfg: E2EConfig, num_micro_batches: int) -> list[dict]:
+    """``num_micro_batches`` CPU micro-batches of ``cfg.batch_size`` synthetic Alpaca samples.
+
+    Records from :func:`grit_kernels.data.generate_alpaca_sample` (Alpaca-GPT4-like lengths),
+    :class:`~grit_kernels.data.ByteTokenizer`, prompt tokens masked, truncated to ``max_length``.
+    Padding policy ``cfg.seq``: ``dynamic`` pads each micro-batch to its longest row, ``grouped``
+    does the same after length-grouping the samples, ``max`` pads every row to ``max_length`` (what
+    the prior "GRIT is slow" comparison did), ``packed`` concatenates the micro-batch into one
+    padding-free row (position_ids restart per sample).
+    """
+    from grit_kernels import data
+
+    tokenizer = data.ByteTokenizer()
+    need = num_micro_batches * cfg.batch_size
+    records = data.generate_alpaca_sample(2 * need + 16, seed=cfg.seed)
+    features = data.tokenize_alpaca(records, tokenizer, max_length=cfg.max_length)[:need]
+    if len(features) < need:
+        raise ValueError(f"max_length={cfg.max_length} leaves too few supervised samples")
+    if cfg.seq == "grouped":
+        order = data.length_grouped_indices([len(f["input_ids"]) for f in features], cfg.batch_size, seed=cfg.seed)
+        features = [features[i] for i in order]
+    if cfg.seq == "packed":
+        collate = data.PackedCollator()
+    else:
+        multiple = cfg.max_length if cfg.seq == "max" else None
+        collate = data.DynamicPaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=multiple)
+    b = cfg.batch_size
+    return [collate(features[k * b : (k + 1) * b]) for k in range(num_micro_batches)]
+
+
+# ----------------------------------------------------------------------------- models and arms
+def model_config(cfg: E2EConfig):
+    """The HF config of the benchmarked model (``None`` when ``model_path`` gives real weights)."""
+    from grit_kernels.models import llama3_8b_config, tiny_llama_config
+
+    if cfg.model_path is not None:
+        return None
+    if cfg.model_config is not None:
+        from transformers import AutoConfig
+
+        text = cfg.model_config
+        values = json.loads(Path(text).read_text() if not text.lstrip().startswith("{") else text)
+        values = dict(values)
+        model_type = values.pop("model_type", "llama")
+        hf_config = AutoConfig.for_model(model_type, **values)
+    elif cfg.preset == "llama3-8b":
+        hf_config = llama3_8b_config()
+    else:
+        hf_config = tiny_llama_config()
+    if cfg.layers is not None:
+        hf_config.num_hidden_layers = cfg.layers
+    return hf_config
+
+
+def build_model(cfg: E2EConfig):
+    """PEFT LoRA model on ``cfg.device``: random weights from the config, or ``cfg.model_path``."""
+    from grit_kernels.models import LLAMA_TARGETS, build_lora_model
+
+    if cfg.model_path is None:
+        return build_lora_model(
+            model_config(cfg), r=cfg.r, quantize_4bit=cfg.qlora, dtype=cfg.torch_dtype, device=cfg.device, seed=cfg.seed
+        )
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    torch.manual_seed(cfg.seed)
+    kwargs = {"dtype": cfg.torch_dtype}
+    if cfg.qlora:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=cfg.torch_dtype
+        )
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_path, **kwargs)
+    if cfg.layers is not None:
+        raise ValueError("--layers cannot be combined with --model (a checkpoint fixes its layers)")
+    model.to(cfg.device)
+    targets = [t for t in LLAMA_TARGETS if any(n.endswith(t) for n, _ in model.named_modules())]
+    lora = LoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+@dataclass
+class Arm:
+    name: str
+    model: torch.nn.Module
+    optimizer: object
+    num_modules: int
+    cleanup: object = None
+
+
+def _adamw(model, lr):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+
+def make_arm(name: str, cfg: E2EConfig) -> Arm:
+    """Build the model and optimizer of one arm (raises ``_Skip`` when the arm cannot run here)."""
+    if name == "unsloth":
+        return _make_unsloth_arm(cfg)
+    model = build_model(cfg)
+    model.train()
+    inner = _adamw(model, cfg.lr)
+    modules = sum(1 for n, _ in model.named_modules() if n.endswith("lora_A.default"))
+    if name == "adamw":
+        return Arm(name, model, inner, modules)
+    if name == "grit":
+        import grit_kernels as gk
+
+        # GRIT's own warm-up (steps without preconditioning) ends with the benchmark's warm-up, so
+        # every measured step pays for the full preconditioning.
+        pre = gk.GritPreconditioner(model, gk.GritConfig(backend=cfg.backend, warmup_steps=cfg.warmup))
+        return Arm(name, model, gk.GritOptimizer(inner, pre), pre.num_modules, cleanup=pre.remove)
+    if name == "grit-prior":
+        prior_art = _load_sibling("prior_art_grit")
+        prior = prior_art.PriorArtGrit(model, warmup_steps=cfg.warmup)
+        return Arm(name, model, prior_art.PriorArtGritOptimizer(inner, prior), prior.num_modules, cleanup=prior.remove)
+    raise ValueError(name)
+
+
+class _Skip(Exception):
+    """An arm that cannot run on this machine (reason in the message)."""
+
+
+def _make_unsloth_arm(cfg: E2EConfig) -> Arm:
+    if not cfg.device.startswith("cuda"):
+        raise _Skip("Unsloth needs a CUDA GPU")
+    if importlib.util.find_spec("unsloth") is None:
+        raise _Skip("unsloth is not installed (pip install unsloth)")
+    try:
+        from unsloth import FastLanguageModel
+    except Exception as exc:  # unsloth raises many kinds of errors at import on unsupported setups
+        raise _Skip(f"unsloth failed to import: {type(exc).__name__}: {exc}") from exc
+    from grit_kernels.models import LLAMA_TARGETS
+
+    path = cfg.model_path
+    tmp = None
+    if path is None:  # Unsloth loads checkpoints only: save the random-weight model once
+        import tempfile
+
+        from transformers import AutoModelForCausalLM
+
+        tmp = tempfile.TemporaryDirectory(prefix="grit-e2e-unsloth-")
+        torch.manual_seed(cfg.seed)
+        AutoModelForCausalLM.from_config(model_config(cfg), dtype=cfg.torch_dtype).save_pretrained(tmp.name)
+        path = tmp.name
+    model, _tokenizer = FastLanguageModel.from_pretrained(
+        model_name=path, max_seq_length=cfg.max_length, dtype=cfg.torch_dtype, load_in_4bit=cfg.qlora
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=cfg.r,
+        lora_alpha=2 * cfg.r,
+        lora_dropout=0.0,
+        target_modules=list(LLAMA_TARGETS),
+        use_gradient_checkpointing=False,
+        random_state=cfg.seed,
+    )
+    model.train()
+    modules = sum(1 for n, _ in model.named_modules() if n.endswith("lora_A.default"))
+    return Arm("unsloth", model, _adamw(model, cfg.lr), modules, cleanup=tmp.cleanup if tmp else None)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def train_step(arm: Arm, micro_batches: list[dict], cfg: E2EConfig) -> float:
+    """One optimizer step (``grad_accum`` micro-batches); returns the mean micro-batch loss."""
+    cuda = cfg.device.startswith("cuda")
+    autocast = (
+        torch.autocast("cuda", dtype=cfg.torch_dtype) if cuda and cfg.dtype != "float32" else contextlib.nullcontext()
+    )
+    total = torch.zeros((), device=cfg.device)
+    for mb in micro_batches:
+        with autocast:
+            loss = arm.model(**mb).loss
+        (loss / len(micro_batches)).backward()
+        total += loss.detach().float()
+    arm.optimizer.step()
+    arm.optimizer.zero_grad(set_to_none=True)
+    return total / len(micro_batches)
+
+
+# ----------------------------------------------------------------------------- measuring
+def _quantiles(values: list[float]) -> dict:
+    t = torch.tensor(values, dtype=torch.float64)
+    q = torch.quantile(t, torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)).tolist()
+    return {"p20_s": q[0], "median_s": q[1], "p80_s": q[2], "mean_s": float(t.mean())}
+
+
+def _step_batches(cfg: E2EConfig) -> list[list[dict]]:
+    total_steps = cfg.warmup + cfg.steps
+    flat = make_batches(cfg, total_steps * cfg.grad_accum)
+    flat = [{k: v.to(cfg.device) if torch.is_tensor(v) else v for k, v in mb.items()} for mb in flat]
+    return [flat[i * cfg.grad_accum : (i + 1) * cfg.grad_accum] for i in range(total_steps)]
+
+
+def _token_counts(step: list[dict]) -> tuple[int, int]:
+    """(real, padded) tokens of one step; packed rows have no padding (and no attention_mask)."""
+    padded = sum(mb["input_ids"].numel() for mb in step)
+    real = sum(int(mb["attention_mask"].sum()) if "attention_mask" in mb else mb["input_ids"].numel() for mb in step)
+    return real, padded
+
+
+def _check_vocab(cfg: E2EConfig) -> None:
+    from grit_kernels.data import ByteTokenizer
+
+    hf = model_config(cfg)
+    if hf is None:
+        from transformers import AutoConfig
+
+        hf = AutoConfig.from_pretrained(cfg.model_path)
+    if hf.vocab_size < ByteTokenizer().vocab_size:
+        raise ValueError(f"the model's vocabulary ({hf.vocab_size}) is smaller than the byte tokenizer's (260)")
+
+
+def _progress(total: int, cfg: E2EConfig, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not cfg.progress, leave=False, unit="step")
+
+
+def time_arms(cfg: E2EConfig, steps: list[list[dict]]) -> dict:
+    """Run every arm over ``steps``; returns ``{arm: result dict}`` with raw per-step times."""
+    results: dict = {}
+    live: dict[str, Arm] = {}
+
+    def start(name):
+        try:
+            live[name] = make_arm(name, cfg)
+            results[name] = {"status": "ok", "lora_modules": live[name].num_modules, "times": [], "losses": []}
+            if cfg.device.startswith("cuda"):
+                _sync(cfg.device)
+                torch.cuda.reset_peak_memory_stats()
+                results[name]["memory_after_build_mb"] = torch.cuda.memory_allocated() / 2**20
+        except _Skip as exc:
+            results[name] = {"status": "skipped", "reason": str(exc)}
+            print(f"[bench e2e] arm {name!r} skipped: {exc}", file=sys.stderr)
+
+    def one_step(name, i):
+        arm = live[name]
+        _sync(cfg.device)
+        t0 = time.perf_counter()
+        loss = train_step(arm, steps[i], cfg)
+        _sync(cfg.device)
+        results[name]["times"].append(time.perf_counter() - t0)
+        results[name]["losses"].append(float(loss))
+
+    def finish(name):
+        arm = live.pop(name)
+        if cfg.device.startswith("cuda") and cfg.order == "sequential":
+            results[name]["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            results[name]["memory_method"] = "torch.cuda.max_memory_allocated (arm alone, model included)"
+        if arm.cleanup is not None:
+            arm.cleanup()
+        del arm
+        gc.collect()
+        if cfg.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    n_steps = len(steps)
+    with _progress(n_steps * len(cfg.arms), cfg, "bench e2e") as bar:
+        if cfg.order == "sequential":
+            for name in cfg.arms:
+                bar.set_postfix_str(name)
+                start(name)
+                if name in live:
+                    for i in range(n_steps):
+                        one_step(name, i)
+                        bar.update(1)
+                    finish(name)
+                else:
+                    bar.update(n_steps)
+        else:
+            for name in cfg.arms:
+                start(name)
+            names = [n for n in cfg.arms if n in live]
+            bar.total = n_steps * max(1, len(names))
+            for i in range(n_steps):
+                for k in range(len(names)):  # rotate who goes first: no arm always follows another
+                    name = names[(i + k) % len(names)]
+                    one_step(name, i)
+                    bar.update(1)
+            for name in names:
+                finish(name)
+    return results
+
+
+def probe_memory(cfg: E2EConfig, arm: str, steps: int = 3) -> dict:
+    """CPU peak RSS of a fresh process that builds ``arm`` and runs ``steps`` steps (JSON line)."""
+    payload = json.dumps(dataclasses.asdict(dataclasses.replace(cfg, progress=False, notes=[])))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--probe-memory", arm, "--probe-steps", str(steps)]
+    env = dict(os.environ, GRIT_E2E_PROBE_CONFIG=payload)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO_ROOT))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"memory probe failed (exit {proc.returncode}): {tail[0]}"}
+    return json.loads(lines[-1])
+
+
+def _run_probe(arm_name: str, steps: int) -> None:
+    cfg = E2EConfig(**json.loads(os.environ["GRIT_E2E_PROBE_CONFIG"]))
+    cfg = dataclasses.replace(cfg, arms=tuple(cfg.arms), warmup=min(cfg.warmup, 1), steps=steps)
+    batches = _step_batches(cfg)
+    arm = make_arm(arm_name, cfg)
+    gc.collect()
+    after_build = _rss_status("VmRSS")
+    method = "VmHWM after reset"
+    try:  # Linux: reset the peak-RSS mark so the peak is that of training, not of imports
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        method = "ru_maxrss (whole process)"
+    for step in batches:
+        train_step(arm, step, cfg)
+    peak = _rss_status("VmHWM") if method.startswith("VmHWM") else None
+    if peak is None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        method = "ru_maxrss (whole process)"
+    print(json.dumps({"peak_rss_mb": peak, "rss_after_build_mb": after_build, "method": method}))
+
+
+def _rss_status(key: str) -> Optional[float]:
+    """``VmRSS`` / ``VmHWM`` of this process in MiB from /proc (None where unavailable)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+# ----------------------------------------------------------------------------- environment
+def device_info(device: str) -> dict:
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+        return {"type": "cuda", "name": name, "slug": _slug(name), "count": torch.cuda.device_count()}
+    return {
+        "type": "cpu",
+        "name": platform.processor() or platform.machine(),
+        "slug": "cpu",
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "triton", "grit_kernels", "unsloth"):
+        try:
+            from importlib.metadata import version
+
+            out[name] = version(name.replace("_", "-"))
+        except Exception:
+            out[name] = None
+    return out
+
+
+def git_commit() -> Optional[str]:
+    try:
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        return proc.stdout.strip() or None
+    except Exception:
+        return None
+
+
+# ----------------------------------------------------------------------------- report
+def summarise(cfg: E2EConfig, raw: dict, steps: list[list[dict]]) -> dict:
+    counts = [_token_counts(s) for s in steps]
+    measured = counts[cfg.warmup :]
+    arms = {}
+    base = None
+    for name in cfg.arms:
+        r = raw[name]
+        if r["status"] != "ok":
+            arms[name] = r
+            continue
+        times = r["times"][cfg.warmup :]
+        real = sum(c[0] for c in measured)
+        entry = {
+            "status": "ok",
+            "lora_modules": r["lora_modules"],
+            **_quantiles(times),
+            "tokens_per_s": real / sum(times),
+            "step_times_s": times,
+            "warmup_times_s": r["times"][: cfg.warmup],
+            "losses": r["losses"],
+            "peak_memory_mb": r.get("peak_memory_mb"),
+            "memory_method": r.get("memory_method"),
+        }
+        if "memory_after_build_mb" in r:
+            entry["memory_after_build_mb"] = r["memory_after_build_mb"]
+        arms[name] = entry
+        if name == "adamw":
+            base = entry["median_s"]
+    for entry in arms.values():
+        if entry.get("status") == "ok":
+            entry["ratio_to_adamw"] = entry["median_s"] / base if base else None
+    real = [c[0] for c in measured]
+    padded = [c[1] for c in measured]
+    return {
+        "arms": arms,
+        "tokens": {
+            "real_tokens_per_step_mean": sum(real) / len(real),
+            "padded_tokens_per_step_mean": sum(padded) / len(padded),
+            "padding_fraction": 1 - sum(real) / sum(padded),
+            "real_tokens_per_step": real,
+        },
+    }
+
+
+def format_table(result: dict) -> str:
+    rows = [("arm", "median s", "p20-p80 s", "tokens/s", "peak MB", "vs AdamW")]
+    for name, a in result["arms"].items():
+        if a.get("status") != "ok":
+            rows.append((name, a.get("status", "?"), a.get("reason", "")[:60], "", "", ""))
+            continue
+        mem = a.get("peak_memory_mb")
+        ratio = a.get("ratio_to_adamw")
+        rows.append(
+            (
+                name,
+                f"{a['median_s']:.4f}",
+                f"{a['p20_s']:.4f}-{a['p80_s']:.4f}",
+                f"{a['tokens_per_s']:.0f}",
+                f"{mem:.0f}" if mem is not None else "-",
+                f"{ratio:.3f}x" if ratio is not None else "-",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> Optional[Path]:
+    """Bar chart of median step times (p20-p80 whiskers) and per-step times; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[bench e2e] matplotlib is not installed: skipping the PNG (pip install 'grit-kernels[plot]')")
+        return None
+    arms = {n: a for n, a in result["arms"].items() if a.get("status") == "ok"}
+    if not arms:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(arms)
+    med = [arms[n]["median_s"] for n in names]
+    err = [[arms[n]["median_s"] - arms[n]["p20_s"] for n in names], [arms[n]["p80_s"] - arms[n]["median_s"] for n in names]]
+    bars = left.bar(names, med, yerr=err, capsize=4, color=["#777777", "#2a7ab0", "#d0893a", "#5a9e4b"][: len(names)])
+    for bar, n in zip(bars, names):
+        ratio = arms[n].get("ratio_to_adamw")
+        if ratio is not None:
+            left.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
+    left.set_ylabel("step time, median (s); whiskers p20-p80")
+    cfg = result["config"]
+    left.set_title(f"{result['model']['name']}, {result['model']['lora_modules']} LoRA modules, r={cfg['r']}", fontsize=9)
+    for n in names:
+        right.plot(arms[n]["step_times_s"], marker=".", label=n)
+    right.set_xlabel("measured step")
+    right.set_ylabel("step time (s)")
+    right.legend()
+    right.set_title(
+        f"{result['device']['name']} | batch {cfg['batch_size']} x GA {cfg['grad_accum']}, seq={cfg['seq']}"
+        + (" | QLoRA NF4" if cfg["qlora"] else ""),
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def result_path(cfg: E2EConfig, device: dict, out_dir: Optional[str]) -> Path:
+    directory = Path(out_dir) if out_dir else REPO_ROOT / "bench" / "results" / device["slug"]
+    return directory / ("e2e-qlora.json" if cfg.qlora else "e2e.json")
+
+
+# ----------------------------------------------------------------------------- entry points
+def run(config: Optional[E2EConfig] = None, out_dir: Optional[str] = None, quick: bool = False, argv=None) -> dict:
+    """Run the comparison, write JSON (+ PNG) and return the result dict.
+
+    ``quick``: 2 layers, 1 warm-up + 3 measured steps, no memory probe (a smoke run).
+    """
+    cfg = config or E2EConfig()
+    if quick:
+        cfg = dataclasses.replace(
+            cfg, layers=cfg.layers or 2, steps=3, warmup=1, memory=False if cfg.memory is None else cfg.memory
+        )
+    cfg = cfg.resolve()
+    if cfg.device.startswith("cuda") and cfg.preset == "llama3-8b" and cfg.layers is None:
+        cfg.notes.append("Llama-3-8B shapes with random weights (speed only)")
+    hf = model_config(cfg)
+    device = device_info(cfg.device)
+    _check_vocab(cfg)
+    steps = _step_batches(cfg)
+    started = _dt.datetime.now(_dt.timezone.utc)
+    load_before = os.getloadavg()
+    raw = time_arms(cfg, steps)
+    load_after = os.getloadavg()
+    result = {
+        "benchmark": "e2e",
+        "date": started.isoformat(timespec="seconds"),
+        "wall_s": (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(),
+        "device": device,
+        # other processes on the machine skew CPU timings: the 1-minute load before/after the timing
+        "load_average_1m": {"before": load_before[0], "after": load_after[0]},
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "command": argv,
+        "config": dataclasses.asdict(cfg),
+        "model": {
+            "name": cfg.model_path or cfg.preset or "custom",
+            "num_layers": getattr(hf, "num_hidden_layers", None),
+            "hidden_size": getattr(hf, "hidden_size", None),
+            "lora_modules": next((a["lora_modules"] for a in raw.values() if a.get("status") == "ok"), None),
+        },
+    }
+    result.update(summarise(cfg, raw, steps))
+    if cfg.memory and not cfg.device.startswith("cuda"):
+        for name, entry in result["arms"].items():
+            if entry.get("status") != "ok" or name == "unsloth":
+                continue
+            probe = probe_memory(cfg, name)
+            entry["memory_probe"] = probe
+            entry["peak_memory_mb"] = probe.get("peak_rss_mb")
+            entry["memory_method"] = (
+                "peak RSS of a fresh process during 1 warm-up + 3 steps after building the arm "
+                f"({probe.get('method')}; model and Python/torch baseline included)"
+            )
+    elif not cfg.device.startswith("cuda"):
+        for entry in result["arms"].values():
+            if entry.get("status") == "ok":
+                entry["memory_method"] = "not measured (--no-memory)"
+    grit, prior = result["arms"].get("grit", {}), result["arms"].get("grit-prior", {})
+    result["summary"] = {
+        "grit_over_adamw": grit.get("ratio_to_adamw"),
+        "grit_prior_over_adamw": prior.get("ratio_to_adamw"),
+        "grit_prior_over_grit": (prior["median_s"] / grit["median_s"]) if "median_s" in grit and "median_s" in prior else None,
+    }
+    if not cfg.device.startswith("cuda") and cfg.preset == "tiny" and cfg.layers in (None, 32):
+        ratio = result["summary"]["grit_over_adamw"]
+        result["summary"]["cpu_target_ratio"] = CPU_TARGET_RATIO
+        result["summary"]["cpu_target_met"] = None if ratio is None else ratio <= CPU_TARGET_RATIO
+    result["table"] = format_table(result)
+    path = result_path(cfg, device, out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    png = plot(result, path.with_suffix(".png"))
+    result["json_path"], result["png_path"] = str(path), str(png) if png else None
+    return result
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="End-to-end step time of AdamW-LoRA vs GRIT (ours) vs GRIT the prior way (vs Unsloth), "
+        "same data, same padding, same seed. Defaults: tiny 224-module Llama on CPU; "
+        "Llama-3-8B shapes, QLoRA NF4, r=16, batch 2 x GA 4 on CUDA.",
+    )
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--preset", choices=PRESETS, help="built-in model shapes (random weights)")
+    model.add_argument("--model-config", metavar="JSON", help="HF config.json path or inline JSON (random weights)")
+    model.add_argument("--model", dest="model_path", metavar="PATH", help="local HF model directory (real weights)")
+    p.add_argument("--layers", type=int, help="override the number of decoder layers")
+    p.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--qlora", dest="qlora", action="store_true", default=None, help="NF4 base weights")
+    q.add_argument("--no-qlora", dest="qlora", action="store_false", help="plain LoRA base weights")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="base weight / autocast dtype")
+    p.add_argument("--batch-size", type=int, help="samples per micro-batch (CPU 4, CUDA 2)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (CPU 1, CUDA 4)")
+    p.add_argument("--seq", choices=SEQ_POLICIES, default="dynamic", help="padding policy (default dynamic)")
+    p.add_argument("--max-length", type=int, help="truncation / pad length (CPU 512, CUDA 2048)")
+    p.add_argument("--steps", type=int, default=20, help="measured optimizer steps per arm (default 20)")
+    p.add_argument("--warmup", type=int, default=5, help="warm-up steps per arm, not measured (default 5)")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
+    p.add_argument("--order", choices=("interleave", "sequential"), help="CPU: interleave, CUDA: sequential")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"), help="GRIT backend")
+    m = p.add_mutually_exclusive_group()
+    m.add_argument("--memory", dest="memory", action="store_true", default=None, help="CPU: probe peak RSS per arm")
+    m.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default bench/results/<device-slug>/)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 layers, 1 warm-up + 3 steps, no memory probe")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--probe-memory", help=argparse.SUPPRESS)
+    p.add_argument("--probe-steps", type=int, default=3, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None, prog: Optional[str] = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    if args.probe_memory:
+        _run_probe(args.probe_memory, args.probe_steps)
+        return 0
+    fields = {f.name for f in dataclasses.fields(E2EConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    values["arms"] = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+    try:
+        cfg = E2EConfig(**values)
+        cfg.resolve()
+    except ValueError as exc:
+        print(f"{prog or 'bench_e2e'}: error: {exc}", file=sys.stderr)
+        return 2
+    result = run(cfg, out_dir=args.out, quick=args.quick, argv=list(sys.argv if argv is None else argv))
+    print(_report(result))
+    return 0
+
+
+def _report(result: dict) -> str:
+    cfg, model, tokens = result["config"], result["model"], result["tokens"]
+    head = (
+        f"End-to-end: {model['name']} ({model['num_layers']} layers, {model['lora_modules']} LoRA modules, r={cfg['r']}"
+        f"{', QLoRA NF4' if cfg['qlora'] else ''}, {cfg['dtype']}) on {result['device']['name']} [{cfg['device']}]\n"
+        f"batch {cfg['batch_size']} x GA {cfg['grad_accum']}, seq={cfg['seq']} (max {cfg['max_length']}), "
+        f"{tokens['real_tokens_per_step_mean']:.0f} real tokens/step ({100 * tokens['padding_fraction']:.1f}% padding), "
+        f"{cfg['warmup']} warm-up + {cfg['steps']} measured steps, order={cfg['order']}"
+    )
+    lines = [head, "", result["table"], ""]
+    s = result["summary"]
+    if s.get("grit_over_adamw") is not None:
+        line = f"GRIT / AdamW step time: {s['grit_over_adamw']:.3f}"
+        if "cpu_target_ratio" in s:
+            line += f" (CPU target <= {s['cpu_target_ratio']}: {'met' if s['cpu_target_met'] else 'NOT met'})"
+        lines.append(line)
+    if s.get("grit_prior_over_grit") is not None:
+        lines.append(f"GRIT prior way / GRIT ours: {s['grit_prior_over_grit']:.3f}")
+    for note in cfg.get("notes", []):
+        lines.append(f"note: {note}")
+    lines.append(f"wrote {result['json_path']}" + (f" and {result['png_path']}" if result["png_path"] else ""))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
