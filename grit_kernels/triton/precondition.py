@@ -76,29 +76,28 @@ def _precondition_kernel(
     k_ok = k < r
     pos_ok = pos < length
     p_mask = k_ok[:, None] & k_ok[None, :]
-    partial = 0.0
+    # Names differ between the branches: Triton requires names bound in both branches of a runtime
+    # `if` to have the same type, and the left and right slabs are transposed shapes.
     if side == 0:
         # grad_A [r, d_in]: element (k, c) at k * stride_outer + c * stride_inner; new = inv_d @ slab
-        p = tl.load(inv_d_ptr + module * sd0 + k[:, None] * sd1 + k[None, :] * sd2, mask=p_mask, other=0.0)
-        ptrs = g_ptr + k[:, None] * stride_outer + pos[None, :] * stride_inner
-        mask = k_ok[:, None] & pos_ok[None, :]
-        old = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        new = tl.dot(p.to(tl.float32), old, input_precision="ieee")
-        tl.store(ptrs, new.to(dtype_ref.dtype.element_ty), mask=mask)
+        p_d = tl.load(inv_d_ptr + module * sd0 + k[:, None] * sd1 + k[None, :] * sd2, mask=p_mask, other=0.0)
+        ptrs_a = g_ptr + k[:, None] * stride_outer + pos[None, :] * stride_inner
+        mask_a = k_ok[:, None] & pos_ok[None, :]
+        old_a = tl.load(ptrs_a, mask=mask_a, other=0.0).to(tl.float32)
+        new_a = tl.dot(p_d.to(tl.float32), old_a, input_precision="ieee")
+        tl.store(ptrs_a, new_a.to(dtype_ref.dtype.element_ty), mask=mask_a)
         if COMPUTE_DOT:
-            partial = tl.sum(tl.sum(new * old, axis=1), axis=0)
+            tl.store(partial_ptr + pid, tl.sum(tl.sum(new_a * old_a, axis=1), axis=0))
     else:
         # grad_B [d_out, r]: element (c, k) at c * stride_outer + k * stride_inner; new = slab @ inv_h
-        p = tl.load(inv_h_ptr + module * sh0 + k[:, None] * sh1 + k[None, :] * sh2, mask=p_mask, other=0.0)
-        ptrs = g_ptr + pos[:, None] * stride_outer + k[None, :] * stride_inner
-        mask = pos_ok[:, None] & k_ok[None, :]
-        old = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        new = tl.dot(old, p.to(tl.float32), input_precision="ieee")
-        tl.store(ptrs, new.to(dtype_ref.dtype.element_ty), mask=mask)
+        p_h = tl.load(inv_h_ptr + module * sh0 + k[:, None] * sh1 + k[None, :] * sh2, mask=p_mask, other=0.0)
+        ptrs_b = g_ptr + pos[:, None] * stride_outer + k[None, :] * stride_inner
+        mask_b = pos_ok[:, None] & k_ok[None, :]
+        old_b = tl.load(ptrs_b, mask=mask_b, other=0.0).to(tl.float32)
+        new_b = tl.dot(old_b, p_h.to(tl.float32), input_precision="ieee")
+        tl.store(ptrs_b, new_b.to(dtype_ref.dtype.element_ty), mask=mask_b)
         if COMPUTE_DOT:
-            partial = tl.sum(tl.sum(new * old, axis=1), axis=0)
-    if COMPUTE_DOT:
-        tl.store(partial_ptr + pid, partial)
+            tl.store(partial_ptr + pid, tl.sum(tl.sum(new_b * old_b, axis=1), axis=0))
 
 
 @dataclass
