@@ -40,9 +40,9 @@ class GritConfig:
         target_modules: optional names or name suffixes of LoRA layers to precondition (for example
             ``["q_proj", "v_proj"]``); ``None`` preconditions every supported LoRA layer.
         exclude_modules: names or name suffixes of LoRA layers to leave unpreconditioned.
-        nonfinite_grads: what :class:`GritOptimizer` does when a LoRA gradient is NaN/Inf:
-            ``"skip"`` (skip the step, discard its statistics, warn; costs one device->host scalar read
-            per step, like ``GradScaler``), ``"raise"`` (raise ``FloatingPointError``), or
+        nonfinite_grads: what :class:`GritOptimizer` does when a LoRA gradient is NaN/Inf, or all of
+            them are exactly zero (no supervised token): ``"skip"`` (skip the step, discard its
+            statistics, warn; costs one device->host scalar read per step, like ``GradScaler``), ``"raise"`` (raise ``FloatingPointError``), or
             ``"ignore"`` (no check, no host sync; the bank still refuses non-finite statistics).
     """
 

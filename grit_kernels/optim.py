@@ -17,9 +17,10 @@ from .preconditioner import GritPreconditioner
 class GritOptimizer(torch.optim.Optimizer):
     """``GritOptimizer(torch.optim.AdamW(model.parameters(), lr=2e-4), preconditioner)``.
 
-    ``step()``: (1) if ``config.nonfinite_grads != "ignore"``, check every LoRA gradient for NaN/Inf
-    (one device->host scalar read); on a bad step either skip it -- statistics discarded, adapters and
-    optimizer state untouched, ``skipped_steps`` incremented -- or raise; (2) ``preconditioner.step``;
+    ``step()``: (1) if ``config.nonfinite_grads != "ignore"``, check the LoRA gradients (one
+    device->host scalar read): NaN/Inf anywhere, or all exactly zero (no supervised token, e.g. every
+    label masked), makes the step either skipped -- statistics discarded, adapters and optimizer
+    state untouched, ``skipped_steps`` incremented, a warning -- or raise ``FloatingPointError``; (2) ``preconditioner.step``;
     (3) the inner optimizer's step. ``zero_grad()`` also discards statistics of a step that was never
     taken (for example one skipped by ``GradScaler``).
 
@@ -80,12 +81,14 @@ class GritOptimizer(torch.optim.Optimizer):
             return torch.stack([torch.as_tensor(lr, dtype=torch.float32) for lr in lrs]).max()
         return max(lrs)
 
-    def _grads_finite(self) -> bool:
+    def _gradient_problem(self) -> Optional[str]:
+        """One device->host read: why this step must not be taken, or None."""
         grads = [p.grad for p in self.preconditioner.parameters() if p.grad is not None]
         if not grads:
-            return True
-        norms = torch._foreach_norm(grads)
-        return bool(torch.isfinite(torch.stack(norms)).all())
+            return "no LoRA parameter has a gradient"
+        total = torch.stack(torch._foreach_norm(grads)).sum()
+        code = int(torch.where(~torch.isfinite(total), 1, torch.where(total == 0, 2, 0)))
+        return {0: None, 1: "NaN/Inf in LoRA gradients", 2: "all LoRA gradients are zero"}[code]
 
     def step(self, closure: Optional[Callable] = None):
         loss = None
@@ -93,17 +96,21 @@ class GritOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         policy = self.preconditioner.config.nonfinite_grads
-        if policy != "ignore" and not self._grads_finite():
+        problem = self._gradient_problem() if policy != "ignore" else None
+        if problem is not None:
             self.preconditioner.discard_step()
+            hint = (
+                "a batch whose labels are all -100 gives a NaN loss and zero gradients under mean reduction; "
+                "an fp16 overflow gives Inf"
+            )
             if policy == "raise":
                 raise FloatingPointError(
-                    "GritOptimizer: NaN/Inf in LoRA gradients; the step was not taken and its statistics were "
-                    "discarded (check the loss: e.g. a batch whose labels are all -100 gives NaN under mean reduction)"
+                    f"GritOptimizer: {problem}; the step was not taken and its statistics were discarded ({hint})"
                 )
             self.skipped_steps += 1
             warnings.warn(
-                f"GritOptimizer: NaN/Inf in LoRA gradients, step skipped ({self.skipped_steps} so far); "
-                "adapters, optimizer state and factors unchanged",
+                f"GritOptimizer: {problem}, step skipped ({self.skipped_steps} so far); adapters, optimizer state "
+                f"and factors unchanged ({hint})",
                 RuntimeWarning,
                 stacklevel=2,
             )
