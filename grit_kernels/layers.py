@@ -102,16 +102,21 @@ def _grit_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -
     ):
         return state["original_forward"](x, *args, **kwargs)
     result = self.base_layer(x, *args, **kwargs)
-    if state["clone_result"]:  # bitsandbytes 4-bit: PEFT clones defensively, so do we
+    if state["quantized"] == "4bit":  # PEFT clones the bitsandbytes 4-bit output defensively; so do we
         result = result.clone()
     result_dtype = result.dtype
     lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
-    if not torch.is_autocast_enabled():
+    autocast = torch.is_autocast_enabled()
+    if not (state["quantized"] and autocast):
         x = self._cast_input_dtype(x, lora_A.weight.dtype)
     h = lora_A(self.lora_dropout[adapter](x))
     if torch.is_grad_enabled() and h.requires_grad:
         h = RankStatsCapture.apply(h, state["slot"])
-    return result + (lora_B(h) * self.scaling[adapter]).to(result_dtype)
+    output = lora_B(h) * self.scaling[adapter]
+    # the same dtype handling as PEFT's forward, so patched and plain layers agree bit for bit
+    if state["quantized"]:
+        return result + (output if autocast else output.to(result_dtype))
+    return (result + output).to(result_dtype)
 
 
 def patch_lora_layer(module: nn.Module, slot: CaptureSlot) -> None:
@@ -122,7 +127,7 @@ def patch_lora_layer(module: nn.Module, slot: CaptureSlot) -> None:
         "adapter": module.active_adapters[0],
         "slot": slot,
         "original_forward": module.forward,
-        "clone_result": "4bit" in type(module).__name__,
+        "quantized": {"Linear4bit": "4bit", "Linear8bitLt": "8bit"}.get(type(module).__name__),
     }
     module.forward = types.MethodType(_grit_forward, module)
 

@@ -84,11 +84,13 @@ def test_swapped_pairing_is_not_invariant(fresh_seed):
     assert max(rel_err(g, r) for g, r in zip(got, ref)) > 10.0
 
 
-def test_equals_explicit_dense_kfac(fresh_seed):
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
+def test_equals_explicit_dense_kfac(fresh_seed, use_rslora):
     """Rank-space K-FAC == dense K-FAC with Kronecker factors I (x) (D + lam I) and (H + lam I) (x) I."""
-    model = two_layer_lora(r=3, seed=fresh_seed % 1000).double()
+    model = two_layer_lora(r=3, seed=fresh_seed % 1000, use_rslora=use_rslora).double()
     layer = model.base_model.model.fc2
     a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    assert s == (6 / 3**0.5 if use_rslora else 2.0)  # alpha / sqrt(r) with rsLoRA, alpha / r without
     x, t = torch.randn(50, 7, dtype=torch.float64), torch.randn(50, 5, dtype=torch.float64)
     n = x.shape[0]
     damping = 1e-2
