@@ -402,7 +402,7 @@ def test_precondition_table_cache(fresh_seed):
         ref_a, ref_b, _ = reference.precondition([g.double() for g in ga], [g.double() for g in gb], inv_d.double(), inv_h.double())
         ops.precondition_(ga, gb, inv_d, inv_h, backend="triton")
         assert max(rel_err(g, r) for g, r in zip(ga + gb, ref_a + ref_b)) < 2e-6
-        plan = kernel_module._plans[kernel_module._plan_key(ga, gb)]
+        plan = kernel_module._plans[kernel_module._plan_key(ga, gb, inv_d.device)]
         if step == 1:
             assert plan is first_plan, "table rebuilt for the same gradient tensors"
         first_plan = plan

@@ -13,6 +13,8 @@ float64 ``out`` or ``x`` (tests only) is computed with ``torch.addmm`` instead.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -81,6 +83,7 @@ def _gram_kernel(
     tl.atomic_add(out_ptr + ri[:, None] * stride_om + rj[None, :] * stride_on, acc * weight, mask=out_mask)
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 2
