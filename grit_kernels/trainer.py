@@ -1,0 +1,433 @@
+"""GRIT in the Hugging Face ``Trainer``: :class:`GritTrainer`, :class:`GritTrainingArguments`, :func:`enable_grit`.
+
+How it plugs in. ``Trainer.create_optimizer`` builds the usual inner optimizer (AdamW, 8-bit Adam, ...);
+GRIT wraps it in a :class:`TrainerGritOptimizer` *before* ``accelerator.prepare``, so accelerate's
+``AcceleratedOptimizer`` wraps our optimizer and preconditioning runs inside ``optimizer.step()``:
+
+    micro-batch forward/backward x gradient_accumulation_steps   (statistics of all micro-batches)
+    -> Trainer clips gradients to ``max_grad_norm``               (RAW gradients, see below)
+    -> optimizer.step(): [GradScaler unscale / inf check] -> all-reduce statistics (DDP)
+       -> EMA fold, inversion every ``update_freq`` steps, precondition LoRA grads, KL-clip -> AdamW
+
+* **Gradient accumulation**: statistics of every micro-batch of one optimizer step are folded together.
+* **fp16**: accelerate's ``GradScaler`` is passed as ``grad_scaler`` so the loss scale is divided out of the
+  backward factor. A step the scaler skips (inf/NaN) never reaches our ``step``; its statistics are
+  discarded (``accelerator.optimizer_step_was_skipped`` after the step, and again at the next step's begin).
+* **bf16 / gradient checkpointing**: statistics are fp32 and captured once per micro-batch in backward.
+* **max_grad_norm**: the Trainer clips the *raw* gradients before ``optimizer.step()``, so the clip bounds
+  the gradient GRIT receives, not the preconditioned step. The preconditioned step is bounded by the
+  KL-clip (``grit_kl_clip``: ``lr^2 * g_pre . g <= kl_clip``) and by the warm-up (``grit_warmup_steps``,
+  plain gradients while the factors are young). The logged ``grad_norm`` is the raw (pre-clip) norm;
+  ``grit/grad_norm_ratio`` is ``||preconditioned|| / ||clipped raw||`` of the LoRA gradients.
+* **Checkpoints**: every checkpoint directory gets ``grit_preconditioner.pt`` (``pre.state_dict()``);
+  ``optimizer.pt`` holds the inner optimizer only, in the plain format. ``resume_from_checkpoint``
+  restores both; the adapters are plain PEFT files (``adapter_model.safetensors``), loadable by
+  ``PeftModel.from_pretrained`` without grit_kernels.
+* **Logging**: at logging steps only (no per-step host sync), ``grit/damping``, ``grit/condition_max``,
+  ``grit/inverse_failures``, ``grit/grad_norm_ratio``, ... are added to the Trainer's logs.
+* **Distributed**: DDP works (one all-reduce of the statistics per step, see :mod:`grit_kernels.distributed`);
+  FSDP and DeepSpeed are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
+
+from .config import GritConfig
+from .distributed import all_reduce_statistics, check_not_fsdp, preconditioner_reduces_statistics
+from .optim import GritOptimizer
+from .preconditioner import GritPreconditioner
+
+GRIT_CHECKPOINT_NAME = "grit_preconditioner.pt"
+_DEFAULTS = GritConfig()
+
+
+# --------------------------------------------------------------------------------------------- arguments
+@dataclass
+class GritTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus ``grit_*`` fields, one per :class:`~grit_kernels.GritConfig` knob.
+
+    ``grit=False`` turns GRIT off (the trainer is then a plain ``Trainer``; handy for A/B runs).
+    ``to_grit_config()`` returns the validated :class:`GritConfig`; invalid values raise ``ValueError``
+    naming the ``grit_*`` field when the arguments are built.
+    """
+
+    grit: bool = field(default=True, metadata={"help": "Precondition LoRA gradients with GRIT (rank-space K-FAC)."})
+    grit_update_freq: int = field(
+        default=_DEFAULTS.update_freq, metadata={"help": "Invert the r x r factors every N optimizer steps."}
+    )
+    grit_damping: float = field(
+        default=_DEFAULTS.damping, metadata={"help": "Relative damping: lam = damping * tr(C)/r + eps_abs."}
+    )
+    grit_eps_abs: float = field(default=_DEFAULTS.eps_abs, metadata={"help": "Absolute damping floor."})
+    grit_ema_decay: float = field(default=_DEFAULTS.ema_decay, metadata={"help": "EMA decay of the factors."})
+    grit_warmup_steps: int = field(
+        default=_DEFAULTS.warmup_steps, metadata={"help": "Optimizer steps with unpreconditioned gradients."}
+    )
+    grit_kl_clip: Optional[float] = field(
+        default=_DEFAULTS.kl_clip, metadata={"help": "KL-clip trust region on the preconditioned step (None: off)."}
+    )
+    grit_retry_damping_factor: float = field(
+        default=_DEFAULTS.retry_damping_factor, metadata={"help": "Damping multiplier of the inversion retry."}
+    )
+    grit_backend: str = field(default=_DEFAULTS.backend, metadata={"help": "auto | torch | triton"})
+    grit_target_modules: Optional[list[str]] = field(
+        default=None, metadata={"help": "Names / suffixes of LoRA layers to precondition (default: all)."}
+    )
+    grit_exclude_modules: Optional[list[str]] = field(
+        default=None, metadata={"help": "Names / suffixes of LoRA layers to leave unpreconditioned."}
+    )
+    grit_nonfinite_grads: str = field(
+        default=_DEFAULTS.nonfinite_grads, metadata={"help": "skip | raise | ignore: NaN/Inf LoRA gradients."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.grit:
+            self.to_grit_config()  # fail at argument time, naming the grit_* field
+
+    def to_grit_config(self) -> GritConfig:
+        """The :class:`GritConfig` these arguments describe."""
+        values = dict(
+            update_freq=self.grit_update_freq,
+            damping=self.grit_damping,
+            eps_abs=self.grit_eps_abs,
+            ema_decay=self.grit_ema_decay,
+            retry_damping_factor=self.grit_retry_damping_factor,
+            warmup_steps=self.grit_warmup_steps,
+            kl_clip=self.grit_kl_clip,
+            backend=self.grit_backend,
+            target_modules=self.grit_target_modules,
+            exclude_modules=self.grit_exclude_modules or (),
+            nonfinite_grads=self.grit_nonfinite_grads,
+        )
+        try:
+            return GritConfig(**values)
+        except ValueError as e:
+            message = str(e)
+            for name in values:
+                message = message.replace(f"GritConfig.{name}", f"GritTrainingArguments.grit_{name}")
+            raise ValueError(message) from None
+
+
+# --------------------------------------------------------------------------------------------- optimizer
+def _total_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+class TrainerGritOptimizer(GritOptimizer):
+    """The :class:`GritOptimizer` a GRIT trainer builds. Adds, for the Trainer:
+
+    * the data-parallel all-reduce of the step statistics before the fold (until
+      ``GritPreconditioner.step`` does it itself; see :mod:`grit_kernels.distributed`);
+    * on request (``measure_grad_norm_ratio = True``, set for logging steps only) the device tensor
+      ``grad_norm_ratio = ||preconditioned LoRA grads|| / ||LoRA grads entering step()||``;
+    * checkpoint format: ``state_dict()`` is the *inner* optimizer's (plain, loadable without GRIT);
+      the preconditioner is saved separately as ``grit_preconditioner.pt``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, preconditioner: GritPreconditioner, grad_scaler: Any = None):
+        super().__init__(optimizer, preconditioner, grad_scaler=grad_scaler)
+        self.measure_grad_norm_ratio = False
+        self.grad_norm_ratio: Optional[torch.Tensor] = None
+        self.grad_norm_ratio_step = -1  #: preconditioner.step_count of the measured step
+
+    def step(self, closure: Optional[Callable] = None):
+        pre = self.preconditioner
+        if not preconditioner_reduces_statistics(pre):
+            all_reduce_statistics(pre.bank)
+        measure, self.measure_grad_norm_ratio = self.measure_grad_norm_ratio, False
+        params = pre.parameters()
+        raw = _total_norm(params) if measure else None
+        taken_before, skipped_before = pre.step_count, self.skipped_steps
+        loss = super().step(closure)
+        if measure and self.skipped_steps == skipped_before:
+            after = _total_norm(params)
+            self.grad_norm_ratio = torch.where(raw > 0, after / raw.clamp_min(1e-30), torch.ones_like(raw))
+            self.grad_norm_ratio_step = taken_before
+        return loss
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if set(state_dict) == {"optimizer", "preconditioner"}:  # a GritOptimizer.state_dict()
+            super().load_state_dict(state_dict)
+        else:
+            self.optimizer.load_state_dict(state_dict)
+
+
+def _find_grit_optimizer(optimizer: Any) -> Optional[GritOptimizer]:
+    """The GritOptimizer inside ``optimizer`` (itself, or under accelerate / other ``.optimizer`` wrappers)."""
+    for _ in range(8):
+        if isinstance(optimizer, GritOptimizer):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+        if optimizer is None:
+            return None
+    return None
+
+
+def _unwrap_accelerated(optimizer: Any) -> Any:
+    try:
+        from accelerate.optimizer import AcceleratedOptimizer
+    except ImportError:  # pragma: no cover
+        return optimizer
+    while isinstance(optimizer, AcceleratedOptimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+# --------------------------------------------------------------------------------------------- logging
+def grit_log_metrics(preconditioner: GritPreconditioner, optimizer: Optional[GritOptimizer] = None) -> dict[str, float]:
+    """GRIT's logging scalars as Python floats; **one** host sync. Call at logging steps only.
+
+    Keys: ``grit/damping`` (mean lam over the 2M factors), ``grit/condition_max`` (largest condition
+    number of the damped factors), ``grit/inverse_failures`` (factors whose latest inversion retried or
+    fell back; 0 before the first inversion), ``grit/trace_forward`` / ``grit/trace_backward`` (mean trace of H / D),
+    ``grit/preconditioning_active`` (0 during warm-up), ``grit/steps`` (GRIT steps taken), and with a
+    :class:`TrainerGritOptimizer`: ``grit/skipped_steps`` (NaN/Inf steps skipped) and
+    ``grit/grad_norm_ratio`` (from the latest measured step, if it is the latest step).
+    """
+    summary = preconditioner.curvature_summary()
+    names = {
+        "grit/damping": "damping_mean",
+        "grit/condition_max": "condition_max",
+        "grit/inverse_failures": "inverse_failures",
+        "grit/trace_forward": "trace_forward_mean",
+        "grit/trace_backward": "trace_backward_mean",
+    }
+    keys, values = list(names), [summary[v].float().reshape(()) for v in names.values()]
+    ratio = getattr(optimizer, "grad_norm_ratio", None)
+    if ratio is not None and getattr(optimizer, "grad_norm_ratio_step", -1) == preconditioner.step_count - 1:
+        keys.append("grit/grad_norm_ratio")
+        values.append(ratio.float().reshape(()).to(values[0].device))
+    host = torch.stack(values).tolist()  # the one sync
+    logs = dict(zip(keys, host))
+    inverted = preconditioner.step_count > preconditioner.config.warmup_steps  # the first inversion ran
+    # before the first inversion every status still reads "scaled identity": that is no failure
+    logs["grit/inverse_failures"] = int(logs["grit/inverse_failures"]) if inverted else 0
+    logs["grit/preconditioning_active"] = int(inverted)
+    logs["grit/steps"] = preconditioner.step_count
+    if optimizer is not None:
+        logs["grit/skipped_steps"] = optimizer.skipped_steps
+    return logs
+
+
+class GritCallback(TrainerCallback):
+    """Per-step bookkeeping of a GRIT trainer (added automatically; host-sync free).
+
+    ``on_step_begin``: drop statistics that belong to no optimizer step (a step skipped by the
+    GradScaler, which never reaches our ``step``; stray backward passes between steps).
+    ``on_pre_optimizer_step``: ask the optimizer to measure the grad-norm ratio iff the coming step
+    will be logged. ``on_optimizer_step``: discard the statistics if accelerate skipped the step.
+    """
+
+    def __init__(self, trainer: Trainer):
+        self._trainer = trainer
+
+    def _pre(self) -> Optional[GritPreconditioner]:
+        return getattr(self._trainer, "grit_preconditioner", None)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        pre = self._pre()
+        if pre is not None:
+            pre.discard_step()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        opt = _find_grit_optimizer(getattr(self._trainer, "optimizer", None))
+        if isinstance(opt, TrainerGritOptimizer):
+            coming = state.global_step + 1
+            opt.measure_grad_norm_ratio = (
+                (coming == 1 and args.logging_first_step)
+                or (args.logging_strategy == IntervalStrategy.STEPS and coming % max(1, state.logging_steps) == 0)
+                or coming >= state.max_steps
+            )
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        pre = self._pre()
+        if pre is not None and getattr(self._trainer.accelerator, "optimizer_step_was_skipped", False):
+            pre.discard_step()
+
+
+# --------------------------------------------------------------------------------------------- the trainer
+class _GritTrainerMixin:
+    """GRIT behaviour layered over any ``transformers.Trainer`` subclass (Trainer, TRL's SFTTrainer, ...)."""
+
+    grit_config: Optional[GritConfig]
+    grit_preconditioner: Optional[GritPreconditioner]
+
+    def _grit_init(
+        self, config: Optional[GritConfig], preconditioner: Optional[GritPreconditioner], force: bool = False
+    ) -> None:
+        """Resolve the config (explicit > the preconditioner's > ``args.to_grit_config()`` > defaults);
+        ``args.grit=False`` disables GRIT unless ``force`` (enable_grit)."""
+        if preconditioner is not None and not isinstance(preconditioner, GritPreconditioner):
+            raise TypeError(f"grit_preconditioner must be a GritPreconditioner, got {type(preconditioner).__name__}")
+        if config is None and preconditioner is not None:
+            config = preconditioner.config
+        if config is None:
+            args = getattr(self, "args", None)
+            if isinstance(args, GritTrainingArguments):
+                config = args.to_grit_config() if (args.grit or force) else None
+            else:
+                config = GritConfig()
+        if config is not None and not isinstance(config, GritConfig):
+            raise TypeError(f"grit_config must be a GritConfig, got {type(config).__name__}")
+        self.grit_config = config
+        self.grit_preconditioner = preconditioner
+        if config is None:
+            return
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_fsdp_xla_enabled", False):
+            raise NotImplementedError(
+                "GRIT does not support FSDP: it shards the LoRA weights and gradients, so the rank-space "
+                "preconditioning cannot act on whole lora_A / lora_B gradients. Use DDP instead (LoRA adapters are "
+                "small enough to replicate)."
+            )
+        if getattr(self, "is_deepspeed_enabled", False):
+            raise NotImplementedError(
+                "GRIT does not support DeepSpeed (it owns the optimizer step and partitions gradients). Use DDP."
+            )
+        check_not_fsdp(self.model)
+        if not any(isinstance(cb, GritCallback) for cb in self.callback_handler.callbacks):
+            self.add_callback(GritCallback(self))
+
+    @property
+    def grit_optimizer(self) -> Optional[TrainerGritOptimizer]:
+        """The :class:`TrainerGritOptimizer` inside ``self.optimizer`` (None before training / without GRIT)."""
+        return _find_grit_optimizer(getattr(self, "optimizer", None))
+
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self.grit_config is None or _find_grit_optimizer(optimizer) is not None:
+            return optimizer
+        model = args[0] if args else kwargs.get("model")
+        if model is not None:
+            check_not_fsdp(model)
+        if self.grit_preconditioner is None:
+            self.grit_preconditioner = GritPreconditioner(self.model, self.grit_config)
+        scaler = getattr(getattr(self, "accelerator", None), "scaler", None)
+        self.optimizer = TrainerGritOptimizer(_unwrap_accelerated(optimizer), self.grit_preconditioner, scaler)
+        return self.optimizer
+
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        super()._save_checkpoint(model, trial, *args, **kwargs)
+        pre = self.grit_preconditioner
+        if pre is None or not self.args.should_save or self.args.save_only_model:
+            return
+        run_dir = self._get_output_dir(trial=trial)
+        output_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        torch.save(pre.state_dict(), os.path.join(output_dir, GRIT_CHECKPOINT_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint, *args, **kwargs):
+        super()._load_optimizer_and_scheduler(checkpoint, *args, **kwargs)
+        pre = self.grit_preconditioner
+        if checkpoint is None or pre is None:
+            return
+        path = os.path.join(checkpoint, GRIT_CHECKPOINT_NAME)
+        if os.path.isfile(path):
+            pre.load_state_dict(torch.load(path, map_location=pre.bank.device, weights_only=True))
+        else:
+            warnings.warn(
+                f"{checkpoint} has no {GRIT_CHECKPOINT_NAME}: GRIT factors start from scratch (and warm up again)",
+                stacklevel=2,
+            )
+
+    def grit_metrics(self) -> dict[str, float]:
+        """:func:`grit_log_metrics` of this trainer (empty without a preconditioner). One host sync."""
+        if self.grit_preconditioner is None:
+            return {}
+        return grit_log_metrics(self.grit_preconditioner, self.grit_optimizer)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self.grit_preconditioner is not None:
+            logs.update(self.grit_metrics())
+        super().log(logs, *args, **kwargs)
+
+
+class GritTrainer(_GritTrainerMixin, Trainer):
+    """``transformers.Trainer`` with GRIT natural-gradient preconditioning of the LoRA gradients.
+
+    ``GritTrainer(model=peft_model, args=GritTrainingArguments(...), train_dataset=..., data_collator=...)``
+    accepts every ``Trainer`` argument plus:
+
+    Args:
+        grit_config: a :class:`GritConfig`; default: ``args.to_grit_config()`` for
+            :class:`GritTrainingArguments` (``None`` if ``args.grit`` is False: plain Trainer), else ``GritConfig()``.
+        grit_preconditioner: an existing :class:`GritPreconditioner` of ``model`` to use (default: one is
+            built from ``grit_config`` when the optimizer is created).
+
+    Attributes:
+        grit_preconditioner: the preconditioner (after the optimizer is created).
+        grit_optimizer: the :class:`TrainerGritOptimizer` wrapping the Trainer's optimizer.
+
+    See the module docstring for gradient accumulation, fp16/bf16, ``max_grad_norm`` (clips raw gradients),
+    checkpoints and logging.
+    """
+
+    def __init__(
+        self,
+        *args,
+        grit_config: Optional[GritConfig] = None,
+        grit_preconditioner: Optional[GritPreconditioner] = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self._grit_init(grit_config, grit_preconditioner)
+
+
+@functools.lru_cache(maxsize=None)
+def _grit_class(base: type) -> type:
+    return type(f"Grit{base.__name__}", (_GritTrainerMixin, base), {"__module__": base.__module__})
+
+
+def enable_grit(
+    trainer: Trainer, config: Optional[GritConfig] = None, preconditioner: Optional[GritPreconditioner] = None
+) -> Trainer:
+    """Turn GRIT on for an existing ``transformers.Trainer`` (or subclass, e.g. TRL's ``SFTTrainer``).
+
+    Call it before ``trainer.train()``. The trainer instance gets GRIT's optimizer wrapping,
+    checkpointing and logging (its class is swapped for a ``Grit<Class>`` subclass that layers
+    :class:`GritTrainer`'s methods over the original ones; nothing else changes). Returns the trainer.
+
+    Args:
+        trainer: the trainer, with a PEFT LoRA model.
+        config: :class:`GritConfig` (default: the preconditioner's, else ``args.to_grit_config()`` for
+            :class:`GritTrainingArguments` -- even with ``grit=False`` --, else ``GritConfig()``).
+        preconditioner: an existing :class:`GritPreconditioner` of ``trainer.model``.
+    """
+    if not isinstance(trainer, Trainer):
+        raise TypeError(f"enable_grit expects a transformers.Trainer, got {type(trainer).__name__}")
+    if isinstance(trainer, _GritTrainerMixin):
+        if trainer.grit_preconditioner is not None or trainer.grit_config is not None:
+            if config is not None or preconditioner is not None:
+                raise RuntimeError("GRIT is already enabled on this trainer; pass the config when creating it")
+            return trainer
+    else:
+        trainer.__class__ = _grit_class(type(trainer))
+    if getattr(trainer, "optimizer", None) is not None:
+        trainer.optimizer = _unwrap_accelerated(trainer.optimizer)
+    trainer._grit_init(config, preconditioner, force=True)
+    return trainer
+
+
+__all__ = [
+    "GRIT_CHECKPOINT_NAME",
+    "GritCallback",
+    "GritTrainer",
+    "GritTrainingArguments",
+    "TrainerGritOptimizer",
+    "enable_grit",
+    "grit_log_metrics",
+]
