@@ -159,7 +159,10 @@ def make_batches(cfg: E2EConfig, num_micro_batches: int) -> list[dict]:
     records = data.generate_alpaca_sample(2 * need + 16, seed=cfg.seed)
     features = data.tokenize_alpaca(records, tokenizer, max_length=cfg.max_length)[:need]
     if len(features) < need:
-        raise ValueError(f"max_length={cfg.max_length} leaves too few supervised samples")
+        raise ValueError(
+            f"--max-length {cfg.max_length} leaves too few samples with a response token "
+            "(the Alpaca prompt template alone is ~150-190 byte tokens)"
+        )
     if cfg.seq == "grouped":
         order = data.length_grouped_indices([len(f["input_ids"]) for f in features], cfg.batch_size, seed=cfg.seed)
         features = [features[i] for i in order]

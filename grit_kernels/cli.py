@@ -267,6 +267,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             bf16=dtype == torch.bfloat16,
             seed=args.seed,
             max_grad_norm=args.max_grad_norm,
+            dataloader_pin_memory=torch.cuda.is_available(),
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None

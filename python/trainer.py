@@ -1,0 +1,63 @@
+"""GRIT with the Hugging Face Trainer: ``GritTrainer`` + ``GritTrainingArguments``.
+
+Every ``TrainingArguments`` option works; ``grit_*`` fields set GRIT's knobs and ``grit=False`` gives
+plain AdamW for an A/B run. Adapters are saved in PEFT format. Runs on CPU in well under a minute
+with the tiny 224-module Llama (random weights) and synthetic Alpaca data.
+
+    python python/trainer.py [--max-steps 12] [--output runs/trainer-example]
+"""
+
+import argparse
+
+import torch
+
+from grit_kernels import GritTrainer, GritTrainingArguments, data
+from grit_kernels.models import build_lora_model, tiny_llama_config
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--max-steps", type=int, default=12)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--output", default="runs/trainer-example")
+    p.add_argument("--no-grit", action="store_true")
+    args = p.parse_args(argv)
+
+    torch.manual_seed(0)
+    model = build_lora_model(tiny_llama_config(num_layers=args.layers), r=16)
+    tok = data.ByteTokenizer()
+    features = data.tokenize_alpaca(data.generate_alpaca_sample(200, seed=0), tok, max_length=256)
+    train, val = features[:160], features[160:]
+
+    targs = GritTrainingArguments(
+        output_dir=args.output,
+        grit=not args.no_grit,
+        grit_update_freq=10,
+        grit_warmup_steps=5,
+        max_steps=args.max_steps,
+        learning_rate=1e-3,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        logging_steps=5,
+        save_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,  # features are plain dicts
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    trainer = GritTrainer(
+        model=model,
+        args=targs,
+        train_dataset=train,
+        eval_dataset=val,
+        data_collator=data.DynamicPaddingCollator(tok.pad_token_id),
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    print(f"held-out loss: {metrics['eval_loss']:.4f}")
+    model.save_pretrained(args.output)  # adapter_config.json + adapter_model.safetensors
+    print(f"adapters saved to {args.output}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""The grit-kernels command, the end-to-end benchmark, the prior-art GRIT model and the examples (CPU, fast)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from grit_kernels import cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------------------------- bench e2e
+def test_bench_e2e_writes_json_with_every_key(tmp_path, capsys):
+    argv = ["bench", "e2e", "--layers", "2", "--steps", "3", "--warmup", "1", "--batch-size", "2"]
+    argv += ["--max-length", "256", "--no-memory", "--no-progress", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "GRIT / AdamW step time" in printed
+    result = json.loads((tmp_path / "e2e.json").read_text())
+    for key in ("benchmark", "date", "device", "versions", "config", "model", "arms", "tokens", "summary", "table"):
+        assert key in result, key
+    assert result["device"]["type"] == "cpu" and result["device"]["slug"] == "cpu"
+    assert result["versions"]["torch"] and result["config"]["steps"] == 3 and result["config"]["seq"] == "dynamic"
+    assert result["model"]["lora_modules"] == 14
+    assert set(result["arms"]) == {"adamw", "grit", "grit-prior", "unsloth"}
+    assert result["arms"]["unsloth"]["status"] == "skipped" and result["arms"]["unsloth"]["reason"]
+    for name in ("adamw", "grit", "grit-prior"):
+        arm = result["arms"][name]
+        assert arm["status"] == "ok", arm
+        assert len(arm["step_times_s"]) == 3 and len(arm["warmup_times_s"]) == 1
+        assert arm["p20_s"] <= arm["median_s"] <= arm["p80_s"]
+        assert arm["tokens_per_s"] > 0 and arm["ratio_to_adamw"] > 0
+        assert all(torch.isfinite(torch.tensor(arm["losses"])))
+        assert arm["lora_modules"] == 14
+    assert result["arms"]["adamw"]["ratio_to_adamw"] == 1.0
+    assert result["summary"]["grit_over_adamw"] == result["arms"]["grit"]["ratio_to_adamw"]
+    assert 0 <= result["tokens"]["padding_fraction"] < 1
+
+
+def test_bench_e2e_bad_option_exits_2(capsys):
+    assert cli.main(["bench", "e2e", "--arms", "adamw,nonsense", "--no-progress"]) == 2
+    assert "nonsense" in capsys.readouterr().err
+
+
+def test_bench_missing_dir_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "bench_dir", lambda: None)
+    assert cli.main(["bench", "kernels"]) == 2
+    err = capsys.readouterr().err
+    assert "bench/bench_kernels.py not found" in err and "source repository" in err
+
+
+# --------------------------------------------------------------------------------------------- finetune errors
+@pytest.fixture
+def model_dir(tmp_path):
+    """A directory that passes the path check (config.json); data errors are found before loading weights."""
+    from grit_kernels.models import tiny_llama_config
+
+    path = tmp_path / "model"
+    tiny_llama_config(num_layers=1).save_pretrained(path)
+    return path
+
+
+def test_finetune_missing_model_exits_2(tmp_path, capsys):
+    data = tmp_path / "data.json"
+    data.write_text("[]")
+    missing = tmp_path / "no-such-model"
+    assert cli.main(["finetune", "--model", str(missing), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_finetune_missing_data_exits_2(model_dir, tmp_path, capsys):
+    missing = tmp_path / "no-such-data.json"
+    assert cli.main(["finetune", "--model", str(model_dir), "--data", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "records, expected",
+    [
+        ([{"instruction": "a", "output": "b"}, {"instruction": "c"}], "record 1"),
+        ([{"instruction": "a", "output": 3}], "record 0"),
+        ("not json", "invalid JSON"),
+    ],
+)
+def test_finetune_malformed_records_exit_2(model_dir, tmp_path, capsys, records, expected):
+    data = tmp_path / "alpaca.json"
+    data.write_text(records if isinstance(records, str) else json.dumps(records))
+    assert cli.main(["finetune", "--model", str(model_dir), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert str(data) in err and expected in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_finetune_runs_and_saves_peft_adapters(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from grit_kernels.data import generate_alpaca_sample
+    from grit_kernels.models import tiny_llama_config
+
+    model = tmp_path / "model"
+    AutoModelForCausalLM.from_config(tiny_llama_config(num_layers=1)).save_pretrained(model)
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in generate_alpaca_sample(6, seed=3)))
+    out = tmp_path / "adapters"
+    argv = ["finetune", "--model", str(model), "--data", str(data), "--output", str(out), "--max-steps", "2"]
+    argv += ["--batch-size", "2", "--max-length", "256", "--r", "4", "--logging-steps", "1"]
+    assert cli.main(argv) == 0
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert "adapters saved" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------- prior art
+def test_prior_art_statistics_equal_ours_to_fp16_precision():
+    """The prior-way arm does the same math: its (fp16) factors equal the FactorBank's on one batch."""
+    import grit_kernels as gk
+    from grit_kernels.bank import BACKWARD, FORWARD
+    from grit_kernels.models import build_lora_model, tiny_llama_config
+
+    prior_art = _load(REPO / "bench" / "prior_art_grit.py", "prior_art_grit_under_test")
+    cfg = tiny_llama_config(num_layers=2)
+    ours_model = build_lora_model(cfg, r=8, seed=1, init_lora_weights=False)  # random B: D != 0
+    prior_model = build_lora_model(cfg, r=8, seed=1, init_lora_weights=False)
+    ids = torch.randint(4, 260, (3, 40), generator=torch.Generator().manual_seed(0))
+    pre = gk.GritPreconditioner(ours_model, gk.GritConfig(backend="torch"))
+    prior = prior_art.PriorArtGrit(prior_model)
+    assert prior.num_modules == pre.num_modules == 14
+    for model in (ours_model, prior_model):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+    pre.step()
+    prior.step()
+    fp16_eps = 2.0**-11
+    for i, mod in enumerate(prior.modules):
+        assert mod.name == pre.modules[i].name
+        assert mod.forward_factor.dtype == torch.float16
+        for ours, theirs in ((pre.bank.factor[FORWARD, i], mod.forward_factor), (pre.bank.factor[BACKWARD, i], mod.backward_factor)):
+            assert ours.norm() > 0
+            assert (theirs.float() - ours).norm() / ours.norm() < 2 * fp16_eps
+
+
+def test_prior_art_preconditions_with_the_chosen_pairing():
+    from grit_kernels.models import build_lora_model, tiny_llama_config
+
+    prior_art = _load(REPO / "bench" / "prior_art_grit.py", "prior_art_grit_under_test")
+    grads = {}
+    for pairing in ("correct", "published"):
+        model = build_lora_model(tiny_llama_config(num_layers=1), r=4, seed=2, init_lora_weights=False)
+        prior = prior_art.PriorArtGrit(model, warmup_steps=0, pairing=pairing)
+        ids = torch.randint(4, 260, (2, 24), generator=torch.Generator().manual_seed(1))
+        model(input_ids=ids, labels=ids).loss.backward()
+        mod = prior.modules[0]
+        raw_a = mod.lora_A.weight.grad.clone()
+        prior.step()
+        left = mod.inv_backward if pairing == "correct" else mod.inv_forward
+        torch.testing.assert_close(mod.lora_A.weight.grad, left @ raw_a)
+        grads[pairing] = mod.lora_A.weight.grad
+    assert not torch.allclose(grads["correct"], grads["published"])
+    with pytest.raises(ValueError, match="pairing"):
+        prior_art.PriorArtGrit(model, pairing="swapped")
+
+
+# --------------------------------------------------------------------------------------------- examples
+@pytest.mark.parametrize("name", ["custom_loop", "trainer", "qlora", "compare"])
+def test_example_scripts_import(name):
+    module = _load(REPO / "python" / f"{name}.py", f"grit_example_{name}")
+    assert callable(module.main) and module.__doc__
+
+
+def test_custom_loop_example_runs():
+    module = _load(REPO / "python" / "custom_loop.py", "grit_example_custom_loop_run")
+    loss = module.main(["--steps", "2", "--layers", "1", "--grad-accum", "1", "--batch-size", "2", "--max-length", "256"])
+    assert loss == loss and loss > 0  # finite
