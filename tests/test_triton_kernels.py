@@ -444,38 +444,50 @@ def test_precondition_nonfinite_grads_stay_local(fresh_seed):
 # The interpreter does not run Triton's compiler front end, which rejects things the interpreter
 # accepts (for example a name bound to different types in the two branches of a runtime `if`). This
 # compiles every kernel family ahead of time for Hopper (sm_90) in a subprocess with the interpreter
-# off, through ptxas, using the NVIDIA backend bundled with the triton wheel.
+# off, through ptxas, using the NVIDIA backend bundled with the triton wheel, and checks with
+# cuobjdump that the hot configurations do not spill registers.
 
 _COMPILE_SCRIPT = r'''
-import os
+import os, re, subprocess, tempfile
 os.environ["TRITON_INTERPRET"] = "0"
 import triton
 from triton.backends.compiler import GPUTarget
 from grit_kernels.triton import fold, gram, inverse, precondition
 
-def build(fn, types, constexprs, num_warps=4):
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+def build(fn, types, constexprs, num_warps=4, spill_free=False):
     signature = {name: ("constexpr" if name in constexprs else types[name]) for name in fn.arg_names}
     src = triton.compiler.ASTSource(fn, signature, constexprs=constexprs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     assert kernel.asm["cubin"], fn.__name__
+    if spill_free and os.path.exists(CUOBJDUMP):  # hot configurations must not spill registers
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(kernel.asm["cubin"])
+        usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
+        os.unlink(f.name)
+        stack = re.search(r"STACK:(\d+)", usage)  # spilled registers live on the stack frame
+        assert stack is not None and int(stack.group(1)) == 0, f"{fn.__name__} {constexprs} spills: {usage}"
 
 i32, f32 = "i32", "fp32"
 for dt, br, single in [("*fp32", 16, True), ("*bf16", 16, True), ("*fp16", 64, False)]:
     build(gram._gram_kernel, dict(x_ptr=dt, out_ptr="*fp32", n_rows=i32, r=i32, rows_per_program=i32, stride_xm=i32,
           stride_xk=i32, stride_om=i32, stride_on=i32, weight=f32, n_col_tiles=i32),
-          dict(BLOCK_M=128, BLOCK_R=br, SINGLE_TILE=single, UPCAST=dt == "*fp32", IEEE=dt == "*fp32"))
+          dict(BLOCK_M=128, BLOCK_R=br, SINGLE_TILE=single, UPCAST=dt == "*fp32", IEEE=dt == "*fp32"),
+          num_warps=8 if br == 64 else 4, spill_free=True)
 build(fold._ema_fold_kernel, dict(factor_ptr="*fp32", stat_ptr="*fp32", weight_ptr="*fp32", init_ptr="*u8", R=i32,
       sf0=i32, sf1=i32, sf2=i32, ss0=i32, ss1=i32, ss2=i32, stride_w=i32, stride_init=i32, decay=f32,
-      one_minus_decay=f32), dict(CHUNK=4096, N_CHUNKS=2))
+      one_minus_decay=f32), dict(CHUNK=4096, N_CHUNKS=2), spill_free=True)
 for rp, has in [(16, True), (32, False), (64, True)]:
     build(inverse._inverse_kernel, dict(mats_ptr="*fp32", out_ptr="*fp32", status_ptr="*i32", ranks_ptr="*i32",
           prev_ptr="*fp32", prev_valid_ptr="*u8", R=i32, sm0=i32, sm1=i32, sm2=i32, so0=i32, so1=i32, so2=i32,
           sp0=i32, sp1=i32, sp2=i32, stride_rank=i32, stride_pv=i32, damping=f32, eps_abs=f32, retry_factor=f32),
-          dict(RP=rp, HAS_RANKS=has, HAS_PREV=has), num_warps=inverse._num_warps(rp))
-for dt, rp, contig in [("*fp32", 16, True), ("*bf16", 64, False)]:
+          dict(RP=rp, HAS_RANKS=has, HAS_PREV=has), num_warps=inverse._num_warps(rp), spill_free=rp <= 32)
+for dt, rp, contig in [("*fp32", 16, True), ("*bf16", 16, True), ("*bf16", 64, False)]:
     build(precondition._precondition_kernel, dict(mat_table="*i64", tile_table="*i32", dtype_ref=dt, inv_d_ptr="*fp32",
           inv_h_ptr="*fp32", partial_ptr="*fp32", sd0=i32, sd1=i32, sd2=i32, sh0=i32, sh1=i32, sh2=i32),
-          dict(RP=rp, BLOCK=4096 // rp, CONTIG=contig, COMPUTE_DOT=True))
+          dict(RP=rp, BLOCK=max(16, precondition.TILE_ELEMENTS // rp), CONTIG=contig, COMPUTE_DOT=True),
+          num_warps=precondition.NUM_WARPS, spill_free=True)
 print("compiled")
 '''
 
