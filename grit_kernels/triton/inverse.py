@@ -35,6 +35,10 @@ from ..status import InverseStatus
 
 MAX_TRITON_R = 64
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
+OK: tl.constexpr = tl.constexpr(int(InverseStatus.OK))
+RETRIED: tl.constexpr = tl.constexpr(int(InverseStatus.RETRIED))
+KEPT_PREVIOUS: tl.constexpr = tl.constexpr(int(InverseStatus.KEPT_PREVIOUS))
+SCALED_IDENTITY: tl.constexpr = tl.constexpr(int(InverseStatus.SCALED_IDENTITY))
 
 
 @triton.jit
@@ -139,7 +143,7 @@ def _inverse_kernel(
     lam1 = tl.where(lam_finite, lam, 1.0)
     result, ok = _damped_inverse(c, lam1, r, idx_r, idx_c)
     ok = ok & c_finite & lam_finite
-    status = tl.where(ok, 0, 3)
+    status = tl.where(ok, OK, SCALED_IDENTITY)
     if ok == 0:  # a branch on the device: the retry costs nothing where the first attempt worked
         lam2 = lam * retry_factor
         lam2_finite = tl.abs(lam2) <= FLT_MAX
@@ -147,14 +151,14 @@ def _inverse_kernel(
         ok2 = ok2 & c_finite & lam2_finite
         usable = lam_finite & (lam > 0.0)
         fallback = eye_block / tl.where(usable, lam, 1.0) + eye_pad
-        fallback_status = 3
+        fallback_status = SCALED_IDENTITY
         if HAS_PREV:
             keep = tl.load(prev_valid_ptr + i * stride_pv) != 0
             prev = tl.load(prev_ptr + i * sp0 + row * sp1 + col * sp2, mask=block, other=0.0).to(tl.float32)
             fallback = tl.where(keep, prev + eye_pad, fallback)
-            fallback_status = tl.where(keep, 2, 3)
+            fallback_status = tl.where(keep, KEPT_PREVIOUS, SCALED_IDENTITY)
         result = tl.where(ok2, retried, fallback)
-        status = tl.where(ok2, 1, fallback_status)
+        status = tl.where(ok2, RETRIED, fallback_status)
 
     result = 0.5 * (result + tl.trans(result))
     in_matrix = (row < R) & (col < R)
@@ -231,4 +235,4 @@ def damped_cholesky_inverse(
     return out, status
 
 
-__all__ = ["MAX_TRITON_R", "InverseStatus", "damped_cholesky_inverse"]
+__all__ = ["MAX_TRITON_R", "damped_cholesky_inverse"]
