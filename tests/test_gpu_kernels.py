@@ -96,7 +96,7 @@ def test_inverse_llama3_8b_bank(fresh_seed):
     assert torch.equal(status, torch_status)
 
 
-@pytest.mark.parametrize("r", RANKS)
+@pytest.mark.parametrize("r", RANKS + [128])
 def test_precondition_gpu(fresh_seed, r):
     checks.check_precondition([(r, 4097, 4095), (r, 1024, 14336), (r, 33, 1)], torch.float32, device=CUDA)
 

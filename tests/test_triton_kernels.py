@@ -347,7 +347,7 @@ def test_inverse_matches_torch_backend_statuses(fresh_seed):
     assert rel_err(inv_t, inv_r) < 1e-4
 
 
-@pytest.mark.parametrize("r", RANKS)
+@pytest.mark.parametrize("r", RANKS + [128])
 def test_precondition_per_rank(fresh_seed, r):
     check_precondition([(r, 96, 80), (r, 33, 17)], torch.float32)
 

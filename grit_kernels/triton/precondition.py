@@ -21,7 +21,8 @@ buffer, so a graph must not outlive 16 other gradient sets being preconditioned 
 Gradients are grouped by ``(dtype, last-dim-contiguous)``: one launch per group, i.e. one launch for
 the usual model whose LoRA gradients all share a dtype and are contiguous. Mixed ranks share a launch
 (``RP`` is the largest rank of the group rounded up to a power of two, at least 16; smaller ranks are
-masked).
+masked). The ``RP x RP`` inverse tile lives in registers: sized for LoRA ranks up to 64-128; larger
+ranks work but spill.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import triton.language as tl
 TILE_ELEMENTS = 2048  #: RP * BLOCK elements per program
 NUM_WARPS = 8  #: with 2048-element tiles: 61 registers at RP=16, no spills (ptxas -v, sm_90)
 _CACHE_SIZE = 16
-_N_FIELDS = 7  # ptr, length, stride_outer, stride_inner, rank, module, side
+N_FIELDS: tl.constexpr = tl.constexpr(7)  #: per matrix: ptr, length, stride_outer, stride_inner, rank, module, side
 
 
 @triton.jit
@@ -62,7 +63,7 @@ def _precondition_kernel(
     pid = tl.program_id(0)
     mat = tl.load(tile_table + 2 * pid)
     start = tl.load(tile_table + 2 * pid + 1).to(tl.int64)
-    entry = mat_table + mat.to(tl.int64) * 7
+    entry = mat_table + mat.to(tl.int64) * N_FIELDS
     g_ptr = tl.load(entry).to(dtype_ref.dtype)
     length = tl.load(entry + 1)
     stride_outer = tl.load(entry + 2)
@@ -107,7 +108,7 @@ def _precondition_kernel(
 class _Launch:
     """One grouped launch: device tables for the gradients of one (dtype, contiguity) group."""
 
-    mat_table: torch.Tensor  # [n_mats, 7] int64
+    mat_table: torch.Tensor  # [n_mats, N_FIELDS] int64
     tile_table: torch.Tensor  # [n_tiles, 2] int32
     dtype_ref: torch.Tensor  # 1-element tensor of the group's dtype (typed pointer for the kernel)
     partials: torch.Tensor  # [n_tiles] float32, per-tile <new, old>
