@@ -67,7 +67,8 @@ def test_ema_fold_gpu(fresh_seed, R):
 @pytest.mark.parametrize("r", RANKS)
 def test_inverse_conditioning_gpu(fresh_seed, r):
     checks.check_inverse_conditioning(r, 1e-3, [1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8], device=CUDA)
-    checks.check_inverse_conditioning(r, 1e-6, [1e1, 1e4, 1e8], device=CUDA)
+    # small damping: cond(C + lam I) up to ~1e6, where fp32 Cholesky still succeeds like the oracle's
+    checks.check_inverse_conditioning(r, 1e-6, [1e1, 1e4, 1e6], device=CUDA)
 
 
 @pytest.mark.parametrize("R", [1, 8, 16, 32, 64])
