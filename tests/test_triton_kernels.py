@@ -291,8 +291,9 @@ def test_inverse_conditioning_sweep(fresh_seed, r):
 
 @pytest.mark.parametrize("r", [4, 16])
 def test_inverse_small_damping(fresh_seed, r):
-    # cond(C + lam I) up to ~1e7: the bound grows with it (fp32 Cholesky, like torch's)
-    check_inverse_conditioning(r, 1e-6, [1e1, 1e4, 1e8])
+    # cond(C + lam I) up to ~1e6 (the bound grows with it); beyond ~1e7 an fp32 Cholesky may fail
+    # where the float64 oracle succeeds, and the statuses would differ
+    check_inverse_conditioning(r, 1e-6, [1e1, 1e4, 1e6])
 
 
 def test_inverse_fp16_input(fresh_seed):
