@@ -1,12 +1,14 @@
-"""Shared helpers. Kernels run on the CPU through the Triton interpreter, so the variable must be set
-before anything imports triton (test modules that use Triton also set it themselves)."""
+"""Shared helpers. Without CUDA the Triton kernels run on the CPU interpreter, so the variable must be
+set before anything imports triton; with CUDA they compile for the GPU."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

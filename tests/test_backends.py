@@ -2,16 +2,13 @@
 CUDA on a GPU) as with the torch backend."""
 
 import copy
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from conftest import rel_err  # noqa: E402
-from grit_kernels import GritConfig, GritOptimizer, GritPreconditioner, ops  # noqa: E402
-from helpers import two_layer_lora  # noqa: E402
+from conftest import rel_err
+from grit_kernels import GritConfig, GritOptimizer, GritPreconditioner, ops
+from helpers import two_layer_lora
 
 pytestmark = pytest.mark.skipif(
     not ops.triton_available() or not (ops.interpreter_active() or torch.cuda.is_available()),

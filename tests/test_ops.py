@@ -109,6 +109,14 @@ def test_inverse_mixed_ranks_fallbacks_and_bad_inputs(fresh_seed):
         assert torch.equal(poisoned[i, r:, r:], torch.eye(R - r))
 
 
+def test_inverse_zero_factor_without_absolute_floor():
+    """B = 0 at PEFT init gives D = 0 exactly; with eps_abs = 0 the pivot is 0: fallback, no exception."""
+    inv, status = ops.damped_cholesky_inverse(torch.zeros(2, 4, 4), 1e-3, eps_abs=0.0, backend="torch")
+    ref_inv, ref_status = reference.damped_cholesky_inverse(torch.zeros(2, 4, 4, dtype=torch.float64), 1e-3, 0.0)
+    assert status.tolist() == ref_status.tolist() == [InverseStatus.SCALED_IDENTITY] * 2
+    assert torch.equal(inv, ref_inv.float())
+
+
 def test_inverse_retry_with_larger_damping():
     # eigenvalues {1, -0.01}: C + lam I is indefinite at lam = 1e-3*tr/2 but PD at 100x that
     c = torch.diag(torch.tensor([1.0, -0.01]))
@@ -120,7 +128,8 @@ def test_inverse_retry_with_larger_damping():
 
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
 def test_precondition_matches_reference(fresh_seed, grad_dtype):
-    shapes = [(16, 33, 20), (16, 33, 20), (4, 7, 9), (16, 20, 33), (1, 5, 3)]  # (r, d_in, d_out), mixed ranks
+    # (r, d_in, d_out): mixed ranks, repeated shapes (batched path) and large ones (per-matrix path on CPU)
+    shapes = [(16, 33, 20), (16, 33, 20), (4, 7, 9), (16, 20, 33), (1, 5, 3), (16, 4097, 2049), (8, 4097, 4100)]
     R = 16
     grads_a = [torch.randn(r, d_in).to(grad_dtype) for r, d_in, _ in shapes]
     grads_b = [torch.randn(d_out, r).to(grad_dtype) for r, _, d_out in shapes]

@@ -65,6 +65,8 @@ def _torch_batched(mats, damping, eps_abs, ranks, previous, previous_valid, retr
     done = torch.zeros(n, dtype=torch.bool, device=mats.device)
     for code, lam_try in ((InverseStatus.OK, lam), (InverseStatus.RETRIED, lam * retry_factor)):
         chol, info = torch.linalg.cholesky_ex(c + lam_try[:, None, None] * eye + pad)
+        # a failed factor may hold a zero pivot, on which cholesky_inverse raises: swap it for I first
+        chol = torch.where((info == 0)[:, None, None], chol, eye + pad)
         inv = torch.cholesky_inverse(chol)
         ok = finite & (info == 0) & torch.isfinite(inv).all(dim=2).all(dim=1) & ~done
         result = torch.where(ok[:, None, None], inv, result)

