@@ -315,7 +315,11 @@ class _GritTrainerMixin:
         model = args[0] if args else kwargs.get("model")
         if model is not None:
             check_not_fsdp(model)
-        if self.grit_preconditioner is None:
+        pre = self.grit_preconditioner
+        if pre is not None and not any(p is pre.modules[0].lora_A for p in self.model.parameters()):
+            pre.remove()  # the model was replaced (model_init / hyper-parameter search): start afresh
+            pre = None
+        if pre is None:
             self.grit_preconditioner = GritPreconditioner(self.model, self.grit_config)
         scaler = getattr(getattr(self, "accelerator", None), "scaler", None)
         self.optimizer = TrainerGritOptimizer(_unwrap_accelerated(optimizer), self.grit_preconditioner, scaler)

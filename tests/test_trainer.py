@@ -470,3 +470,17 @@ def test_fsdp_and_deepspeed_are_refused_naming_ddp(tmp_path):
     trainer.is_deepspeed_enabled = True
     with pytest.raises(NotImplementedError, match="Use DDP"):
         enable_grit(trainer)
+
+
+def test_model_init_rebuilds_the_preconditioner_for_each_new_model(tmp_path):
+    feats = make_features(4, seed=8)
+    trainer = GritTrainer(
+        model_init=lambda: small_model(), args=make_args(tmp_path, max_steps=2), train_dataset=feats,
+        data_collator=DynamicPaddingCollator(0),
+    )
+    trainer.train()
+    first = trainer.grit_preconditioner
+    trainer.train()  # model_init builds a new model: the old preconditioner must not be reused
+    second = trainer.grit_preconditioner
+    assert second is not first and second.step_count == 2
+    assert any(p is second.modules[0].lora_A for p in trainer.model.parameters())
