@@ -63,7 +63,9 @@ def _status_mib(key: str) -> Optional[float]:
     return None
 
 
-def _probe(arm: str, model_kind: str, steps: int, batch: int, max_length: int, timeline: bool, threads: int) -> dict:
+def _probe(
+    arm: str, model_kind: str, steps: int, batch: int, max_length: int, timeline: bool, threads: int
+) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -124,7 +126,10 @@ def _probe(arm: str, model_kind: str, steps: int, batch: int, max_length: int, t
     }
     if pre is not None:
         bank = pre.bank
-        flags = sum(t.numel() * t.element_size() for t in (bank.status, bank.initialized, bank.inverse_valid, bank.ranks))
+        flags = sum(
+            t.numel() * t.element_size()
+            for t in (bank.status, bank.initialized, bank.inverse_valid, bank.ranks)
+        )
         result["grit_bank_mib"] = (bank.storage.numel() * bank.storage.element_size() + flags) / 2**20
         result["grit_modules"] = pre.num_modules
     if timeline:
@@ -139,7 +144,9 @@ def _tensor_timeline(step) -> dict:
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import MemoryProfileTimeline
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
         step()
     times, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
     totals = [sum(row) for row in sizes]
@@ -177,7 +184,9 @@ def _run_probe(arm: str, model_kind: str, args, timeline: bool) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise RuntimeError(f"memory probe {arm}/{model_kind} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+        raise RuntimeError(
+            f"memory probe {arm}/{model_kind} failed (exit {proc.returncode}):\n" + "\n".join(tail)
+        )
     return json.loads(lines[-1])
 
 
@@ -195,7 +204,9 @@ def _versions() -> dict:
 
 def _git_commit() -> Optional[str]:
     try:
-        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        proc = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
         return proc.stdout.strip() or None
     except Exception:
         return None
@@ -236,7 +247,8 @@ def run(args) -> dict:
         summary[f"{model_kind}/grit_minus_adamw"] = diff
     return {
         "name": "memory",
-        "description": "peak memory of GRIT (GritOptimizer over AdamW) vs AdamW LoRA training, tiny 224-module Llama",
+        "description": "peak memory of GRIT (GritOptimizer over AdamW) vs AdamW LoRA training, "
+        "tiny 224-module Llama",
         "device": {
             "type": "cpu",
             "name": platform.processor() or platform.machine(),
@@ -248,13 +260,15 @@ def run(args) -> dict:
         "git_commit": _git_commit(),
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "config": {
-            "model": "tiny_llama_config(): 32 layers x 7 targets = 224 LoRA modules, hidden 64, vocab 512, r=16",
+            "model": "tiny_llama_config(): 32 layers x 7 targets = 224 LoRA modules, hidden 64, "
+            "vocab 512, r=16",
             "models": list(args.models),
             "steps": args.steps,
             "batch": args.batch,
             "max_length": args.max_length,
             "data": "generate_alpaca_sample(batch, seed=0) -> ByteTokenizer -> DynamicPaddingCollator",
-            "grit_config": "GritConfig(warmup_steps=1, update_freq=1): inversion + preconditioning every step",
+            "grit_config": "GritConfig(warmup_steps=1, update_freq=1): inversion + preconditioning "
+            "every step",
             "reps": args.reps,
             "timeline": args.timeline,
         },
@@ -265,7 +279,8 @@ def run(args) -> dict:
 
 def format_table(result: dict) -> str:
     lines = [
-        "| model | arm | peak RSS, training (MiB) | RSS increment over built model (MiB) | tensor peak, 1 step (MiB) | GRIT bank (MiB) |",
+        "| model | arm | peak RSS, training (MiB) | RSS increment over built model (MiB) "
+        "| tensor peak, 1 step (MiB) | GRIT bank (MiB) |",
         "|---|---|---|---|---|---|",
     ]
     for key, e in result["summary"].items():
@@ -300,7 +315,9 @@ def main(argv=None) -> int:
     p.add_argument("--probe-model", choices=("plain", "nf4"), default="plain", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.probe:
-        _probe(args.probe, args.probe_model, args.steps, args.batch, args.max_length, args.timeline, args.threads)
+        _probe(
+            args.probe, args.probe_model, args.steps, args.batch, args.max_length, args.timeline, args.threads
+        )
         return 0
     bad = [m for m in args.models if m not in ("plain", "nf4")]
     if bad:

@@ -1,5 +1,5 @@
-"""Migration from the published GRIT notebook API: ``GRITConfig``, ``GRITManager``, ``GritTrainer(grit_manager=...)``,
-``GritCallback``.
+"""Migration from the published GRIT notebook API: ``GRITConfig``, ``GRITManager``,
+``GritTrainer(grit_manager=...)``, ``GritCallback``.
 
 The published code is driven like this (and keeps working with these names)::
 
@@ -45,8 +45,9 @@ from .preconditioner import GritPreconditioner
 from .trainer import GritTrainer as _GritTrainer
 
 PAIRING_WARNING = (
-    "grit_kernels.compat: factor pairing corrected -- grad_A is preconditioned by D=E[delta delta^T] and grad_B by "
-    "H=E[h h^T] (the published GRIT code pairs A with H and B with D), so results differ from the notebook by design"
+    "grit_kernels.compat: factor pairing corrected -- grad_A is preconditioned by D=E[delta delta^T] and "
+    "grad_B by H=E[h h^T] (the published GRIT code pairs A with H and B with D), so results differ from "
+    "the notebook by design"
 )
 _UNSUPPORTED = ("neural reprojection", "rank adaptation", "curvature regularisers lambda_kfac/lambda_reproj")
 
@@ -107,7 +108,8 @@ class GRITConfig:
         )
 
     def lora_config(self, **kwargs: Any):
-        """A ``peft.LoraConfig`` with ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules`` from these fields."""
+        """A ``peft.LoraConfig`` with ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules`` from
+        these fields."""
         from peft import LoraConfig
 
         values = dict(
@@ -155,11 +157,14 @@ class GRITManager:
         self._driven_by_trainer = False
         warnings.warn(PAIRING_WARNING, UserWarning, stacklevel=2)
         if isinstance(config, GRITConfig) and (
-            config.enable_rank_adaptation or config.reprojection_freq or config.lambda_kfac or config.lambda_reproj
+            config.enable_rank_adaptation
+            or config.reprojection_freq
+            or config.lambda_kfac
+            or config.lambda_reproj
         ):
             warnings.warn(
-                f"grit_kernels.compat: {', '.join(_UNSUPPORTED)} are not implemented; those GRITConfig settings are "
-                "ignored",
+                f"grit_kernels.compat: {', '.join(_UNSUPPORTED)} are not implemented; "
+                "those GRITConfig settings are ignored",
                 UserWarning,
                 stacklevel=2,
             )
@@ -167,7 +172,8 @@ class GRITManager:
     @property
     def factors_are_ready(self) -> bool:
         """Always True: the preconditioner itself passes gradients through until its factors are usable
-        (warm-up) and decides everything else on the device, so ``precondition_gradients`` may run every step."""
+        (warm-up) and decides everything else on the device, so ``precondition_gradients`` may run every
+        step."""
         return True
 
     @property
@@ -177,7 +183,7 @@ class GRITManager:
 
     @property
     def g_covs(self) -> dict:
-        """``{layer: D}``: the rank-space gradient factor ``E[delta delta^T]`` of each module (views, r x r)."""
+        """``{layer: D}``: rank-space gradient factor ``E[delta delta^T]`` of each module (r x r views)."""
         return self._factor_views(BACKWARD)
 
     def _factor_views(self, which: int) -> dict:
@@ -188,7 +194,8 @@ class GRITManager:
         }
 
     def update_and_invert_factors(self) -> None:
-        """Invert the current factors now (the preconditioner also inverts every ``kfac_update_freq`` steps)."""
+        """Invert the current factors now (the preconditioner also inverts every ``kfac_update_freq``
+        steps)."""
         pre = self.preconditioner
         if pre.step_count == 0:
             return  # nothing folded yet
@@ -216,13 +223,17 @@ class GRITManager:
         self._preconditioned = False
 
     def neural_reprojection(self) -> None:
-        warnings.warn("grit_kernels.compat: neural reprojection is not implemented; skipped", UserWarning, stacklevel=2)
+        warnings.warn(
+            "grit_kernels.compat: neural reprojection is not implemented; skipped", UserWarning, stacklevel=2
+        )
 
     def log_final_effective_ranks(self) -> dict[str, tuple[float, float]]:
         """``{module name: (effective rank of H, effective rank of D)}`` (entropy-based; one host sync)."""
         bank = self.preconditioner.bank
         ranks = _effective_rank(bank.factor.reshape(-1, bank.max_rank, bank.max_rank)).view(2, -1).tolist()
-        return {m.name: (ranks[FORWARD][m.index], ranks[BACKWARD][m.index]) for m in self.preconditioner.modules}
+        return {
+            m.name: (ranks[FORWARD][m.index], ranks[BACKWARD][m.index]) for m in self.preconditioner.modules
+        }
 
     def log_final_raw_ranks(self) -> dict[str, int]:
         """``{module name: LoRA rank}`` (no truncation is performed here)."""

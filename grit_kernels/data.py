@@ -68,7 +68,9 @@ class ByteTokenizer:
 
     def __init__(self, offset: int = 4):
         if not isinstance(offset, int) or offset < 4:
-            raise ValueError(f"ByteTokenizer offset must be an integer >= 4 (ids 0-3 are special), got {offset!r}")
+            raise ValueError(
+                f"ByteTokenizer offset must be an integer >= 4 (ids 0-3 are special), got {offset!r}"
+            )
         self.offset = offset
         self.vocab_size = offset + 256
         self.pad_token = "<pad>"
@@ -191,7 +193,9 @@ def load_alpaca_json(path: Union[str, os.PathLike]) -> list[dict[str, str]]:
             try:
                 raw.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+                raise ValueError(
+                    f"{path}: line {lineno}: invalid JSON ({e.msg} at column {e.colno})"
+                ) from None
     else:
         try:
             raw = json.loads(text)
@@ -207,10 +211,14 @@ def load_alpaca_json(path: Union[str, os.PathLike]) -> list[dict[str, str]]:
             if field not in rec:
                 raise ValueError(f"{path}: record {i}: missing field {field!r}")
             if not isinstance(rec[field], str):
-                raise ValueError(f"{path}: record {i}: field {field!r} must be a string, got {type(rec[field]).__name__}")
+                raise ValueError(
+                    f"{path}: record {i}: field {field!r} must be a string, got {type(rec[field]).__name__}"
+                )
         context = rec.get("input")
         if context is not None and not isinstance(context, str):
-            raise ValueError(f"{path}: record {i}: field 'input' must be a string, got {type(context).__name__}")
+            raise ValueError(
+                f"{path}: record {i}: field 'input' must be a string, got {type(context).__name__}"
+            )
         records.append({"instruction": rec["instruction"], "input": context or "", "output": rec["output"]})
     return records
 
@@ -303,12 +311,18 @@ class DynamicPaddingCollator:
     ``pad_to_multiple_of`` (8 suits tensor cores).
     """
 
-    def __init__(self, pad_token_id: int = 0, pad_to_multiple_of: Optional[int] = None, padding_side: str = "right"):
+    def __init__(
+        self, pad_token_id: int = 0, pad_to_multiple_of: Optional[int] = None, padding_side: str = "right"
+    ):
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
-        self.pad_token_id, self.pad_to_multiple_of, self.padding_side = pad_token_id, pad_to_multiple_of, padding_side
+        self.pad_token_id, self.pad_to_multiple_of, self.padding_side = (
+            pad_token_id,
+            pad_to_multiple_of,
+            padding_side,
+        )
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:
@@ -321,12 +335,16 @@ class DynamicPaddingCollator:
         out_ids = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)
         out_labels = torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, (i, l) in enumerate(zip(ids, labels)):
-            if len(l) != len(i):
-                raise ValueError(f"DynamicPaddingCollator: row {row} has {len(i)} input_ids but {len(l)} labels")
-            span = slice(0, len(i)) if self.padding_side == "right" else slice(width - len(i), width)
-            out_ids[row, span] = torch.tensor(i, dtype=torch.long)
-            out_labels[row, span] = torch.tensor(l, dtype=torch.long)
+        for row, (row_ids, row_labels) in enumerate(zip(ids, labels)):
+            if len(row_labels) != len(row_ids):
+                raise ValueError(
+                    f"DynamicPaddingCollator: row {row} has {len(row_ids)} input_ids "
+                    f"but {len(row_labels)} labels"
+                )
+            n = len(row_ids)
+            span = slice(0, n) if self.padding_side == "right" else slice(width - n, width)
+            out_ids[row, span] = torch.tensor(row_ids, dtype=torch.long)
+            out_labels[row, span] = torch.tensor(row_labels, dtype=torch.long)
             mask[row, span] = 1
         return {"input_ids": out_ids, "attention_mask": mask, "labels": out_labels}
 
@@ -354,13 +372,13 @@ class PackedCollator:
             raise ValueError("PackedCollator: empty batch")
         ids, labels, positions = [], [], []
         for f in features:
-            i = _as_list(f["input_ids"])
-            if not i:
+            seq_ids = _as_list(f["input_ids"])
+            if not seq_ids:
                 continue
-            l = _as_list(f["labels"]) if "labels" in f else list(i)
-            ids += i
-            labels += [IGNORE_INDEX] + l[1:]
-            positions += range(len(i))
+            seq_labels = _as_list(f["labels"]) if "labels" in f else list(seq_ids)
+            ids += seq_ids
+            labels += [IGNORE_INDEX] + seq_labels[1:]
+            positions += range(len(seq_ids))
         batch = {
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
@@ -423,7 +441,12 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
     """
 
     def __init__(
-        self, lengths: Sequence[int], batch_size: int, seed: int = 0, mega_batch_mult: int = 50, drop_last: bool = False
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int = 0,
+        mega_batch_mult: int = 50,
+        drop_last: bool = False,
     ):
         self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
         self.mega_batch_mult, self.drop_last, self.epoch = mega_batch_mult, drop_last, 0
@@ -432,7 +455,9 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = length_grouped_indices(self.lengths, self.batch_size, self.seed + self.epoch, self.mega_batch_mult)
+        order = length_grouped_indices(
+            self.lengths, self.batch_size, self.seed + self.epoch, self.mega_batch_mult
+        )
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             if len(batch) == self.batch_size or not self.drop_last:

@@ -79,6 +79,15 @@ def _fsdp_classes() -> tuple[type, ...]:
     return tuple(classes)
 
 
+def fsdp_error(where: str = "") -> NotImplementedError:
+    """The error GRIT raises for FSDP; ``where`` names the FSDP-wrapped module if known."""
+    return NotImplementedError(
+        f"GRIT does not support FSDP{where}: FSDP shards the LoRA weights and gradients, so the "
+        "rank-space preconditioning cannot act on whole lora_A / lora_B gradients. Use DDP instead "
+        "(LoRA adapters are small enough to replicate; QLoRA keeps the base model 4-bit on every rank)."
+    )
+
+
 def check_not_fsdp(model: nn.Module) -> None:
     """Raise ``NotImplementedError`` if ``model`` is or contains an FSDP (1 or 2) wrapped module."""
     classes = _fsdp_classes()
@@ -86,12 +95,13 @@ def check_not_fsdp(model: nn.Module) -> None:
         return
     for name, module in model.named_modules():
         if isinstance(module, classes):
-            where = f" (module {name!r})" if name else ""
-            raise NotImplementedError(
-                f"GRIT does not support FSDP{where}: FSDP shards the LoRA weights and gradients, so the rank-space "
-                "preconditioning cannot act on whole lora_A / lora_B gradients. Use DDP instead (LoRA adapters are "
-                "small enough to replicate; QLoRA keeps the base model 4-bit on every rank)."
-            )
+            raise fsdp_error(f" (module {name!r})" if name else "")
 
 
-__all__ = ["all_reduce_statistics", "check_not_fsdp", "preconditioner_reduces_statistics", "world_size"]
+__all__ = [
+    "all_reduce_statistics",
+    "check_not_fsdp",
+    "fsdp_error",
+    "preconditioner_reduces_statistics",
+    "world_size",
+]

@@ -1,4 +1,5 @@
-"""GRIT in the Hugging Face ``Trainer``: :class:`GritTrainer`, :class:`GritTrainingArguments`, :func:`enable_grit`.
+"""GRIT in the Hugging Face ``Trainer``: :class:`GritTrainer`, :class:`GritTrainingArguments`,
+:func:`enable_grit`.
 
 How it plugs in. ``Trainer.create_optimizer`` builds the usual inner optimizer (AdamW, 8-bit Adam, ...);
 GRIT wraps it in a :class:`TrainerGritOptimizer` *before* ``accelerator.prepare``, so accelerate's
@@ -42,7 +43,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
 from .config import GritConfig
-from .distributed import all_reduce_statistics, check_not_fsdp, preconditioner_reduces_statistics
+from .distributed import all_reduce_statistics, check_not_fsdp, fsdp_error, preconditioner_reduces_statistics
 from .optim import GritOptimizer
 from .preconditioner import GritPreconditioner
 
@@ -60,7 +61,9 @@ class GritTrainingArguments(TrainingArguments):
     naming the ``grit_*`` field when the arguments are built.
     """
 
-    grit: bool = field(default=True, metadata={"help": "Precondition LoRA gradients with GRIT (rank-space K-FAC)."})
+    grit: bool = field(
+        default=True, metadata={"help": "Precondition LoRA gradients with GRIT (rank-space K-FAC)."}
+    )
     grit_update_freq: int = field(
         default=_DEFAULTS.update_freq, metadata={"help": "Invert the r x r factors every N optimizer steps."}
     )
@@ -73,10 +76,12 @@ class GritTrainingArguments(TrainingArguments):
         default=_DEFAULTS.warmup_steps, metadata={"help": "Optimizer steps with unpreconditioned gradients."}
     )
     grit_kl_clip: Optional[float] = field(
-        default=_DEFAULTS.kl_clip, metadata={"help": "KL-clip trust region on the preconditioned step (None: off)."}
+        default=_DEFAULTS.kl_clip,
+        metadata={"help": "KL-clip trust region on the preconditioned step (None: off)."},
     )
     grit_retry_damping_factor: float = field(
-        default=_DEFAULTS.retry_damping_factor, metadata={"help": "Damping multiplier of the inversion retry."}
+        default=_DEFAULTS.retry_damping_factor,
+        metadata={"help": "Damping multiplier of the inversion retry."},
     )
     grit_backend: str = field(default=_DEFAULTS.backend, metadata={"help": "auto | torch | triton"})
     grit_target_modules: Optional[list[str]] = field(
@@ -137,7 +142,9 @@ class TrainerGritOptimizer(GritOptimizer):
       the preconditioner is saved separately as ``grit_preconditioner.pt``.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, preconditioner: GritPreconditioner, grad_scaler: Any = None):
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, preconditioner: GritPreconditioner, grad_scaler: Any = None
+    ):
         super().__init__(optimizer, preconditioner, grad_scaler=grad_scaler)
         self.measure_grad_norm_ratio = False
         self.grad_norm_ratio: Optional[torch.Tensor] = None
@@ -169,7 +176,7 @@ class TrainerGritOptimizer(GritOptimizer):
 
 
 def _find_grit_optimizer(optimizer: Any) -> Optional[GritOptimizer]:
-    """The GritOptimizer inside ``optimizer`` (itself, or under accelerate / other ``.optimizer`` wrappers)."""
+    """The GritOptimizer inside ``optimizer`` (itself, or under accelerate / ``.optimizer`` wrappers)."""
     for _ in range(8):
         if isinstance(optimizer, GritOptimizer):
             return optimizer
@@ -190,12 +197,15 @@ def _unwrap_accelerated(optimizer: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- logging
-def grit_log_metrics(preconditioner: GritPreconditioner, optimizer: Optional[GritOptimizer] = None) -> dict[str, float]:
+def grit_log_metrics(
+    preconditioner: GritPreconditioner, optimizer: Optional[GritOptimizer] = None
+) -> dict[str, float]:
     """GRIT's logging scalars as Python floats; **one** host sync. Call at logging steps only.
 
     Keys: ``grit/damping`` (mean lam over the 2M factors), ``grit/condition_max`` (largest condition
     number of the damped factors), ``grit/inverse_failures`` (factors whose latest inversion retried or
-    fell back; 0 before the first inversion), ``grit/trace_forward`` / ``grit/trace_backward`` (mean trace of H / D),
+    fell back; 0 before the first inversion), ``grit/trace_forward`` / ``grit/trace_backward`` (mean
+    trace of H / D),
     ``grit/preconditioning_active`` (0 during warm-up), ``grit/steps`` (GRIT steps taken), and with a
     :class:`TrainerGritOptimizer`: ``grit/skipped_steps`` (NaN/Inf steps skipped) and
     ``grit/grad_norm_ratio`` (from the latest measured step, if it is the latest step).
@@ -251,7 +261,10 @@ class GritCallback(TrainerCallback):
             coming = state.global_step + 1
             opt.measure_grad_norm_ratio = (
                 (coming == 1 and args.logging_first_step)
-                or (args.logging_strategy == IntervalStrategy.STEPS and coming % max(1, state.logging_steps) == 0)
+                or (
+                    args.logging_strategy == IntervalStrategy.STEPS
+                    and coming % max(1, state.logging_steps) == 0
+                )
                 or coming >= state.max_steps
             )
 
@@ -274,7 +287,9 @@ class _GritTrainerMixin:
         """Resolve the config (explicit > the preconditioner's > ``args.to_grit_config()`` > defaults);
         ``args.grit=False`` disables GRIT unless ``force`` (enable_grit)."""
         if preconditioner is not None and not isinstance(preconditioner, GritPreconditioner):
-            raise TypeError(f"grit_preconditioner must be a GritPreconditioner, got {type(preconditioner).__name__}")
+            raise TypeError(
+                f"grit_preconditioner must be a GritPreconditioner, got {type(preconditioner).__name__}"
+            )
         if config is None and preconditioner is not None:
             config = preconditioner.config
         if config is None:
@@ -290,14 +305,11 @@ class _GritTrainerMixin:
         if config is None:
             return
         if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_fsdp_xla_enabled", False):
-            raise NotImplementedError(
-                "GRIT does not support FSDP: it shards the LoRA weights and gradients, so the rank-space "
-                "preconditioning cannot act on whole lora_A / lora_B gradients. Use DDP instead (LoRA adapters are "
-                "small enough to replicate)."
-            )
+            raise fsdp_error()
         if getattr(self, "is_deepspeed_enabled", False):
             raise NotImplementedError(
-                "GRIT does not support DeepSpeed (it owns the optimizer step and partitions gradients). Use DDP."
+                "GRIT does not support DeepSpeed (it owns the optimizer step and partitions the "
+                "gradients). Use DDP."
             )
         check_not_fsdp(self.model)
         if not any(isinstance(cb, GritCallback) for cb in self.callback_handler.callbacks):
@@ -305,7 +317,7 @@ class _GritTrainerMixin:
 
     @property
     def grit_optimizer(self) -> Optional[TrainerGritOptimizer]:
-        """The :class:`TrainerGritOptimizer` inside ``self.optimizer`` (None before training / without GRIT)."""
+        """The :class:`TrainerGritOptimizer` inside ``self.optimizer`` (None before training / no GRIT)."""
         return _find_grit_optimizer(getattr(self, "optimizer", None))
 
     def create_optimizer(self, *args, **kwargs):
@@ -322,7 +334,9 @@ class _GritTrainerMixin:
         if pre is None:
             self.grit_preconditioner = GritPreconditioner(self.model, self.grit_config)
         scaler = getattr(getattr(self, "accelerator", None), "scaler", None)
-        self.optimizer = TrainerGritOptimizer(_unwrap_accelerated(optimizer), self.grit_preconditioner, scaler)
+        self.optimizer = TrainerGritOptimizer(
+            _unwrap_accelerated(optimizer), self.grit_preconditioner, scaler
+        )
         return self.optimizer
 
     def _save_checkpoint(self, model, trial, *args, **kwargs):
@@ -344,7 +358,8 @@ class _GritTrainerMixin:
             pre.load_state_dict(torch.load(path, map_location=pre.bank.device, weights_only=True))
         else:
             warnings.warn(
-                f"{checkpoint} has no {GRIT_CHECKPOINT_NAME}: GRIT factors start from scratch (and warm up again)",
+                f"{checkpoint} has no {GRIT_CHECKPOINT_NAME}: GRIT factors start from scratch "
+                "(and warm up again)",
                 stacklevel=2,
             )
 
@@ -368,7 +383,8 @@ class GritTrainer(_GritTrainerMixin, Trainer):
 
     Args:
         grit_config: a :class:`GritConfig`; default: ``args.to_grit_config()`` for
-            :class:`GritTrainingArguments` (``None`` if ``args.grit`` is False: plain Trainer), else ``GritConfig()``.
+            :class:`GritTrainingArguments` (``None`` if ``args.grit`` is False: plain Trainer), else
+            ``GritConfig()``.
         grit_preconditioner: an existing :class:`GritPreconditioner` of ``model`` to use (default: one is
             built from ``grit_config`` when the optimizer is created).
 
@@ -416,7 +432,9 @@ def enable_grit(
     if isinstance(trainer, _GritTrainerMixin):
         if trainer.grit_preconditioner is not None or trainer.grit_config is not None:
             if config is not None or preconditioner is not None:
-                raise RuntimeError("GRIT is already enabled on this trainer; pass the config when creating it")
+                raise RuntimeError(
+                    "GRIT is already enabled on this trainer; pass the config when creating it"
+                )
             return trainer
     else:
         trainer.__class__ = _grit_class(type(trainer))

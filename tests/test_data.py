@@ -44,7 +44,9 @@ def tiny_lm():
 
 def _ce_sum(logits, labels):
     """Sum of next-token cross-entropy over supervised positions of one unpadded row."""
-    return torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE_INDEX, reduction="sum")
+    return torch.nn.functional.cross_entropy(
+        logits[:-1], labels[1:], ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
@@ -115,7 +117,10 @@ def test_heavily_padded_batch_loss_counts_only_response_tokens(tiny_lm):
 
 # ------------------------------------------------------------------------------------------ loading
 def test_load_alpaca_json_array_and_jsonl(tmp_path):
-    recs = [{"instruction": "a", "input": "b", "output": "c"}, {"instruction": "d", "output": "e", "input": None}]
+    recs = [
+        {"instruction": "a", "input": "b", "output": "c"},
+        {"instruction": "d", "output": "e", "input": None},
+    ]
     p = tmp_path / "data.json"
     p.write_text(json.dumps(recs))
     assert load_alpaca_json(p) == [recs[0], {"instruction": "d", "input": "", "output": "e"}]
@@ -173,7 +178,9 @@ def test_dynamic_padding_collator_shapes_and_sides():
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert real_token_fraction(b) == pytest.approx(4 / 6)
     b8 = DynamicPaddingCollator(pad_token_id=0, pad_to_multiple_of=8, padding_side="left")(feats)
-    assert b8["input_ids"].shape == (2, 8) and b8["input_ids"][1, -1] == 8 and b8["attention_mask"][1].sum() == 1
+    assert (
+        b8["input_ids"].shape == (2, 8) and b8["input_ids"][1, -1] == 8 and b8["attention_mask"][1].sum() == 1
+    )
     with pytest.raises(ValueError, match="row 0 has 3 input_ids but 2 labels"):
         DynamicPaddingCollator()([{"input_ids": [1, 2, 3], "labels": [1, 2]}])
 
@@ -210,7 +217,7 @@ def test_packed_row_isolates_sequences(impl, tiny_lm):
                 out = tiny_lm(**batch)
                 torch.testing.assert_close(out.logits[0], torch.cat(separate), rtol=1e-5, atol=1e-5)
                 num = sum(_ce_sum(s, torch.tensor(f["labels"])) for s, f in zip(separate, feats))
-                den = sum(sum(l != IGNORE_INDEX for l in f["labels"][1:]) for f in feats)
+                den = sum(sum(x != IGNORE_INDEX for x in f["labels"][1:]) for f in feats)
                 assert out.loss.item() == pytest.approx((num / den).item(), rel=1e-5)
     finally:
         tiny_lm.config._attn_implementation = "sdpa"

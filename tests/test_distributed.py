@@ -72,7 +72,9 @@ def make_model_and_optimizer(preconditioner_cls=GritPreconditioner):
     model = build_lora_model(tiny_llama_config(num_layers=2), r=4, seed=0)
     pre = preconditioner_cls(model, GritConfig(**CONFIG))
     # SGD: its step scales with the preconditioned gradient (Adam would hide a mis-scaled factor)
-    opt = TrainerGritOptimizer(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR), pre)
+    opt = TrainerGritOptimizer(
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR), pre
+    )
     return model, pre, opt
 
 
@@ -81,7 +83,9 @@ def _worker(rank, port, out_dir, variant):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        model, pre, opt = make_model_and_optimizer(ReducingPreconditioner if variant == "in_step" else GritPreconditioner)
+        model, pre, opt = make_model_and_optimizer(
+            ReducingPreconditioner if variant == "in_step" else GritPreconditioner
+        )
         ddp = nn.parallel.DistributedDataParallel(model)
         for ids, labels in global_batches():
             local = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
@@ -198,7 +202,68 @@ def test_fsdp_is_refused_naming_ddp():
 
     for fsdp_cls in (FSDPModule, FullyShardedDataParallel):
         model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
-        model[1].__class__ = type(f"FSDP{fsdp_cls.__name__}", (fsdp_cls, nn.Linear), {})  # what fully_shard does
+        model[1].__class__ = type(
+            f"FSDP{fsdp_cls.__name__}", (fsdp_cls, nn.Linear), {}
+        )  # what fully_shard does
         with pytest.raises(NotImplementedError, match=r"FSDP \(module '1'\).*Use DDP"):
             check_not_fsdp(model)
     check_not_fsdp(nn.Sequential(nn.Linear(2, 2)))  # plain modules pass
+
+
+# ---------------------------------------------------------------------------------- the Trainer under DDP
+def _trainer_worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_WORLD_SIZE=str(WORLD),
+    )
+    from test_trainer import make_args, make_features, run, small_model
+
+    trainer = run(
+        small_model(),
+        make_args(
+            out_dir, ddp_backend="gloo", optim="sgd", learning_rate=LR, grit_kl_clip=1e-3, max_steps=STEPS
+        ),
+        make_features(16, seed=9),
+    )
+    assert trainer.args.world_size == WORLD
+    torch.save(
+        {
+            "factor": trainer.grit_preconditioner.bank.factor.clone(),
+            "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad},
+        },
+        os.path.join(out_dir, f"trainer-rank{rank}.pt"),
+    )
+
+
+def test_grit_trainer_under_ddp_matches_one_process_with_the_global_batch(tmp_path):
+    """GritTrainer with two gloo ranks x 2 rows == one process with 4 rows per step (accelerate shards
+    consecutive batches of the same seeded sampler; the Trainer normalises by the global token count)."""
+    from test_trainer import make_args, make_features, run, small_model
+
+    mp.spawn(_trainer_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    single = run(
+        small_model(),
+        make_args(
+            tmp_path / "single",
+            per_device_train_batch_size=2 * WORLD,
+            optim="sgd",
+            learning_rate=LR,
+            grit_kl_clip=1e-3,
+            max_steps=STEPS,
+        ),
+        make_features(16, seed=9),
+    )
+    ref_factor = single.grit_preconditioner.bank.factor
+    ref_params = {n: p.detach() for n, p in single.model.named_parameters() if p.requires_grad}
+    for r in range(WORLD):
+        res = torch.load(tmp_path / f"trainer-rank{r}.pt", weights_only=True)
+        error = max_relative_error(res["factor"].flatten(0, 1), ref_factor.flatten(0, 1))
+        assert error < 1e-4, (r, error)
+        for name, value in ref_params.items():
+            error = max_relative_error(res["params"][name][None], value[None])
+            assert error < 1e-4, (r, name, error)

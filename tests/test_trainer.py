@@ -102,7 +102,7 @@ def losses(trainer):
 def assert_params_close(a, b, **tol):
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], msg=lambda m: f"{name}: {m}", **tol)
+        torch.testing.assert_close(a[name], b[name], msg=lambda m, name=name: f"{name}: {m}", **tol)
 
 
 # ------------------------------------------------------------------------------------------ arguments
@@ -120,17 +120,33 @@ def test_training_arguments_map_onto_grit_config(tmp_path):
         grit_nonfinite_grads="raise",
     )
     cfg = args.to_grit_config()
-    assert (cfg.update_freq, cfg.damping, cfg.ema_decay, cfg.warmup_steps, cfg.kl_clip) == (3, 1e-2, 0.9, 4, None)
+    assert (cfg.update_freq, cfg.damping, cfg.ema_decay, cfg.warmup_steps, cfg.kl_clip) == (
+        3,
+        1e-2,
+        0.9,
+        4,
+        None,
+    )
     assert cfg.backend == "torch" and cfg.target_modules == ("q_proj", "v_proj")
     assert cfg.exclude_modules == ("layers.0.self_attn.q_proj",) and cfg.nonfinite_grads == "raise"
-    defaults = make_args(tmp_path, grit_warmup_steps=GritConfig().warmup_steps, grit_update_freq=10).to_grit_config()
+    defaults = make_args(
+        tmp_path, grit_warmup_steps=GritConfig().warmup_steps, grit_update_freq=10
+    ).to_grit_config()
     assert defaults == GritConfig()
     with pytest.raises(ValueError, match=r"GritTrainingArguments\.grit_update_freq"):
         make_args(tmp_path, grit_update_freq=0)
     with pytest.raises(ValueError, match=r"GritTrainingArguments\.grit_backend"):
         make_args(tmp_path, grit_backend="cuda")
     (parsed,) = HfArgumentParser(GritTrainingArguments).parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--grit_update_freq", "5", "--grit_target_modules", "q_proj", "k_proj"]
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--grit_update_freq",
+            "5",
+            "--grit_target_modules",
+            "q_proj",
+            "k_proj",
+        ]
     )
     assert parsed.to_grit_config().update_freq == 5 and parsed.grit_target_modules == ["q_proj", "k_proj"]
 
@@ -158,7 +174,9 @@ def run_224(request, tmp_path_factory):
     full_params = lora_params(full.model)
     full_bank = full.grit_preconditioner.bank.state_dict()
     resumed = _train_224(out, request.param, resume_step=4)
-    return dict(out=out, full=full, resumed=resumed, full_params=full_params, full_bank=full_bank, nf4=request.param)
+    return dict(
+        out=out, full=full, resumed=resumed, full_params=full_params, full_bank=full_bank, nf4=request.param
+    )
 
 
 def test_224_modules_train_with_grit(run_224):
@@ -233,7 +251,9 @@ def test_saved_adapter_is_plain_peft_loadable_without_grit_kernels(run_224, tmp_
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-5, atol=1e-5)
 
@@ -283,7 +303,9 @@ def test_gradient_accumulation_1x8_equals_4x2(tmp_path):
     feats = make_features(24, seed=2)
     one = run(small_model(), make_args(tmp_path / "a", per_device_train_batch_size=8), feats)
     four = run(
-        small_model(), make_args(tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=4), feats
+        small_model(),
+        make_args(tmp_path / "b", per_device_train_batch_size=2, gradient_accumulation_steps=4),
+        feats,
     )
     assert one.grit_preconditioner.step_count == four.grit_preconditioner.step_count == 3
     torch.testing.assert_close(_factors(four), _factors(one), rtol=1e-5, atol=1e-9)
@@ -356,7 +378,11 @@ def test_bf16_and_gradient_checkpointing(tmp_path):
     ref = run(small_model(), make_args(tmp_path / "ref"), feats)
     ckpt = run(
         small_model(),
-        make_args(tmp_path / "gc", gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}),
+        make_args(
+            tmp_path / "gc",
+            gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        ),
         feats,
     )
     # statistics captured once per micro-batch even though the forward is recomputed
@@ -394,7 +420,12 @@ def test_max_grad_norm_clips_raw_gradients_before_preconditioning(tmp_path, kl_c
     model = small_model()
     rec = _GradRecorder(model)
     args = make_args(
-        tmp_path, optim="sgd", learning_rate=lr, max_grad_norm=max_norm, grit_warmup_steps=0, grit_kl_clip=kl_clip
+        tmp_path,
+        optim="sgd",
+        learning_rate=lr,
+        max_grad_norm=max_norm,
+        grit_warmup_steps=0,
+        grit_kl_clip=kl_clip,
     )
     trainer = run(model, args, make_features(6, seed=5), callbacks=[rec])
     pre = trainer.grit_preconditioner
@@ -455,10 +486,14 @@ def test_grit_false_is_a_plain_trainer(tmp_path):
     feats = make_features(6, seed=7)
     off = run(small_model(), make_args(tmp_path / "off", grit=False), feats)
     assert off.grit_preconditioner is None and off.grit_optimizer is None
-    plain = run(small_model(), make_args(tmp_path / "plain", cls=TrainingArguments), feats, trainer_cls=Trainer)
+    plain = run(
+        small_model(), make_args(tmp_path / "plain", cls=TrainingArguments), feats, trainer_cls=Trainer
+    )
     assert_params_close(lora_params(off.model), lora_params(plain.model), rtol=0, atol=0)
     grit = run(small_model(), make_args(tmp_path / "on"), feats)
-    assert not torch.equal(next(iter(lora_params(grit.model).values())), next(iter(lora_params(plain.model).values())))
+    assert not torch.equal(
+        next(iter(lora_params(grit.model).values())), next(iter(lora_params(plain.model).values()))
+    )
 
 
 def test_fsdp_and_deepspeed_are_refused_naming_ddp(tmp_path):
@@ -475,7 +510,9 @@ def test_fsdp_and_deepspeed_are_refused_naming_ddp(tmp_path):
 def test_model_init_rebuilds_the_preconditioner_for_each_new_model(tmp_path):
     feats = make_features(4, seed=8)
     trainer = GritTrainer(
-        model_init=lambda: small_model(), args=make_args(tmp_path, max_steps=2), train_dataset=feats,
+        model_init=lambda: small_model(),
+        args=make_args(tmp_path, max_steps=2),
+        train_dataset=feats,
         data_collator=DynamicPaddingCollator(0),
     )
     trainer.train()
