@@ -152,8 +152,7 @@ class GritPreconditioner:
         clip = self.config.kl_clip is not None and lr is not None
         dot = ops.precondition_(grads_a, grads_b, inv_d, inv_h, compute_dot=clip, backend=self.backend)
         if clip:
-            lr_sq = torch.as_tensor(lr, dtype=torch.float32, device=self.bank.device) ** 2
-            quad = (lr_sq * dot.abs()).clamp_min(torch.finfo(torch.float32).tiny)
+            quad = (dot.abs() * lr**2).clamp_min(torch.finfo(torch.float32).tiny)  # lr: float or 0-dim tensor
             nu = torch.sqrt(self.config.kl_clip / quad).clamp(max=1.0)
             torch._foreach_mul_(grads_a + grads_b, nu)
 
