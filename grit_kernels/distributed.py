@@ -51,17 +51,6 @@ def all_reduce_statistics(bank, group: Optional[Any] = None) -> None:
     bank.stat_sum[BACKWARD].mul_(1.0 / (w * w))
 
 
-def preconditioner_reduces_statistics(preconditioner) -> bool:
-    """Whether ``preconditioner.step`` already calls :func:`all_reduce_statistics` before its fold.
-
-    Until it does, :class:`grit_kernels.trainer.TrainerGritOptimizer` calls it instead; checking the
-    step's code keeps the reduction from running twice once it is added there.
-    """
-    step = getattr(type(preconditioner), "step", None)
-    code = getattr(step, "__code__", None)
-    return code is not None and "all_reduce_statistics" in code.co_names
-
-
 def _fsdp_classes() -> tuple[type, ...]:
     classes: list[type] = []
     try:
@@ -102,6 +91,5 @@ __all__ = [
     "all_reduce_statistics",
     "check_not_fsdp",
     "fsdp_error",
-    "preconditioner_reduces_statistics",
     "world_size",
 ]

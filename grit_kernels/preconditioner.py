@@ -19,6 +19,7 @@ from torch import nn
 from . import ops
 from .bank import BACKWARD, FORWARD, FactorBank
 from .config import GritConfig
+from .distributed import all_reduce_statistics, check_not_fsdp
 from .layers import CaptureSlot, is_lora_layer, patch_lora_layer, unpatch_lora_layer, unsupported_reason
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class GritPreconditioner:
         if not isinstance(self.config, GritConfig):
             raise TypeError(f"config must be a GritConfig, got {type(self.config).__name__}")
         cfg = self.config
+        check_not_fsdp(model)
         found, self.skipped = [], {}
         for name, layer in model.named_modules():
             if not is_lora_layer(layer):
@@ -116,7 +118,8 @@ class GritPreconditioner:
         lr: Optional[Union[float, torch.Tensor]] = None,
         loss_scale: Optional[Union[float, torch.Tensor]] = None,
     ) -> None:
-        """Fold statistics, refresh inverses when due, precondition every LoRA ``.grad`` in place.
+        """Reduce statistics over ranks (DDP), fold them, refresh inverses when due, precondition every
+        LoRA ``.grad`` in place.
 
         Args:
             lr: learning rate, used only by the KL-clip (``config.kl_clip``); ``None`` skips the clip.
@@ -127,6 +130,7 @@ class GritPreconditioner:
         """
         self._check_not_removed()
         cfg = self.config
+        all_reduce_statistics(self.bank)  # DDP: one all-reduce of the step's statistics; no-op otherwise
         self.bank.fold(cfg.ema_decay, loss_scale=loss_scale, backend=self.backend)
         since = self.step_count - cfg.warmup_steps
         if since >= 0:

@@ -43,7 +43,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
 from .config import GritConfig
-from .distributed import all_reduce_statistics, check_not_fsdp, fsdp_error, preconditioner_reduces_statistics
+from .distributed import check_not_fsdp, fsdp_error
 from .optim import GritOptimizer
 from .preconditioner import GritPreconditioner
 
@@ -152,8 +152,6 @@ class TrainerGritOptimizer(GritOptimizer):
 
     def step(self, closure: Optional[Callable] = None):
         pre = self.preconditioner
-        if not preconditioner_reduces_statistics(pre):
-            all_reduce_statistics(pre.bank)
         measure, self.measure_grad_norm_ratio = self.measure_grad_norm_ratio, False
         params = pre.parameters()
         raw = _total_norm(params) if measure else None
