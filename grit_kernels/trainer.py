@@ -134,8 +134,6 @@ def _total_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
 class TrainerGritOptimizer(GritOptimizer):
     """The :class:`GritOptimizer` a GRIT trainer builds. Adds, for the Trainer:
 
-    * the data-parallel all-reduce of the step statistics before the fold (until
-      ``GritPreconditioner.step`` does it itself; see :mod:`grit_kernels.distributed`);
     * on request (``measure_grad_norm_ratio = True``, set for logging steps only) the device tensor
       ``grad_norm_ratio = ||preconditioned LoRA grads|| / ||LoRA grads entering step()||``;
     * checkpoint format: ``state_dict()`` is the *inner* optimizer's (plain, loadable without GRIT);
