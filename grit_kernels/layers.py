@@ -3,7 +3,7 @@
 A patched layer computes ``y = base(x) + s * B(capture(A(dropout(x))))`` where ``capture`` is the
 identity autograd Function :class:`RankStatsCapture`. Its backward receives ``delta = dL/dh`` (the
 rank-space gradient autograd forms anyway) and adds both ``h^T h`` and ``delta^T delta`` (fp32) to the
-module's bank slice. Capturing *both* statistics in backward means a micro-batch is counted exactly
+module's bank slice, over the rows that carry gradient (padding has ``delta = 0`` and is left out). Capturing *both* statistics in backward means a micro-batch is counted exactly
 once: forwards without backward (evaluation, the no-grad first pass of reentrant activation
 checkpointing) add nothing, and a recomputed forward only regenerates saved tensors.
 
@@ -23,6 +23,9 @@ from torch import nn
 from . import ops
 
 
+ZERO_ROW_TOLERANCE = 1e-6  #: a row of delta below this fraction of the micro-batch's largest is "no gradient"
+
+
 class CaptureSlot:
     """Where one module's statistics go: views into the :class:`~grit_kernels.bank.FactorBank`."""
 
@@ -32,9 +35,22 @@ class CaptureSlot:
         self.forward_stat, self.backward_stat, self.rows, self.backend = forward_stat, backward_stat, rows, backend
 
     def capture(self, h: torch.Tensor, delta: torch.Tensor) -> None:
-        ops.accumulate_gram_(self.forward_stat, h, backend=self.backend)
+        """Add ``sum h h^T``, ``sum delta delta^T`` and the row count over rows that carry gradient.
+
+        Rows whose ``delta`` is zero -- padding, positions no loss term reaches -- are left out of ``H``
+        and of the count, so the factors do not depend on how a batch is padded. "Zero" means below
+        ``ZERO_ROW_TOLERANCE`` times the micro-batch's largest ``|delta|``: a gradient that is zero in
+        exact arithmetic (query of position 0, whose softmax is over one key) comes out of the attention
+        kernels as rounding noise ~1e-8 of the signal, and must be counted the same way whatever the
+        batch split. Decided on the device (a mask), no host sync.
+        """
+        r = h.shape[-1]
+        h, delta = h.reshape(-1, r), delta.reshape(-1, r)
+        row_max = delta.abs().amax(dim=1)
+        carries = row_max > ZERO_ROW_TOLERANCE * row_max.amax()
+        ops.accumulate_gram_(self.forward_stat, h * carries[:, None], backend=self.backend)
         ops.accumulate_gram_(self.backward_stat, delta, backend=self.backend)
-        self.rows.add_(h.numel() // h.shape[-1])
+        self.rows.add_(carries.sum())
 
 
 class RankStatsCapture(torch.autograd.Function):
