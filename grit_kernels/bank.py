@@ -48,6 +48,7 @@ class FactorBank:
         self.initialized = torch.zeros(2, M, dtype=torch.bool, device=device)
         self.inverse_valid = torch.zeros(2, M, dtype=torch.bool, device=device)
         self.ranks = torch.tensor(self.module_ranks, dtype=torch.int32, device=device).repeat(2)
+        self.refresh_count = 0  #: inversions run so far (host integer)
 
     @property
     def device(self) -> torch.device:
@@ -107,6 +108,7 @@ class FactorBank:
         self._flat(self.inverse).copy_(torch.where(init[:, None, None], inverse, eye))
         self.status.view(-1).copy_(status)
         self.inverse_valid.view(-1).copy_(init & (status <= int(InverseStatus.KEPT_PREVIOUS)))
+        self.refresh_count += 1
 
     def damping_values(self, damping: float, eps_abs: float) -> torch.Tensor:
         """``[2, M]`` damping ``lam = damping * tr(C)/r + eps_abs`` of the current factors."""
@@ -120,6 +122,7 @@ class FactorBank:
             "status": self.status.clone(),
             "initialized": self.initialized.clone(),
             "inverse_valid": self.inverse_valid.clone(),
+            "refresh_count": self.refresh_count,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -133,3 +136,4 @@ class FactorBank:
         self.status.copy_(state["status"])
         self.initialized.copy_(state["initialized"])
         self.inverse_valid.copy_(state["inverse_valid"])
+        self.refresh_count = int(state.get("refresh_count", 0))

@@ -166,7 +166,8 @@ class GritPreconditioner:
 
         Keys: ``damping_mean``, ``trace_forward_mean``, ``trace_backward_mean``, ``condition_max``
         (largest eigenvalue ratio of the damped factors, via an eigen solve of the bank), and
-        ``inverse_failures`` (matrices whose latest inversion used the retry or a fallback).
+        ``inverse_failures`` (matrices with statistics whose latest inversion used the retry or a
+        fallback; 0 before the first inversion).
         """
         bank, cfg = self.bank, self.config
         lam = bank.damping_values(cfg.damping, cfg.eps_abs)
@@ -180,7 +181,7 @@ class GritPreconditioner:
             "trace_forward_mean": trace[FORWARD].mean(),
             "trace_backward_mean": trace[BACKWARD].mean(),
             "condition_max": cond.max().float(),
-            "inverse_failures": (bank.status > 0).sum(),
+            "inverse_failures": ((bank.status > 0) & bank.initialized).sum() * int(bank.refresh_count > 0),
         }
 
     # ------------------------------------------------------------------ state

@@ -221,10 +221,8 @@ def grit_log_metrics(
         values.append(ratio.float().reshape(()).to(values[0].device))
     host = torch.stack(values).tolist()  # the one sync
     logs = dict(zip(keys, host))
-    inverted = preconditioner.step_count > preconditioner.config.warmup_steps  # the first inversion ran
-    # before the first inversion every status still reads "scaled identity": that is no failure
-    logs["grit/inverse_failures"] = int(logs["grit/inverse_failures"]) if inverted else 0
-    logs["grit/preconditioning_active"] = int(inverted)
+    logs["grit/inverse_failures"] = int(logs["grit/inverse_failures"])
+    logs["grit/preconditioning_active"] = int(preconditioner.bank.refresh_count > 0)
     logs["grit/steps"] = preconditioner.step_count
     if optimizer is not None:
         logs["grit/skipped_steps"] = optimizer.skipped_steps
