@@ -14,12 +14,6 @@ from grit_kernels.trainer import GritTrainer as NativeGritTrainer
 from test_trainer import lora_params, make_features  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_model():

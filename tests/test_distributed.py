@@ -24,12 +24,6 @@ WORLD, ROWS_PER_RANK, SEQ, STEPS, LR = 2, 2, 16, 3, 0.05
 CONFIG = dict(warmup_steps=1, update_freq=1, kl_clip=1e-3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def global_batches():
