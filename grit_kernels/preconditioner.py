@@ -8,7 +8,6 @@ lora_A / lora_B ``.grad`` in place (one op), optional KL-clip -> the wrapped opt
 
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -21,9 +20,6 @@ from .bank import BACKWARD, FORWARD, FactorBank
 from .config import GritConfig
 from .distributed import all_reduce_statistics, check_not_fsdp
 from .layers import CaptureSlot, is_lora_layer, patch_lora_layer, unpatch_lora_layer, unsupported_reason
-
-logger = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class GritModule:
