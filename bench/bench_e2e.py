@@ -94,6 +94,8 @@ class E2EConfig:
     seed: int = 0
     backend: str = "auto"
     memory: Optional[bool] = None  # CPU: measure peak RSS per arm in a subprocess
+    threads: Optional[int] = None  # CPU: torch.set_num_threads (default: torch's default)
+    breakdown: Optional[bool] = None  # time forward / backward / optimizer separately (CPU default; CUDA syncs)
     device: Optional[str] = None
     progress: bool = True
     notes: list = field(default_factory=list)
@@ -310,20 +312,40 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def train_step(arm: Arm, micro_batches: list[dict], cfg: E2EConfig) -> float:
-    """One optimizer step (``grad_accum`` micro-batches); returns the mean micro-batch loss."""
+def train_step(arm: Arm, micro_batches: list[dict], cfg: E2EConfig, phases: Optional[dict] = None):
+    """One optimizer step (``grad_accum`` micro-batches); returns the mean micro-batch loss (a tensor).
+
+    ``phases``: if given, seconds spent in forward, backward and optimizer step (+ zero_grad) are added
+    to its ``"forward"``, ``"backward"``, ``"optimizer"`` entries. On CPU this costs nothing (ops are
+    synchronous); on CUDA it synchronises at every phase boundary (only with ``--breakdown``).
+    """
     cuda = cfg.device.startswith("cuda")
     autocast = (
         torch.autocast("cuda", dtype=cfg.torch_dtype) if cuda and cfg.dtype != "float32" else contextlib.nullcontext()
     )
+
+    def mark(key=None, since=None):
+        if phases is None:
+            return None
+        _sync(cfg.device)
+        now = time.perf_counter()
+        if key is not None:
+            phases[key] = phases.get(key, 0.0) + now - since
+        return now
+
     total = torch.zeros((), device=cfg.device)
     for mb in micro_batches:
+        t = mark()
         with autocast:
             loss = arm.model(**mb).loss
+        t = mark("forward", t)
         (loss / len(micro_batches)).backward()
+        mark("backward", t)
         total += loss.detach().float()
+    t = mark()
     arm.optimizer.step()
     arm.optimizer.zero_grad(set_to_none=True)
+    mark("optimizer", t)
     return total / len(micro_batches)
 
 
@@ -370,11 +392,18 @@ def time_arms(cfg: E2EConfig, steps: list[list[dict]]) -> dict:
     """Run every arm over ``steps``; returns ``{arm: result dict}`` with raw per-step times."""
     results: dict = {}
     live: dict[str, Arm] = {}
+    breakdown = cfg.breakdown if cfg.breakdown is not None else not cfg.device.startswith("cuda")
 
     def start(name):
         try:
             live[name] = make_arm(name, cfg)
-            results[name] = {"status": "ok", "lora_modules": live[name].num_modules, "times": [], "losses": []}
+            results[name] = {
+                "status": "ok",
+                "lora_modules": live[name].num_modules,
+                "times": [],
+                "losses": [],
+                "phases": [],
+            }
             if cfg.device.startswith("cuda"):
                 _sync(cfg.device)
                 torch.cuda.reset_peak_memory_stats()
@@ -386,11 +415,14 @@ def time_arms(cfg: E2EConfig, steps: list[list[dict]]) -> dict:
     def one_step(name, i):
         arm = live[name]
         _sync(cfg.device)
+        phases = {} if breakdown else None
         t0 = time.perf_counter()
-        loss = train_step(arm, steps[i], cfg)
+        loss = train_step(arm, steps[i], cfg, phases)
         _sync(cfg.device)
         results[name]["times"].append(time.perf_counter() - t0)
         results[name]["losses"].append(float(loss))
+        if breakdown:
+            results[name]["phases"].append(phases)
 
     def finish(name):
         arm = live.pop(name)
@@ -448,6 +480,8 @@ def probe_memory(cfg: E2EConfig, arm: str, steps: int = 3) -> dict:
 def _run_probe(arm_name: str, steps: int) -> None:
     cfg = E2EConfig(**json.loads(os.environ["GRIT_E2E_PROBE_CONFIG"]))
     cfg = dataclasses.replace(cfg, arms=tuple(cfg.arms), warmup=min(cfg.warmup, 1), steps=steps)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     batches = _step_batches(cfg)
     arm = make_arm(arm_name, cfg)
     gc.collect()
@@ -482,9 +516,17 @@ def device_info(device: str) -> dict:
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(torch.device(device))
         return {"type": "cuda", "name": name, "slug": _slug(name), "count": torch.cuda.device_count()}
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
     return {
         "type": "cpu",
-        "name": platform.processor() or platform.machine(),
+        "name": name,
         "slug": "cpu",
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -541,12 +583,22 @@ def summarise(cfg: E2EConfig, raw: dict, steps: list[list[dict]]) -> dict:
         }
         if "memory_after_build_mb" in r:
             entry["memory_after_build_mb"] = r["memory_after_build_mb"]
+        if r["phases"]:
+            measured_phases = r["phases"][cfg.warmup :]
+            entry["phase_median_s"] = {
+                k: _quantiles([ph[k] for ph in measured_phases])["median_s"] for k in measured_phases[0]
+            }
+            entry["phase_times_s"] = measured_phases
         arms[name] = entry
         if name == "adamw":
             base = entry["median_s"]
+    base_times = arms["adamw"]["step_times_s"] if base else None
     for entry in arms.values():
         if entry.get("status") == "ok":
             entry["ratio_to_adamw"] = entry["median_s"] / base if base else None
+            if base_times:  # step i of every arm trains on the same batch: per-step ratios cancel length noise
+                q = _quantiles([t / b for t, b in zip(entry["step_times_s"], base_times)])
+                entry["paired_ratio_to_adamw"] = {"median": q["median_s"], "p20": q["p20_s"], "p80": q["p80_s"]}
     real = [c[0] for c in measured]
     padded = [c[1] for c in measured]
     return {
@@ -642,6 +694,8 @@ def run(config: Optional[E2EConfig] = None, out_dir: Optional[str] = None, quick
             cfg, layers=cfg.layers or 2, steps=3, warmup=1, memory=False if cfg.memory is None else cfg.memory
         )
     cfg = cfg.resolve()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     if cfg.device.startswith("cuda") and cfg.preset == "llama3-8b" and cfg.layers is None:
         cfg.notes.append("Llama-3-8B shapes with random weights (speed only)")
     hf = model_config(cfg)
@@ -664,7 +718,7 @@ def run(config: Optional[E2EConfig] = None, out_dir: Optional[str] = None, quick
         "command": argv,
         "config": dataclasses.asdict(cfg),
         "model": {
-            "name": cfg.model_path or cfg.preset or "custom",
+            "name": cfg.model_path or (f"{cfg.preset} Llama" if cfg.preset else "custom"),
             "num_layers": getattr(hf, "num_hidden_layers", None),
             "hidden_size": getattr(hf, "hidden_size", None),
             "lora_modules": next((a["lora_modules"] for a in raw.values() if a.get("status") == "ok"), None),
@@ -689,6 +743,7 @@ def run(config: Optional[E2EConfig] = None, out_dir: Optional[str] = None, quick
     grit, prior = result["arms"].get("grit", {}), result["arms"].get("grit-prior", {})
     result["summary"] = {
         "grit_over_adamw": grit.get("ratio_to_adamw"),
+        "grit_over_adamw_paired": grit.get("paired_ratio_to_adamw"),
         "grit_prior_over_adamw": prior.get("ratio_to_adamw"),
         "grit_prior_over_grit": (prior["median_s"] / grit["median_s"]) if "median_s" in grit and "median_s" in prior else None,
     }
@@ -736,6 +791,13 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     m = p.add_mutually_exclusive_group()
     m.add_argument("--memory", dest="memory", action="store_true", default=None, help="CPU: probe peak RSS per arm")
     m.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--threads", type=int, help="CPU: torch intra-op threads (default: torch's default)")
+    b = p.add_mutually_exclusive_group()
+    b.add_argument(
+        "--breakdown", dest="breakdown", action="store_true", default=None,
+        help="time forward / backward / optimizer step separately (default on CPU; adds syncs on CUDA)",
+    )
+    b.add_argument("--no-breakdown", dest="breakdown", action="store_false")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--out", metavar="DIR", help="output directory (default bench/results/<device-slug>/)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 layers, 1 warm-up + 3 steps, no memory probe")
@@ -776,12 +838,30 @@ def _report(result: dict) -> str:
     lines = [head, "", result["table"], ""]
     s = result["summary"]
     if s.get("grit_over_adamw") is not None:
-        line = f"GRIT / AdamW step time: {s['grit_over_adamw']:.3f}"
+        line = f"GRIT / AdamW step time: {s['grit_over_adamw']:.3f} (ratio of medians)"
+        paired = s.get("grit_over_adamw_paired")
+        if paired:
+            line += f"; per-step paired ratio median {paired['median']:.3f} (p20-p80 {paired['p20']:.3f}-{paired['p80']:.3f})"
         if "cpu_target_ratio" in s:
             line += f" (CPU target <= {s['cpu_target_ratio']}: {'met' if s['cpu_target_met'] else 'NOT met'})"
         lines.append(line)
     if s.get("grit_prior_over_grit") is not None:
         lines.append(f"GRIT prior way / GRIT ours: {s['grit_prior_over_grit']:.3f}")
+    phased = {n: a["phase_median_s"] for n, a in result["arms"].items() if a.get("phase_median_s")}
+    if phased:
+        lines.append("")
+        lines.append("phase medians (ms):   forward   backward  optimizer")
+        for name, ph in phased.items():
+            lines.append(
+                f"  {name:18s}{1e3 * ph['forward']:9.1f}  {1e3 * ph['backward']:9.1f}  {1e3 * ph['optimizer']:9.1f}"
+            )
+        if "adamw" in phased:
+            for name in (n for n in phased if n != "adamw"):
+                extra = {k: 1e3 * (phased[name][k] - phased["adamw"][k]) for k in phased["adamw"]}
+                lines.append(
+                    f"  {name} - adamw: forward {extra['forward']:+.1f} ms, backward {extra['backward']:+.1f} ms, "
+                    f"optimizer {extra['optimizer']:+.1f} ms"
+                )
     for note in cfg.get("notes", []):
         lines.append(f"note: {note}")
     lines.append(f"wrote {result['json_path']}" + (f" and {result['png_path']}" if result["png_path"] else ""))

@@ -5,10 +5,12 @@ as :class:`grit_kernels.GritPreconditioner` (same factors, scale normalisation, 
 damping, warm-up) but engineered the way the published GRIT implementation and its derivatives do
 it (DESIGN.md §3 "naive" column, §9):
 
-* **Module hooks, per LoRA module.** A forward hook on every ``lora_A`` keeps ``h = A x~`` and adds
-  its Gram matrix; a full backward hook on every ``lora_B`` receives ``delta = dL/dh`` (the gradient
-  w.r.t. ``lora_B``'s input) and adds its Gram matrix. That is ``2 x M`` Python hook calls per
-  micro-batch, plus the ``BackwardHookFunction`` nodes autograd inserts for full backward hooks.
+* **Module hooks, per LoRA module.** A forward hook on every ``lora_A`` keeps ``h = A x~``; a full
+  backward hook on every ``lora_B`` receives ``delta = dL/dh`` (the gradient w.r.t. ``lora_B``'s
+  input) and adds the Gram matrices of ``h`` and ``delta``. That is ``2 x M`` Python hook calls per
+  micro-batch, plus the ``BackwardHookFunction`` nodes autograd inserts for full backward hooks
+  (which also keep extra tensors alive: the arm's peak memory is higher). Like ours, only rows whose
+  ``delta`` is non-zero are counted (padding and the last position of a sequence carry none).
 * **Statistics stored in fp16.** Each micro-batch's normalised Gram matrices are cast to fp16 and
   accumulated in fp16 buffers; the EMA factors are kept in fp16 too. (Here they are normalised per
   micro-batch -- ``h^T h / n`` and ``n * delta^T delta`` -- so they are O(1) and do not underflow;
@@ -31,8 +33,8 @@ Other bookkeeping differences, kept because they are how hook-based code behaves
   ``1/grad_accum`` a training loop puts on the loss is not divided out of ``D``; with one
   micro-batch per step the factors equal :class:`~grit_kernels.bank.FactorBank`'s (to fp16
   precision), which ``tests/test_cli.py`` checks.
-* Under activation checkpointing the forward hook fires again in the recomputation and counts the
-  forward statistic twice (not exercised by the benchmark).
+* Under activation checkpointing the forward hook fires again in the recomputation and overwrites
+  the kept ``h`` (harmless here, a double count in code that adds the statistic in the forward hook).
 * No AMP loss-scale handling, no KL-clip, failures of the inversion raise on the host.
 """
 
@@ -44,6 +46,7 @@ import torch
 from torch import nn
 
 PAIRINGS = ("correct", "published")
+ZERO_ROW_TOLERANCE = 1e-6  # as grit_kernels.layers: rows with |delta| below this x the largest carry no gradient
 
 
 class _PriorModule:
@@ -58,6 +61,7 @@ class _PriorModule:
         self.sum_forward = torch.zeros(r, r, dtype=torch.float16, device=dev)  # sum_k h_k^T h_k / n_k
         self.sum_backward = torch.zeros(r, r, dtype=torch.float16, device=dev)  # sum_k n_k delta_k^T delta_k
         self.micro_batches = 0
+        self.saved_h: Optional[torch.Tensor] = None
         self.forward_factor: Optional[torch.Tensor] = None  # H, fp16
         self.backward_factor: Optional[torch.Tensor] = None  # D, fp16
         self.inv_forward = torch.eye(r, device=dev)
@@ -111,22 +115,28 @@ class PriorArtGrit:
     @staticmethod
     def _forward_hook(mod: _PriorModule):
         def hook(module, inputs, h):
-            if not (module.training and torch.is_grad_enabled()):
-                return
-            rows = h.reshape(-1, h.shape[-1]).float()
-            mod.sum_forward += (rows.T @ rows / rows.shape[0]).half()
-            mod.micro_batches += 1
+            if module.training and torch.is_grad_enabled():
+                mod.saved_h = h.detach()  # kept alive until the backward hook (activation memory)
 
         return hook
 
     @staticmethod
     def _backward_hook(mod: _PriorModule):
         def hook(module, grad_input, grad_output):
-            delta = grad_input[0]
-            if delta is None:
+            delta, h = grad_input[0], mod.saved_h
+            mod.saved_h = None
+            if delta is None or h is None:
                 return
-            rows = delta.reshape(-1, delta.shape[-1]).float()
-            mod.sum_backward += (rows.T @ rows * rows.shape[0]).half()
+            r = delta.shape[-1]
+            h, delta = h.reshape(-1, r).float(), delta.reshape(-1, r).float()
+            # the same rows as FactorBank: those whose delta is not zero (padding, last positions carry none)
+            row_max = delta.abs().amax(dim=1)
+            carries = (row_max > ZERO_ROW_TOLERANCE * row_max.amax()).float()
+            n = carries.sum().clamp_min(1.0)
+            h = h * carries[:, None]
+            mod.sum_forward += (h.T @ h / n).half()
+            mod.sum_backward += (delta.T @ delta * n).half()
+            mod.micro_batches += 1
 
         return hook
 

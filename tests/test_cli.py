@@ -134,22 +134,29 @@ def test_prior_art_statistics_equal_ours_to_fp16_precision():
     cfg = tiny_llama_config(num_layers=2)
     ours_model = build_lora_model(cfg, r=8, seed=1, init_lora_weights=False)  # random B: D != 0
     prior_model = build_lora_model(cfg, r=8, seed=1, init_lora_weights=False)
-    ids = torch.randint(4, 260, (3, 40), generator=torch.Generator().manual_seed(0))
+    from grit_kernels import data
+
+    tok = data.ByteTokenizer()
+    features = data.tokenize_alpaca(data.generate_alpaca_sample(12, seed=5), tok, max_length=256)[:3]
+    batch = data.DynamicPaddingCollator(tok.pad_token_id)(features)  # rows of different lengths: padding
+    assert (batch["attention_mask"] == 0).any()
     pre = gk.GritPreconditioner(ours_model, gk.GritConfig(backend="torch"))
     prior = prior_art.PriorArtGrit(prior_model)
     assert prior.num_modules == pre.num_modules == 14
     for model in (ours_model, prior_model):
         model.train()
-        model(input_ids=ids, labels=ids).loss.backward()
+        model(**batch).loss.backward()
     pre.step()
     prior.step()
-    fp16_eps = 2.0**-11
+    # one fp16 rounding: relative 2^-11 for normal numbers, absolute 2^-25 in fp16's subnormal range
+    # (entries of D below 6e-5 are subnormal in fp16: the precision loss DESIGN.md warns about)
     for i, mod in enumerate(prior.modules):
         assert mod.name == pre.modules[i].name
         assert mod.forward_factor.dtype == torch.float16
-        for ours, theirs in ((pre.bank.factor[FORWARD, i], mod.forward_factor), (pre.bank.factor[BACKWARD, i], mod.backward_factor)):
+        pairs = ((pre.bank.factor[FORWARD, i], mod.forward_factor), (pre.bank.factor[BACKWARD, i], mod.backward_factor))
+        for ours, theirs in pairs:
             assert ours.norm() > 0
-            assert (theirs.float() - ours).norm() / ours.norm() < 2 * fp16_eps
+            torch.testing.assert_close(theirs.float(), ours, rtol=2.0**-10, atol=2.0**-24)
 
 
 def test_prior_art_preconditions_with_the_chosen_pairing():
