@@ -411,14 +411,35 @@ def time_arms(cfg: E2EConfig, steps: list[list[dict]]) -> dict:
         except _Skip as exc:
             results[name] = {"status": "skipped", "reason": str(exc)}
             print(f"[bench e2e] arm {name!r} skipped: {exc}", file=sys.stderr)
+        except Exception as exc:  # e.g. out of memory: report it, time the other arms
+            fail(name, exc, "building")
+
+    def fail(name, exc, when):
+        reason = f"{type(exc).__name__} while {when}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        results[name] = {"status": "failed", "reason": reason}
+        print(f"[bench e2e] arm {name!r} failed: {reason}", file=sys.stderr)
+        arm = live.pop(name, None)
+        if arm is not None and arm.cleanup is not None:
+            arm.cleanup()
+        del arm
+        gc.collect()
+        if cfg.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
     def one_step(name, i):
-        arm = live[name]
+        arm = live.get(name)
+        if arm is None:  # failed earlier
+            return
         _sync(cfg.device)
         phases = {} if breakdown else None
         t0 = time.perf_counter()
-        loss = train_step(arm, steps[i], cfg, phases)
-        _sync(cfg.device)
+        try:
+            loss = train_step(arm, steps[i], cfg, phases)
+            _sync(cfg.device)
+        except Exception as exc:
+            del arm
+            fail(name, exc, f"training step {i}")
+            return
         results[name]["times"].append(time.perf_counter() - t0)
         results[name]["losses"].append(float(loss))
         if breakdown:
@@ -446,7 +467,8 @@ def time_arms(cfg: E2EConfig, steps: list[list[dict]]) -> dict:
                     for i in range(n_steps):
                         one_step(name, i)
                         bar.update(1)
-                    finish(name)
+                    if name in live:
+                        finish(name)
                 else:
                     bar.update(n_steps)
         else:
@@ -460,7 +482,8 @@ def time_arms(cfg: E2EConfig, steps: list[list[dict]]) -> dict:
                     one_step(name, i)
                     bar.update(1)
             for name in names:
-                finish(name)
+                if name in live:
+                    finish(name)
     return results
 
 
