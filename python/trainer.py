@@ -26,8 +26,9 @@ def main(argv=None):
     torch.manual_seed(0)
     model = build_lora_model(tiny_llama_config(num_layers=args.layers), r=16)
     tok = data.ByteTokenizer()
-    features = data.tokenize_alpaca(data.generate_alpaca_sample(200, seed=0), tok, max_length=256)
-    train, val = features[:160], features[160:]
+    # rows whose prompt alone fills max_length are dropped, so split what tokenize_alpaca returns
+    features = data.tokenize_alpaca(data.generate_alpaca_sample(240, seed=0), tok, max_length=256)
+    train, val = features[:-32], features[-32:]
 
     targs = GritTrainingArguments(
         output_dir=args.output,

@@ -191,3 +191,9 @@ def test_custom_loop_example_runs():
     module = _load(REPO / "python" / "custom_loop.py", "grit_example_custom_loop_run")
     loss = module.main(["--steps", "2", "--layers", "1", "--grad-accum", "1", "--batch-size", "2", "--max-length", "256"])
     assert loss == loss and loss > 0  # finite
+
+
+def test_trainer_example_runs(tmp_path):
+    module = _load(REPO / "python" / "trainer.py", "grit_example_trainer_run")
+    metrics = module.main(["--max-steps", "2", "--layers", "1", "--output", str(tmp_path / "out")])
+    assert metrics["eval_loss"] > 0 and (tmp_path / "out" / "adapter_config.json").is_file()
