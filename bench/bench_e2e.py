@@ -47,7 +47,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -75,32 +74,32 @@ def _load_sibling(name: str):
 class E2EConfig:
     """What one end-to-end comparison runs. ``None`` fields take the device default."""
 
-    preset: Optional[str] = None  # "tiny" (CPU default) | "llama3-8b" (CUDA default)
-    model_config: Optional[str] = None  # a HF config.json path or inline JSON (model_type defaults to llama)
-    model_path: Optional[str] = None  # a local HF model directory (real weights)
-    layers: Optional[int] = None  # override num_hidden_layers
+    preset: str | None = None  # "tiny" (CPU default) | "llama3-8b" (CUDA default)
+    model_config: str | None = None  # a HF config.json path or inline JSON (model_type defaults to llama)
+    model_path: str | None = None  # a local HF model directory (real weights)
+    layers: int | None = None  # override num_hidden_layers
     r: int = 16
-    qlora: Optional[bool] = None  # NF4 base weights (bitsandbytes)
-    dtype: Optional[str] = None  # float32 | bfloat16 | float16
-    batch_size: Optional[int] = None
-    grad_accum: Optional[int] = None
+    qlora: bool | None = None  # NF4 base weights (bitsandbytes)
+    dtype: str | None = None  # float32 | bfloat16 | float16
+    batch_size: int | None = None
+    grad_accum: int | None = None
     seq: str = "dynamic"  # dynamic: pad to the longest in the micro-batch; max: pad to max_length; packed
-    max_length: Optional[int] = None
+    max_length: int | None = None
     steps: int = 20  # measured optimizer steps per arm
     warmup: int = 5  # unmeasured optimizer steps per arm (GRIT warm-up is set to this, see below)
     arms: tuple = ARMS
-    order: Optional[str] = None  # interleave (CPU default) | sequential (CUDA default)
+    order: str | None = None  # interleave (CPU default) | sequential (CUDA default)
     lr: float = 2e-4
     seed: int = 0
     backend: str = "auto"
-    memory: Optional[bool] = None  # CPU: measure peak RSS per arm in a subprocess
-    threads: Optional[int] = None  # CPU: torch.set_num_threads (default: torch's default)
-    breakdown: Optional[bool] = None  # time forward / backward / optimizer separately (CPU default; CUDA syncs)
-    device: Optional[str] = None
+    memory: bool | None = None  # CPU: measure peak RSS per arm in a subprocess
+    threads: int | None = None  # CPU: torch.set_num_threads (default: torch's default)
+    breakdown: bool | None = None  # time forward / backward / optimizer separately (CPU default; CUDA syncs)
+    device: str | None = None
     progress: bool = True
     notes: list = field(default_factory=list)
 
-    def resolve(self) -> "E2EConfig":
+    def resolve(self) -> E2EConfig:
         """Fill device defaults and validate; returns a new config."""
         c = dataclasses.replace(self, arms=tuple(self.arms), notes=list(self.notes))
         if c.device is None:
@@ -312,7 +311,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def train_step(arm: Arm, micro_batches: list[dict], cfg: E2EConfig, phases: Optional[dict] = None):
+def train_step(arm: Arm, micro_batches: list[dict], cfg: E2EConfig, phases: dict | None = None):
     """One optimizer step (``grad_accum`` micro-batches); returns the mean micro-batch loss (a tensor).
 
     ``phases``: if given, seconds spent in forward, backward and optimizer step (+ zero_grad) are added
@@ -523,7 +522,7 @@ def _run_probe(arm_name: str, steps: int) -> None:
     print(json.dumps({"peak_rss_mb": peak, "rss_after_build_mb": after_build, "method": method}))
 
 
-def _rss_status(key: str) -> Optional[float]:
+def _rss_status(key: str) -> float | None:
     """``VmRSS`` / ``VmHWM`` of this process in MiB from /proc (None where unavailable)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -572,7 +571,7 @@ def versions() -> dict:
     return out
 
 
-def git_commit() -> Optional[str]:
+def git_commit() -> str | None:
     try:
         proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
         return proc.stdout.strip() or None
@@ -659,7 +658,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path) -> Optional[Path]:
+def plot(result: dict, path: Path) -> Path | None:
     """Bar chart of median step times (p20-p80 whiskers) and per-step times; None without matplotlib."""
     try:
         import matplotlib
@@ -700,13 +699,13 @@ def plot(result: dict, path: Path) -> Optional[Path]:
     return path
 
 
-def result_path(cfg: E2EConfig, device: dict, out_dir: Optional[str]) -> Path:
+def result_path(cfg: E2EConfig, device: dict, out_dir: str | None) -> Path:
     directory = Path(out_dir) if out_dir else REPO_ROOT / "bench" / "results" / device["slug"]
     return directory / ("e2e-qlora.json" if cfg.qlora else "e2e.json")
 
 
 # ----------------------------------------------------------------------------- entry points
-def run(config: Optional[E2EConfig] = None, out_dir: Optional[str] = None, quick: bool = False, argv=None) -> dict:
+def run(config: E2EConfig | None = None, out_dir: str | None = None, quick: bool = False, argv=None) -> dict:
     """Run the comparison, write JSON (+ PNG) and return the result dict.
 
     ``quick``: 2 layers, 1 warm-up + 3 measured steps, no memory probe (a smoke run).
@@ -783,7 +782,7 @@ def run(config: Optional[E2EConfig] = None, out_dir: Optional[str] = None, quick
     return result
 
 
-def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="End-to-end step time of AdamW-LoRA vs GRIT (ours) vs GRIT the prior way (vs Unsloth), "
@@ -830,7 +829,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None, prog: Optional[str] = None) -> int:
+def main(argv=None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     if args.probe_memory:
         _run_probe(args.probe_memory, args.probe_steps)

@@ -35,7 +35,7 @@ import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
-from bench_e2e import device_info, git_commit, versions  # noqa: E402
+from bench_e2e import device_info, git_commit, versions
 
 
 def make_data(args):

@@ -40,9 +40,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -51,8 +51,8 @@ REPO_ROOT = BENCH_DIR.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from grit_kernels import ops  # noqa: E402
-from grit_kernels.ops import interpreter_active  # noqa: E402
+from grit_kernels import ops
+from grit_kernels.ops import interpreter_active
 
 IMPLS = ("triton", "torch", "prior-art")
 OPS = ("stats", "fold", "invert", "precondition")
@@ -100,16 +100,16 @@ class BenchConfig:
     ops: tuple = OPS
     impls: tuple = IMPLS
     device: str = "cuda"
-    tokens: Optional[int] = None  #: rows per Gram matrix (CUDA 32768, CPU 4096)
-    grad_dtype: Optional[str] = None  #: LoRA gradient dtype (CUDA bfloat16, CPU float32)
-    stats_dtype: Optional[str] = None  #: rank-space activation dtype (CUDA bfloat16, CPU float32)
-    reps: Optional[int] = None  #: CPU: timed calls per measurement (GPU: do_bench chooses)
-    prior_art_max_modules: Optional[int] = None  #: CPU: time the per-module loop on this many modules, scale up
-    threads: Optional[int] = None  #: CPU: torch.set_num_threads (default: torch's choice)
+    tokens: int | None = None  #: rows per Gram matrix (CUDA 32768, CPU 4096)
+    grad_dtype: str | None = None  #: LoRA gradient dtype (CUDA bfloat16, CPU float32)
+    stats_dtype: str | None = None  #: rank-space activation dtype (CUDA bfloat16, CPU float32)
+    reps: int | None = None  #: CPU: timed calls per measurement (GPU: do_bench chooses)
+    prior_art_max_modules: int | None = None  #: CPU: time the per-module loop on this many modules, scale up
+    threads: int | None = None  #: CPU: torch.set_num_threads (default: torch's choice)
     damping: float = 1e-3
     quick: bool = False
 
-    def resolve(self) -> "BenchConfig":
+    def resolve(self) -> BenchConfig:
         cuda = self.device.startswith("cuda")
         if cuda and not torch.cuda.is_available():
             raise ValueError("device cuda requested but CUDA is not available")
@@ -195,7 +195,7 @@ def _time_cpu(fn: Callable[[], object], reps: int) -> dict:
     }
 
 
-def measure_copy_bandwidth(device: str, cfg: BenchConfig) -> Optional[dict]:
+def measure_copy_bandwidth(device: str, cfg: BenchConfig) -> dict | None:
     """GB/s of ``dst.copy_(src)`` (read + write counted) for a 1 GiB (CPU: 256 MiB) tensor."""
     nbytes = (1 << 30) if device.startswith("cuda") else (1 << 28)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
@@ -282,7 +282,7 @@ def _cases(bank: Bank, op: str, cfg: BenchConfig) -> tuple[dict[str, Callable], 
     return {k: v for k, v in impl.items() if k in cfg.impls}, facts
 
 
-def _prior_art_subset(bank: Bank, cfg: BenchConfig) -> Optional[Bank]:
+def _prior_art_subset(bank: Bank, cfg: BenchConfig) -> Bank | None:
     """CPU: the per-module loop scales linearly in modules; time it on fewer layers when asked."""
     if cfg.prior_art_max_modules is None or bank.modules <= cfg.prior_art_max_modules:
         return None
@@ -290,7 +290,7 @@ def _prior_art_subset(bank: Bank, cfg: BenchConfig) -> Optional[Bank]:
     return Bank(bank.name + f"-first{layers}layers", layers, bank.d_model, bank.d_kv, bank.d_mlp, bank.r)
 
 
-def bench_case(bank: Bank, op: str, cfg: BenchConfig, copy_gbps: Optional[float]) -> dict:
+def bench_case(bank: Bank, op: str, cfg: BenchConfig, copy_gbps: float | None) -> dict:
     cuda = cfg.device.startswith("cuda")
     impls, facts = _cases(bank, op, cfg)
     timings = {}
@@ -379,7 +379,7 @@ def versions() -> dict:
     return out
 
 
-def git_commit() -> Optional[str]:
+def git_commit() -> str | None:
     try:
         proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
         return proc.stdout.strip() or None
@@ -388,7 +388,7 @@ def git_commit() -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------- report
-def _fmt_ms(t: Optional[dict]) -> str:
+def _fmt_ms(t: dict | None) -> str:
     if t is None:
         return "-"
     m = t["median_ms"]
@@ -421,7 +421,7 @@ def format_table(result: dict) -> str:
         cells.append(", ".join(floors) or "-")
         rows.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
-    line = lambda cells: " | ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    line = lambda cells: " | ".join(str(c).ljust(w) for c, w in zip(cells, widths))
     out = [line(head), "-+-".join("-" * w for w in widths)] + [line(c) for c in rows]
     return "\n".join(out)
 
@@ -448,13 +448,13 @@ def _report(result: dict) -> str:
 
 
 # ------------------------------------------------------------------------------- entry points
-def result_path(device: dict, out_dir: Optional[str]) -> Path:
+def result_path(device: dict, out_dir: str | None) -> Path:
     out_dir = out_dir or os.environ.get("OUT")
     directory = Path(out_dir) if out_dir else REPO_ROOT / "bench" / "results" / device["slug"]
     return directory / "kernels.json"
 
 
-def run(out_dir: Optional[str] = None, quick: bool = False, config: Optional[BenchConfig] = None, argv=None) -> dict:
+def run(out_dir: str | None = None, quick: bool = False, config: BenchConfig | None = None, argv=None) -> dict:
     """Run the microbenchmarks, write ``kernels.json`` and return the result dict.
 
     ``quick``: the Llama-3-8B r=16 bank only, fewer repetitions (a smoke run).
@@ -505,7 +505,7 @@ def run(out_dir: Optional[str] = None, quick: bool = False, config: Optional[Ben
     return result
 
 
-def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--banks", default=",".join(BANKS), help=f"comma-separated subset of {','.join(BANKS)}")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
@@ -522,9 +522,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None, prog: Optional[str] = None) -> int:
+def main(argv=None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
-    split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())  # noqa: E731
+    split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())
     cfg = BenchConfig(
         banks=split(args.banks),
         ops=split(args.ops),

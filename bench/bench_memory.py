@@ -37,7 +37,6 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CATEGORIES = (
@@ -53,7 +52,7 @@ CATEGORIES = (
 
 
 # ----------------------------------------------------------------------------- the probe (child process)
-def _status_mib(key: str) -> Optional[float]:
+def _status_mib(key: str) -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(key + ":"):
@@ -202,7 +201,7 @@ def _versions() -> dict:
     return out
 
 
-def _git_commit() -> Optional[str]:
+def _git_commit() -> str | None:
     try:
         proc = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10

@@ -40,8 +40,6 @@ Other bookkeeping differences, kept because they are how hook-based code behaves
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -61,9 +59,9 @@ class _PriorModule:
         self.sum_forward = torch.zeros(r, r, dtype=torch.float16, device=dev)  # sum_k h_k^T h_k / n_k
         self.sum_backward = torch.zeros(r, r, dtype=torch.float16, device=dev)  # sum_k n_k delta_k^T delta_k
         self.micro_batches = 0
-        self.saved_h: Optional[torch.Tensor] = None
-        self.forward_factor: Optional[torch.Tensor] = None  # H, fp16
-        self.backward_factor: Optional[torch.Tensor] = None  # D, fp16
+        self.saved_h: torch.Tensor | None = None
+        self.forward_factor: torch.Tensor | None = None  # H, fp16
+        self.backward_factor: torch.Tensor | None = None  # D, fp16
         self.inv_forward = torch.eye(r, device=dev)
         self.inv_backward = torch.eye(r, device=dev)
         self.handles: list = []

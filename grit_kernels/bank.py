@@ -15,7 +15,7 @@ lora_A's (left side). Status, initialisation and validity flags are small int/bo
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
@@ -29,7 +29,7 @@ BACKWARD = 1  #: D = E[delta delta^T], delta = dL/dh: preconditions grad_A from 
 class FactorBank:
     """Statistics, factors and inverses of ``M`` LoRA modules of (possibly different) ranks."""
 
-    def __init__(self, ranks: Sequence[int], device: Union[str, torch.device] = "cpu"):
+    def __init__(self, ranks: Sequence[int], device: str | torch.device = "cpu"):
         if not ranks or min(ranks) < 1:
             raise ValueError(f"FactorBank needs at least one module of rank >= 1, got ranks={list(ranks)}")
         self.num_modules = M = len(ranks)
@@ -66,7 +66,7 @@ class FactorBank:
         """Discard this step's statistics (after a fold, or when a step is skipped)."""
         self.accumulators.zero_()
 
-    def fold(self, decay: float, loss_scale: Optional[Union[torch.Tensor, float]] = None, backend: str = "auto") -> None:
+    def fold(self, decay: float, loss_scale: torch.Tensor | float | None = None, backend: str = "auto") -> None:
         """Fold this step's statistics into the EMA factors (one batched op), then reset them.
 
         Scale normalisation (DESIGN.md §2): ``H_step = sum h h^T / rows`` and

@@ -23,8 +23,8 @@ import inspect
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 PROG = "grit-kernels"
 
@@ -34,7 +34,7 @@ class CliError(Exception):
 
 
 # --------------------------------------------------------------------------------------------- bench
-def bench_dir() -> Optional[Path]:
+def bench_dir() -> Path | None:
     """The repository's ``bench/`` directory: ``$GRIT_KERNELS_BENCH_DIR``, else next to the package
     (editable / source install), else ``./bench``. ``None`` if none holds the benchmarks."""
     candidates = []
@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:

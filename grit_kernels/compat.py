@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
@@ -94,7 +94,7 @@ class GRITConfig:
     lambda_reproj: float = 1e-4
     # grit_kernels knobs without a published counterpart
     ema_decay: float = GritConfig.ema_decay
-    kl_clip: Optional[float] = GritConfig.kl_clip
+    kl_clip: float | None = GritConfig.kl_clip
     backend: str = GritConfig.backend
 
     def to_grit_config(self) -> GritConfig:
@@ -213,7 +213,7 @@ class GRITManager:
         self.preconditioner.step(lr=lr)
         self._preconditioned = True
 
-    def step(self, loss: Optional[float] = None) -> None:
+    def step(self, loss: float | None = None) -> None:
         """Count an optimizer step. Statistics of a step that was not preconditioned are discarded."""
         self.global_step += 1
         if loss is not None:
@@ -264,7 +264,7 @@ class GritTrainer(_GritTrainer):
     is accepted (a :class:`GRITConfig` is converted, a :class:`GritConfig` used as is).
     """
 
-    def __init__(self, grit_manager: Optional[GRITManager] = None, *args, grit_config: Any = None, **kwargs):
+    def __init__(self, grit_manager: GRITManager | None = None, *args, grit_config: Any = None, **kwargs):
         if "tokenizer" in kwargs:
             tokenizer = kwargs.pop("tokenizer")
             kwargs.setdefault("processing_class", tokenizer)

@@ -6,8 +6,8 @@ See DESIGN.md §2 for the math the knobs control.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Optional, Sequence
 
 BACKENDS = ("auto", "torch", "triton")
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
@@ -52,9 +52,9 @@ class GritConfig:
     ema_decay: float = 0.95
     retry_damping_factor: float = 100.0
     warmup_steps: int = 10
-    kl_clip: Optional[float] = 1e-3
+    kl_clip: float | None = 1e-3
     backend: str = "auto"
-    target_modules: Optional[Sequence[str]] = None
+    target_modules: Sequence[str] | None = None
     exclude_modules: Sequence[str] = ()
     nonfinite_grads: str = "skip"
 
@@ -103,7 +103,7 @@ class GritConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "GritConfig":
+    def from_dict(cls, values: dict) -> GritConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:

@@ -28,7 +28,8 @@ import json
 import math
 import os
 import random
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -86,7 +87,7 @@ class ByteTokenizer:
         ids = [b + self.offset for b in text.encode("utf-8")]
         return ([self.bos_token_id] if add_bos else []) + ids + ([self.eos_token_id] if add_eos else [])
 
-    def decode(self, ids: Union[Sequence[int], torch.Tensor], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         out, names = bytearray(), {0: self.pad_token, 1: self.bos_token, 2: self.eos_token}
@@ -98,7 +99,7 @@ class ByteTokenizer:
                 out += names.get(i, "<unk>").encode()
         return out.decode("utf-8", errors="replace")
 
-    def __call__(self, text: Union[str, Sequence[str]], add_special_tokens: bool = True, **_: Any) -> dict:
+    def __call__(self, text: str | Sequence[str], add_special_tokens: bool = True, **_: Any) -> dict:
         if isinstance(text, str):
             ids = self.encode(text, add_bos=add_special_tokens)
             return {"input_ids": ids, "attention_mask": [1] * len(ids)}
@@ -167,7 +168,7 @@ def tokenize_alpaca(
     return features
 
 
-def load_alpaca_json(path: Union[str, os.PathLike]) -> list[dict[str, str]]:
+def load_alpaca_json(path: str | os.PathLike) -> list[dict[str, str]]:
     """Load Alpaca records from a JSON array file or a JSON-lines file (``.jsonl``).
 
     Each record must be an object with string fields ``instruction`` and ``output`` and an optional
@@ -283,7 +284,7 @@ def generate_alpaca_sample(
         raise ValueError(f"generate_alpaca_sample: n must be >= 0, got {n}")
     rng = random.Random(seed)
 
-    def draw(median: float, sigma: float, cap: Optional[int] = None) -> int:
+    def draw(median: float, sigma: float, cap: int | None = None) -> int:
         length = int(round(median * math.exp(sigma * rng.gauss(0.0, 1.0))))
         return max(2, min(length, cap) if cap else length)
 
@@ -312,7 +313,7 @@ class DynamicPaddingCollator:
     """
 
     def __init__(
-        self, pad_token_id: int = 0, pad_to_multiple_of: Optional[int] = None, padding_side: str = "right"
+        self, pad_token_id: int = 0, pad_to_multiple_of: int | None = None, padding_side: str = "right"
     ):
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")

@@ -21,7 +21,7 @@ see whole; :func:`check_not_fsdp` refuses it. Use DDP: LoRA adapters are small e
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch.distributed as dist
 from torch import nn
@@ -29,14 +29,14 @@ from torch import nn
 from .bank import BACKWARD
 
 
-def world_size(group: Optional[Any] = None) -> int:
+def world_size(group: Any | None = None) -> int:
     """Number of processes in ``group`` (1 without an initialised process group)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(group)
     return 1
 
 
-def all_reduce_statistics(bank, group: Optional[Any] = None) -> None:
+def all_reduce_statistics(bank, group: Any | None = None) -> None:
     """Sum this optimizer step's statistics over data-parallel ranks, in place (one all-reduce).
 
     ``bank`` is a :class:`~grit_kernels.bank.FactorBank`; ``bank.accumulators`` (``stat_sum`` then

@@ -15,13 +15,12 @@ by :func:`unsupported_reason` and left alone.
 from __future__ import annotations
 
 import types
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import ops
-
 
 ZERO_ROW_TOLERANCE = 1e-6  #: a row of delta below this fraction of the micro-batch's largest is "no gradient"
 
@@ -88,7 +87,7 @@ def is_lora_layer(module: nn.Module) -> bool:
     return isinstance(module, LoraLayer)
 
 
-def unsupported_reason(module: nn.Module) -> Optional[str]:
+def unsupported_reason(module: nn.Module) -> str | None:
     """``None`` if GRIT can precondition this PEFT LoRA layer, else what is wrong and what to change."""
     kind = type(module).__name__
     if not isinstance(module, _supported_classes()):

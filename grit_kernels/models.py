@@ -6,7 +6,7 @@ measurements and for tests); real checkpoints are accepted from the user elsewhe
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -49,7 +49,7 @@ def llama3_8b_config(num_layers: int = 32):
 def build_lora_model(
     config,
     r: int = 16,
-    alpha: Optional[float] = None,
+    alpha: float | None = None,
     dropout: float = 0.0,
     targets: Sequence[str] = LLAMA_TARGETS,
     quantize_4bit: bool = False,

@@ -7,7 +7,8 @@ clipping helpers and checkpointing see the inner optimizer unchanged.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ class GritOptimizer(torch.optim.Optimizer):
         self,
         optimizer: torch.optim.Optimizer,
         preconditioner: GritPreconditioner,
-        grad_scaler: Optional[Any] = None,
+        grad_scaler: Any | None = None,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"GritOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -81,7 +82,7 @@ class GritOptimizer(torch.optim.Optimizer):
             return torch.stack([torch.as_tensor(lr, dtype=torch.float32) for lr in lrs]).max()
         return max(lrs)
 
-    def _gradient_problem(self) -> Optional[str]:
+    def _gradient_problem(self) -> str | None:
         """One device->host read: why this step must not be taken, or None."""
         grads = [p.grad for p in self.preconditioner.parameters() if p.grad is not None]
         if not grads:
@@ -90,7 +91,7 @@ class GritOptimizer(torch.optim.Optimizer):
         code = int(torch.where(~torch.isfinite(total), 1, torch.where(total == 0, 2, 0)))
         return {0: None, 1: "NaN/Inf in LoRA gradients", 2: "all LoRA gradients are zero"}[code]
 
-    def step(self, closure: Optional[Callable] = None):
+    def step(self, closure: Callable | None = None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -119,7 +120,7 @@ class GritOptimizer(torch.optim.Optimizer):
         self.optimizer.step()
         return loss
 
-    def _loss_scale(self) -> Optional[torch.Tensor]:
+    def _loss_scale(self) -> torch.Tensor | None:
         """The GradScaler's current scale as a device tensor (no sync), or None without AMP scaling."""
         scaler = self.grad_scaler
         if scaler is None or not scaler.is_enabled():

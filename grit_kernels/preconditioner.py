@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -20,6 +19,7 @@ from .bank import BACKWARD, FORWARD, FactorBank
 from .config import GritConfig
 from .distributed import all_reduce_statistics, check_not_fsdp
 from .layers import CaptureSlot, is_lora_layer, patch_lora_layer, unpatch_lora_layer, unsupported_reason
+
 
 @dataclass(frozen=True)
 class GritModule:
@@ -50,7 +50,7 @@ class GritPreconditioner:
         step_count: optimizer steps taken so far (host integer; no device sync).
     """
 
-    def __init__(self, model: nn.Module, config: Optional[GritConfig] = None):
+    def __init__(self, model: nn.Module, config: GritConfig | None = None):
         self.config = config if config is not None else GritConfig()
         if not isinstance(self.config, GritConfig):
             raise TypeError(f"config must be a GritConfig, got {type(self.config).__name__}")
@@ -111,8 +111,8 @@ class GritPreconditioner:
     # ------------------------------------------------------------------ the step
     def step(
         self,
-        lr: Optional[Union[float, torch.Tensor]] = None,
-        loss_scale: Optional[Union[float, torch.Tensor]] = None,
+        lr: float | torch.Tensor | None = None,
+        loss_scale: float | torch.Tensor | None = None,
     ) -> None:
         """Reduce statistics over ranks (DDP), fold them, refresh inverses when due, precondition every
         LoRA ``.grad`` in place.

@@ -12,7 +12,7 @@ is (factors).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -68,9 +68,9 @@ def damped_cholesky_inverse(
     mats: torch.Tensor,
     damping: float,
     eps_abs: float = 1e-12,
-    ranks: Optional[Sequence[int]] = None,
-    previous: Optional[torch.Tensor] = None,
-    previous_valid: Optional[torch.Tensor] = None,
+    ranks: Sequence[int] | None = None,
+    previous: torch.Tensor | None = None,
+    previous_valid: torch.Tensor | None = None,
     retry_factor: float = 100.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Invert ``C + lam*I`` for each matrix with the fallback chain of DESIGN.md §2.

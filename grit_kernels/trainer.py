@@ -35,8 +35,9 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -75,7 +76,7 @@ class GritTrainingArguments(TrainingArguments):
     grit_warmup_steps: int = field(
         default=_DEFAULTS.warmup_steps, metadata={"help": "Optimizer steps with unpreconditioned gradients."}
     )
-    grit_kl_clip: Optional[float] = field(
+    grit_kl_clip: float | None = field(
         default=_DEFAULTS.kl_clip,
         metadata={"help": "KL-clip trust region on the preconditioned step (None: off)."},
     )
@@ -84,10 +85,10 @@ class GritTrainingArguments(TrainingArguments):
         metadata={"help": "Damping multiplier of the inversion retry."},
     )
     grit_backend: str = field(default=_DEFAULTS.backend, metadata={"help": "auto | torch | triton"})
-    grit_target_modules: Optional[list[str]] = field(
+    grit_target_modules: list[str] | None = field(
         default=None, metadata={"help": "Names / suffixes of LoRA layers to precondition (default: all)."}
     )
-    grit_exclude_modules: Optional[list[str]] = field(
+    grit_exclude_modules: list[str] | None = field(
         default=None, metadata={"help": "Names / suffixes of LoRA layers to leave unpreconditioned."}
     )
     grit_nonfinite_grads: str = field(
@@ -145,10 +146,10 @@ class TrainerGritOptimizer(GritOptimizer):
     ):
         super().__init__(optimizer, preconditioner, grad_scaler=grad_scaler)
         self.measure_grad_norm_ratio = False
-        self.grad_norm_ratio: Optional[torch.Tensor] = None
+        self.grad_norm_ratio: torch.Tensor | None = None
         self.grad_norm_ratio_step = -1  #: preconditioner.step_count of the measured step
 
-    def step(self, closure: Optional[Callable] = None):
+    def step(self, closure: Callable | None = None):
         pre = self.preconditioner
         measure, self.measure_grad_norm_ratio = self.measure_grad_norm_ratio, False
         params = pre.parameters()
@@ -171,7 +172,7 @@ class TrainerGritOptimizer(GritOptimizer):
             self.optimizer.load_state_dict(state_dict)
 
 
-def _find_grit_optimizer(optimizer: Any) -> Optional[GritOptimizer]:
+def _find_grit_optimizer(optimizer: Any) -> GritOptimizer | None:
     """The GritOptimizer inside ``optimizer`` (itself, or under accelerate / ``.optimizer`` wrappers)."""
     for _ in range(8):
         if isinstance(optimizer, GritOptimizer):
@@ -194,7 +195,7 @@ def _unwrap_accelerated(optimizer: Any) -> Any:
 
 # --------------------------------------------------------------------------------------------- logging
 def grit_log_metrics(
-    preconditioner: GritPreconditioner, optimizer: Optional[GritOptimizer] = None
+    preconditioner: GritPreconditioner, optimizer: GritOptimizer | None = None
 ) -> dict[str, float]:
     """GRIT's logging scalars as Python floats; **one** host sync. Call at logging steps only.
 
@@ -241,7 +242,7 @@ class GritCallback(TrainerCallback):
     def __init__(self, trainer: Trainer):
         self._trainer = trainer
 
-    def _pre(self) -> Optional[GritPreconditioner]:
+    def _pre(self) -> GritPreconditioner | None:
         return getattr(self._trainer, "grit_preconditioner", None)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -272,11 +273,11 @@ class GritCallback(TrainerCallback):
 class _GritTrainerMixin:
     """GRIT behaviour layered over any ``transformers.Trainer`` subclass (Trainer, TRL's SFTTrainer, ...)."""
 
-    grit_config: Optional[GritConfig]
-    grit_preconditioner: Optional[GritPreconditioner]
+    grit_config: GritConfig | None
+    grit_preconditioner: GritPreconditioner | None
 
     def _grit_init(
-        self, config: Optional[GritConfig], preconditioner: Optional[GritPreconditioner], force: bool = False
+        self, config: GritConfig | None, preconditioner: GritPreconditioner | None, force: bool = False
     ) -> None:
         """Resolve the config (explicit > the preconditioner's > ``args.to_grit_config()`` > defaults);
         ``args.grit=False`` disables GRIT unless ``force`` (enable_grit)."""
@@ -310,7 +311,7 @@ class _GritTrainerMixin:
             self.add_callback(GritCallback(self))
 
     @property
-    def grit_optimizer(self) -> Optional[TrainerGritOptimizer]:
+    def grit_optimizer(self) -> TrainerGritOptimizer | None:
         """The :class:`TrainerGritOptimizer` inside ``self.optimizer`` (None before training / no GRIT)."""
         return _find_grit_optimizer(getattr(self, "optimizer", None))
 
@@ -393,8 +394,8 @@ class GritTrainer(_GritTrainerMixin, Trainer):
     def __init__(
         self,
         *args,
-        grit_config: Optional[GritConfig] = None,
-        grit_preconditioner: Optional[GritPreconditioner] = None,
+        grit_config: GritConfig | None = None,
+        grit_preconditioner: GritPreconditioner | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -407,7 +408,7 @@ def _grit_class(base: type) -> type:
 
 
 def enable_grit(
-    trainer: Trainer, config: Optional[GritConfig] = None, preconditioner: Optional[GritPreconditioner] = None
+    trainer: Trainer, config: GritConfig | None = None, preconditioner: GritPreconditioner | None = None
 ) -> Trainer:
     """Turn GRIT on for an existing ``transformers.Trainer`` (or subclass, e.g. TRL's ``SFTTrainer``).
 

@@ -5,10 +5,10 @@ import copy
 
 import pytest
 import torch
-
 from conftest import rel_err
-from grit_kernels import GritConfig, GritOptimizer, GritPreconditioner, ops
 from helpers import two_layer_lora
+
+from grit_kernels import GritConfig, GritOptimizer, GritPreconditioner, ops
 
 pytestmark = pytest.mark.skipif(
     not ops.triton_available() or not (ops.interpreter_active() or torch.cuda.is_available()),

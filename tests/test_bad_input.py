@@ -4,10 +4,10 @@ import warnings
 
 import pytest
 import torch
+from helpers import small_llama, two_layer_lora
 
 from grit_kernels import GritConfig, GritOptimizer, GritPreconditioner, InverseStatus
 from grit_kernels.bank import BACKWARD, FORWARD
-from helpers import small_llama, two_layer_lora
 
 
 def trained_setup(policy="skip", steps=3):
@@ -116,9 +116,9 @@ def test_singular_indefinite_nonfinite_factors(kind):
 
 def test_unsupported_layers_are_listed_or_refused():
     from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
 
     from grit_kernels.models import tiny_llama_config
-    from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_config(tiny_llama_config(num_layers=1))
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))

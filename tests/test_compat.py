@@ -2,18 +2,15 @@
 
 import pytest
 import torch
+from test_trainer import lora_params, make_features
 from transformers import TrainingArguments
 
 from grit_kernels import GritConfig
 from grit_kernels.bank import BACKWARD, FORWARD
-from grit_kernels.compat import PAIRING_WARNING, GRITConfig, GRITManager, GritCallback, GritTrainer
+from grit_kernels.compat import PAIRING_WARNING, GritCallback, GRITConfig, GRITManager, GritTrainer
 from grit_kernels.data import ByteTokenizer, DynamicPaddingCollator
 from grit_kernels.models import build_lora_model, tiny_llama_config
 from grit_kernels.trainer import GritTrainer as NativeGritTrainer
-
-from test_trainer import lora_params, make_features  # noqa: E402  (tests/ is on sys.path under pytest)
-
-
 
 
 def small_model():

@@ -23,8 +23,6 @@ from grit_kernels.data import (
 )
 
 
-
-
 @pytest.fixture(scope="module")
 def tiny_lm():
     from transformers import AutoModelForCausalLM

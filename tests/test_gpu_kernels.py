@@ -6,14 +6,13 @@ Run on a GPU machine with the interpreter off: ``TRITON_INTERPRET=0 python -m py
 the interpreter these tests skip.
 """
 
-import os
 
 import pytest
-import torch
-
 import test_triton_kernels as checks
-from test_triton_kernels import poisoned_empty  # noqa: F401  (fixture)
+import torch
 from conftest import rel_err
+from test_triton_kernels import poisoned_empty  # noqa: F401  (fixture)
+
 from grit_kernels import ops, reference
 from grit_kernels.ops import interpreter_active
 from grit_kernels.status import InverseStatus

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import small_llama
 
 from grit_kernels import GritConfig, GritOptimizer, GritPreconditioner
-from helpers import small_llama
 
 
 @pytest.mark.parametrize(

@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
-
 from conftest import rel_err
+
 from grit_kernels import ops, reference
 from grit_kernels.status import InverseStatus
-
 
 
 def spd_with_condition(n, r, cond, dtype=torch.float64):

@@ -5,11 +5,11 @@ import copy
 
 import pytest
 import torch
-
 from conftest import rel_err
+from helpers import lora_pairs, small_llama, two_layer_lora
+
 from grit_kernels import GritConfig, GritPreconditioner
 from grit_kernels.bank import BACKWARD, FORWARD
-from helpers import lora_pairs, small_llama, two_layer_lora
 
 EXACT = dict(warmup_steps=0, update_freq=1, backend="torch")
 
@@ -49,12 +49,12 @@ def test_invariant_to_scaling(fresh_seed):
 
 
 def test_invariant_to_rotation(fresh_seed):
-    rotation = lambda r: torch.linalg.qr(torch.randn(r, r, dtype=torch.float64))[0]  # noqa: E731
+    rotation = lambda r: torch.linalg.qr(torch.randn(r, r, dtype=torch.float64))[0]
     assert invariance_case(fresh_seed, rotation, 1e-3) < 1e-5
 
 
 def test_invariant_to_general_invertible_q_as_damping_vanishes(fresh_seed):
-    general = lambda r: torch.eye(r, dtype=torch.float64) + 0.4 * torch.randn(r, r, dtype=torch.float64)  # noqa: E731
+    general = lambda r: torch.eye(r, dtype=torch.float64) + 0.4 * torch.randn(r, r, dtype=torch.float64)
     assert invariance_case(fresh_seed, general, 1e-7) < 1e-3
 
 
@@ -108,8 +108,8 @@ def test_equals_explicit_dense_kfac(fresh_seed, use_rslora):
         lam_h, lam_d = damping * H.trace() / r, damping * D.trace() / r
         fisher_a = torch.kron(torch.eye(d_in, dtype=torch.float64), D + lam_d * torch.eye(r, dtype=torch.float64))
         fisher_b = torch.kron(H + lam_h * torch.eye(r, dtype=torch.float64), torch.eye(d_out, dtype=torch.float64))
-        vec = lambda m: m.T.reshape(-1)  # noqa: E731  column-major vec
-        unvec = lambda v, rows, cols: v.reshape(cols, rows).T  # noqa: E731
+        vec = lambda m: m.T.reshape(-1)
+        unvec = lambda v, rows, cols: v.reshape(cols, rows).T
         expected_a = unvec(torch.linalg.solve(fisher_a, vec(grad_a)), r, d_in)
         expected_b = unvec(torch.linalg.solve(fisher_b, vec(grad_b)), d_out, r)
 

@@ -3,9 +3,9 @@
 import io
 
 import torch
+from helpers import small_llama
 
 from grit_kernels import GritConfig, GritOptimizer, GritPreconditioner
-from helpers import small_llama
 
 CFG = dict(warmup_steps=1, update_freq=2)
 

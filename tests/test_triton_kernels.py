@@ -13,16 +13,16 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import math  # noqa: E402
-import warnings  # noqa: E402
+import math
+import warnings
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
+from conftest import rel_err
 
-from conftest import rel_err  # noqa: E402
-from grit_kernels import ops, reference  # noqa: E402
-from grit_kernels.ops import interpreter_active  # noqa: E402
-from grit_kernels.status import InverseStatus  # noqa: E402
+from grit_kernels import ops, reference
+from grit_kernels.ops import interpreter_active
+from grit_kernels.status import InverseStatus
 
 pytestmark = [
     pytest.mark.skipif(not interpreter_active(), reason="CPU interpreter tests; TRITON_INTERPRET=0 here"),

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ..status import InverseStatus
 from ._backend import resolve_backend, triton_impl
 
 
-def rank_mask(ranks: Optional[torch.Tensor], n: int, R: int, device: torch.device) -> torch.Tensor:
+def rank_mask(ranks: torch.Tensor | None, n: int, R: int, device: torch.device) -> torch.Tensor:
     """``[n, R]`` bool: True on the leading ``ranks[i]`` entries of matrix ``i``."""
     if ranks is None:
         return torch.ones(n, R, dtype=torch.bool, device=device)
@@ -21,9 +19,9 @@ def damped_cholesky_inverse(
     mats: torch.Tensor,
     damping: float,
     eps_abs: float = 1e-12,
-    ranks: Optional[torch.Tensor] = None,
-    previous: Optional[torch.Tensor] = None,
-    previous_valid: Optional[torch.Tensor] = None,
+    ranks: torch.Tensor | None = None,
+    previous: torch.Tensor | None = None,
+    previous_valid: torch.Tensor | None = None,
     retry_factor: float = 100.0,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:

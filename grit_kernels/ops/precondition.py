@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -17,7 +17,7 @@ def precondition_(
     inv_h: torch.Tensor,
     compute_dot: bool = False,
     backend: str = "auto",
-) -> Optional[torch.Tensor]:
+) -> torch.Tensor | None:
     """In place ``grads_a[i] <- inv_d[i] @ grads_a[i]`` and ``grads_b[i] <- grads_b[i] @ inv_h[i]``.
 
     Args:

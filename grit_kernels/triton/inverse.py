@@ -25,8 +25,6 @@ so does a non-finite result. Status codes: :class:`grit_kernels.status.InverseSt
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -176,9 +174,9 @@ def damped_cholesky_inverse(
     mats: torch.Tensor,
     damping: float,
     eps_abs: float = 1e-12,
-    ranks: Optional[torch.Tensor] = None,
-    previous: Optional[torch.Tensor] = None,
-    previous_valid: Optional[torch.Tensor] = None,
+    ranks: torch.Tensor | None = None,
+    previous: torch.Tensor | None = None,
+    previous_valid: torch.Tensor | None = None,
     retry_factor: float = 100.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton backend of :func:`grit_kernels.ops.damped_cholesky_inverse` (same contract).

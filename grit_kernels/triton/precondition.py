@@ -28,8 +28,8 @@ ranks work but spill.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 import triton
@@ -117,7 +117,7 @@ class _Launch:
     contig: bool
 
 
-_plans: "OrderedDict[tuple, list[_Launch]]" = OrderedDict()
+_plans: OrderedDict[tuple, list[_Launch]] = OrderedDict()
 
 
 def _plan_key(grads_a: Sequence[torch.Tensor], grads_b: Sequence[torch.Tensor], device: torch.device) -> tuple:
@@ -187,7 +187,7 @@ def precondition_(
     inv_d: torch.Tensor,
     inv_h: torch.Tensor,
     compute_dot: bool = False,
-) -> Optional[torch.Tensor]:
+) -> torch.Tensor | None:
     """Triton backend of :func:`grit_kernels.ops.precondition_` (same contract).
 
     ``grads_a[i] <- inv_d[i, :r, :r] @ grads_a[i]``, ``grads_b[i] <- grads_b[i] @ inv_h[i, :r, :r]``
