@@ -49,6 +49,7 @@ class FactorBank:
         self.inverse_valid = torch.zeros(2, M, dtype=torch.bool, device=device)
         self.ranks = torch.tensor(self.module_ranks, dtype=torch.int32, device=device).repeat(2)
         self.refresh_count = 0  #: inversions run so far (host integer)
+        self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     @property
     def device(self) -> torch.device:
@@ -61,6 +62,29 @@ class FactorBank:
         """``(sum h h^T [r, r], sum delta delta^T [r, r], rows [1])`` views of module ``m``."""
         r = self.module_ranks[m]
         return self.stat_sum[FORWARD, m, :r, :r], self.stat_sum[BACKWARD, m, :r, :r], self.rows[m : m + 1]
+
+    def add_statistics_(self, indices: Sequence[int], grams: torch.Tensor, rows: torch.Tensor) -> None:
+        """Add the step statistics of modules ``indices`` (all of rank ``r``) in one op each.
+
+        Args:
+            indices: bank indices of the ``K`` modules (a host tuple; a contiguous ascending run is a
+                slice, anything else an index tensor cached per tuple -- no host-device copy per call).
+            grams: ``[2, K, r, r]`` fp32 ``(sum h h^T, sum delta delta^T)`` per module.
+            rows: ``[K]`` fp32 rows that carried gradient.
+        """
+        k, r = grams.shape[1], grams.shape[-1]
+        first = indices[0]
+        if tuple(indices) == tuple(range(first, first + k)):
+            self.stat_sum[:, first : first + k, :r, :r].add_(grams)
+            self.rows[first : first + k].add_(rows)
+            return
+        key = tuple(indices)
+        index = self._index_cache.get(key)
+        if index is None:
+            index = self._index_cache[key] = torch.tensor(key, dtype=torch.long, device=self.device)
+        for which in (FORWARD, BACKWARD):
+            self.stat_sum[which, :, :r, :r].index_add_(0, index, grams[which])
+        self.rows.index_add_(0, index, rows)
 
     def reset_accumulators(self) -> None:
         """Discard this step's statistics (after a fold, or when a step is skipped)."""

@@ -26,12 +26,26 @@ ZERO_ROW_TOLERANCE = 1e-6  #: a row of delta below this fraction of the micro-ba
 
 
 class CaptureSlot:
-    """Where one module's statistics go: views into the :class:`~grit_kernels.bank.FactorBank`."""
+    """Where one module's statistics go: views into the :class:`~grit_kernels.bank.FactorBank`.
 
-    __slots__ = ("forward_stat", "backward_stat", "rows", "backend")
+    With ``bank`` and ``index`` given (what :class:`~grit_kernels.GritPreconditioner` does), backward
+    only *records* ``(h, delta)`` and :data:`RECORDER` forms every module's mask and Grams in one
+    batched pass at the end of backward; without them, :meth:`capture` runs at once (per module).
+    """
 
-    def __init__(self, forward_stat: torch.Tensor, backward_stat: torch.Tensor, rows: torch.Tensor, backend: str):
+    __slots__ = ("forward_stat", "backward_stat", "rows", "backend", "bank", "index")
+
+    def __init__(
+        self,
+        forward_stat: torch.Tensor,
+        backward_stat: torch.Tensor,
+        rows: torch.Tensor,
+        backend: str,
+        bank: Any = None,
+        index: int | None = None,
+    ):
         self.forward_stat, self.backward_stat, self.rows, self.backend = forward_stat, backward_stat, rows, backend
+        self.bank, self.index = bank, index
 
     def capture(self, h: torch.Tensor, delta: torch.Tensor) -> None:
         """Add ``sum h h^T``, ``sum delta delta^T`` and the row count over rows that carry gradient.
@@ -51,6 +65,75 @@ class CaptureSlot:
         ops.accumulate_gram_(self.backward_stat, delta, backend=self.backend)
         self.rows.add_(carries.sum())
 
+    def record(self, h: torch.Tensor, delta: torch.Tensor) -> None:
+        """Batched :meth:`capture`: deferred to the end of backward when the slot knows its bank."""
+        if self.bank is None:
+            self.capture(h, delta)
+        else:
+            RECORDER.record(self.bank, (self.index,), h.reshape(-1, h.shape[-1]), delta.reshape(-1, h.shape[-1]))
+
+
+def batched_statistics(h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grams and row counts of ``K`` modules at once, with :meth:`CaptureSlot.capture`'s row rule.
+
+    Args:
+        h, delta: ``[N, K, r]`` rank-space activations and their gradients (any float dtype).
+    Returns:
+        ``grams [2, K, r, r]`` fp32 (``[0] = sum h h^T`` over rows that carry gradient,
+        ``[1] = sum delta delta^T``) and ``rows [K]`` fp32.
+    """
+    n, k, r = h.shape
+    h, delta = h.float(), delta.float()
+    row_max = delta.abs().amax(dim=2)  # [N, K]
+    carries = row_max > ZERO_ROW_TOLERANCE * row_max.amax(dim=0, keepdim=True)
+    both = torch.cat([h * carries[:, :, None], delta], dim=1).transpose(0, 1)  # [2K, N, r]
+    grams = torch.bmm(both.transpose(1, 2), both).view(2, k, r, r)
+    return grams, carries.sum(dim=0, dtype=torch.float32)
+
+
+class StatsRecorder:
+    """Collects ``(h, delta)`` of many modules during one backward and adds their statistics to the
+    bank in one batched pass per ``(bank, rank, rows)`` group when that backward ends.
+
+    The flush is queued on the running backward with the autograd engine's final-callback hook
+    (``Variable._execution_engine.queue_callback``), so it runs once per ``backward()`` call
+    (under reentrant activation checkpointing: once per recomputed segment). Called outside a
+    backward, :meth:`record` flushes at once.
+    """
+
+    def __init__(self):
+        self._pending: list = []
+        self._queued = False
+
+    def record(self, bank: Any, indices: tuple[int, ...], h: torch.Tensor, delta: torch.Tensor) -> None:
+        """Queue ``h, delta [N, len(indices) * r]`` (modules side by side, equal rank) of bank ``indices``."""
+        self._pending.append((bank, indices, h, delta))
+        if not self._queued:
+            try:
+                torch.autograd.Variable._execution_engine.queue_callback(self.flush)
+                self._queued = True
+            except RuntimeError:  # not inside a backward pass
+                self.flush()
+
+    def flush(self) -> None:
+        """Form and add every pending statistic (a no-op when nothing is pending)."""
+        pending, self._pending, self._queued = self._pending, [], False
+        groups: dict = {}
+        for bank, indices, h, delta in pending:
+            r = h.shape[1] // len(indices)
+            groups.setdefault((id(bank), r, h.shape[0], h.device), (bank, r, []))[2].append((indices, h, delta))
+        for bank, r, items in groups.values():
+            items.sort(key=lambda item: item[0][0])
+            indices = tuple(i for item in items for i in item[0])
+            n = items[0][1].shape[0]
+            h = torch.cat([item[1] for item in items], dim=1) if len(items) > 1 else items[0][1]
+            delta = torch.cat([item[2] for item in items], dim=1) if len(items) > 1 else items[0][2]
+            grams, rows = batched_statistics(h.reshape(n, -1, r), delta.reshape(n, -1, r))
+            bank.add_statistics_(indices, grams, rows)
+
+
+RECORDER = StatsRecorder()  #: the process-wide recorder used by patched and fused LoRA layers
+
 
 class RankStatsCapture(torch.autograd.Function):
     """Identity on ``h [..., r]``; its backward records ``sum h h^T`` and ``sum delta delta^T``."""
@@ -64,7 +147,7 @@ class RankStatsCapture(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, delta: torch.Tensor):
         (h,) = ctx.saved_tensors
-        ctx.slot.capture(h, delta)
+        ctx.slot.record(h, delta)
         return delta, None
 
 
@@ -106,7 +189,7 @@ def unsupported_reason(module: nn.Module) -> str | None:
 
 
 def _grit_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """Replacement ``forward`` of a patched PEFT LoRA layer (bound to the layer instance)."""
+    """The statistics-capturing PEFT LoRA forward (bound to the layer instance)."""
     state = self._grit_state
     adapter = state["adapter"]
     if (
@@ -115,7 +198,7 @@ def _grit_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -
         or kwargs.get("adapter_names") is not None
         or list(self.active_adapters) != [adapter]
     ):
-        return state["original_forward"](x, *args, **kwargs)
+        return self._grit_previous_forward(x, *args, **kwargs)
     result = self.base_layer(x, *args, **kwargs)
     if state["quantized"] == "4bit":  # PEFT clones the bitsandbytes 4-bit output defensively; so do we
         result = result.clone()
@@ -134,6 +217,40 @@ def _grit_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -
     return (result + output).to(result_dtype)
 
 
+def _dispatch_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Instance ``forward`` of a LoRA layer that GRIT patched and/or a fused block owns.
+
+    A fused block (:mod:`grit_kernels.fused`) computes this layer's output together with its
+    siblings' and leaves it in ``_grit_fused_output = (input, output)``; a call with that very input
+    returns it. Otherwise: the statistics-capturing path if a preconditioner patched the layer, else
+    the forward the layer had before.
+    """
+    stash = self.__dict__.get("_grit_fused_output")
+    if stash is not None and stash[0] is x and not args and not kwargs:
+        return stash[1]
+    if "_grit_state" in self.__dict__:
+        return _grit_forward(self, x, *args, **kwargs)
+    return self._grit_previous_forward(x, *args, **kwargs)
+
+
+def install_dispatch_forward(module: nn.Module) -> None:
+    """Give ``module`` the instance forward :func:`_dispatch_forward` (idempotent)."""
+    if "_grit_previous_forward" not in module.__dict__:
+        module._grit_previous_forward = module.forward
+        module.forward = types.MethodType(_dispatch_forward, module)
+
+
+def release_dispatch_forward(module: nn.Module) -> None:
+    """Restore the layer's previous forward once neither a preconditioner nor a fused block uses it."""
+    d = module.__dict__
+    if "_grit_state" in d or "_grit_fused" in d or "_grit_previous_forward" not in d:
+        return
+    previous = d.pop("_grit_previous_forward")
+    d.pop("forward", None)
+    if getattr(previous, "__func__", None) is not type(module).forward:  # someone else's instance forward
+        module.forward = previous
+
+
 def patch_lora_layer(module: nn.Module, slot: CaptureSlot) -> None:
     """Route ``module``'s LoRA path through :class:`RankStatsCapture` (instance-level forward)."""
     if hasattr(module, "_grit_state"):
@@ -141,15 +258,13 @@ def patch_lora_layer(module: nn.Module, slot: CaptureSlot) -> None:
     module._grit_state = {
         "adapter": module.active_adapters[0],
         "slot": slot,
-        "original_forward": module.forward,
         "quantized": {"Linear4bit": "4bit", "Linear8bitLt": "8bit"}.get(type(module).__name__),
     }
-    module.forward = types.MethodType(_grit_forward, module)
+    install_dispatch_forward(module)
 
 
 def unpatch_lora_layer(module: nn.Module) -> None:
-    """Restore the plain PEFT forward."""
-    if hasattr(module, "_grit_state"):
+    """Restore the plain PEFT forward (or the fused block's, if one owns the layer)."""
+    if "_grit_state" in module.__dict__:
         del module._grit_state
-        if "forward" in module.__dict__:
-            del module.forward
+        release_dispatch_forward(module)

@@ -90,7 +90,8 @@ class GritPreconditioner:
         self.bank = FactorBank([m.lora_A.shape[0] for m in self.modules], device=devices.pop())
         self.backend = ops.resolve_backend(cfg.backend, self.bank.device)
         for m in self.modules:
-            patch_lora_layer(m.layer, CaptureSlot(*self.bank.stat_views(m.index), backend=self.backend))
+            slot = CaptureSlot(*self.bank.stat_views(m.index), backend=self.backend, bank=self.bank, index=m.index)
+            patch_lora_layer(m.layer, slot)
         self.step_count = 0
         self._removed = False
 
