@@ -1,15 +1,18 @@
-"""Alpaca-style data for causal-LM fine-tuning: formatting, masked labels, padding and packing.
+"""Instruction data for causal-LM fine-tuning (Alpaca records, chat "messages"): formatting, masked labels,
+padding and packing.
 
 Everything here runs offline. The pieces, in the order a pipeline uses them::
 
     records = load_alpaca_json("data.json")            # or generate_alpaca_sample(n, seed)
     tok = ByteTokenizer()                               # or any HF tokenizer
     features = tokenize_alpaca(records, tok, max_length=1024)
+    # chat "messages" data: load_chat_json + tokenize_chat (via the tokenizer's chat template);
+    # load_records(path) detects the format, tokenize_records(records, tok, format) dispatches
     batch = DynamicPaddingCollator(tok.pad_token_id)(features[:8])      # pad to the longest row
     batch = PackedCollator()(features[:8])              # or: one row, no padding at all
 
-Labels: only response tokens and the final eos are supervised; prompt tokens and padding are -100,
-so they contribute nothing to the loss (DESIGN.md §9: unmasked padding gave a meaningless loss).
+Labels: only response (assistant) tokens and the final eos are supervised; prompt tokens and padding are -100,
+so they contribute nothing to the loss (docs/design.md, lessons: unmasked padding gave a meaningless loss).
 
 Padding-free packing relies on transformers (>= 4.54; checked on 5.23) detecting packed rows from
 ``position_ids``: its mask builder then makes attention block-diagonal causal for the ``eager`` and
@@ -168,21 +171,15 @@ def tokenize_alpaca(
     return features
 
 
-def load_alpaca_json(path: str | os.PathLike) -> list[dict[str, str]]:
-    """Load Alpaca records from a JSON array file or a JSON-lines file (``.jsonl``).
-
-    Each record must be an object with string fields ``instruction`` and ``output`` and an optional
-    string ``input`` (missing or null means ""). Returns ``[{"instruction", "input", "output"}, ...]``.
-
-    Raises:
-        ValueError: naming the file and, for a bad record, its index and field.
-    """
+def _read_json_records(path: str | os.PathLike) -> tuple[str, list]:
+    """``(path, raw records)`` of a JSON array file or a JSON-lines file (``.jsonl``, or any file whose
+    first non-blank character is not ``[``). Raises ``ValueError`` naming the file (and line)."""
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
-        raise ValueError(f"{path}: cannot read Alpaca data ({e.strerror or e})") from e
+        raise ValueError(f"{path}: cannot read the data file ({e.strerror or e})") from e
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     stripped = text.lstrip()
@@ -204,6 +201,10 @@ def load_alpaca_json(path: str | os.PathLike) -> list[dict[str, str]]:
             raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
         if not isinstance(raw, list):
             raise ValueError(f"{path}: expected a JSON array of records, got a JSON {type(raw).__name__}")
+    return path, raw
+
+
+def _check_alpaca_records(path: str, raw: list) -> list[dict[str, str]]:
     records = []
     for i, rec in enumerate(raw):
         if not isinstance(rec, dict):
@@ -222,6 +223,192 @@ def load_alpaca_json(path: str | os.PathLike) -> list[dict[str, str]]:
             )
         records.append({"instruction": rec["instruction"], "input": context or "", "output": rec["output"]})
     return records
+
+
+def load_alpaca_json(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Load Alpaca records from a JSON array file or a JSON-lines file (``.jsonl``).
+
+    Each record must be an object with string fields ``instruction`` and ``output`` and an optional
+    string ``input`` (missing or null means ""). Returns ``[{"instruction", "input", "output"}, ...]``.
+
+    Raises:
+        ValueError: naming the file and, for a bad record, its index and field.
+    """
+    return _check_alpaca_records(*_read_json_records(path))
+
+
+# --------------------------------------------------------------------------------------------- chat
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def _check_chat_records(path: str, raw: list) -> list[dict[str, list[dict[str, str]]]]:
+    records = []
+    for i, rec in enumerate(raw):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: record {i}: expected an object, got {type(rec).__name__}")
+        messages = rec.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"{path}: record {i}: field 'messages' must be a non-empty list of messages")
+        clean = []
+        for j, msg in enumerate(messages):
+            where = f"{path}: record {i}: message {j}"
+            if not isinstance(msg, dict):
+                raise ValueError(f"{where}: expected an object, got {type(msg).__name__}")
+            role, content = msg.get("role"), msg.get("content")
+            if role not in CHAT_ROLES:
+                raise ValueError(f"{where}: role must be one of {CHAT_ROLES}, got {role!r}")
+            if not isinstance(content, str):
+                raise ValueError(f"{where}: field 'content' must be a string, got {type(content).__name__}")
+            clean.append({"role": role, "content": content})
+        if not any(m["role"] == "assistant" for m in clean):
+            raise ValueError(f"{path}: record {i}: no assistant message (nothing to learn)")
+        records.append({"messages": clean})
+    return records
+
+
+def load_chat_json(path: str | os.PathLike) -> list[dict[str, list[dict[str, str]]]]:
+    """Load chat records ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
+    (OpenAI / TRL "messages" format) from a JSON array or JSON-lines file. Every record needs at least
+    one assistant message. Extra fields are ignored.
+
+    Raises:
+        ValueError: naming the file and, for a bad record, its index (and the message's).
+    """
+    return _check_chat_records(*_read_json_records(path))
+
+
+def load_records(path: str | os.PathLike, data_format: str = "auto") -> tuple[str, list[dict]]:
+    """``(format, records)`` of a data file: ``data_format`` is ``"alpaca"``, ``"chat"`` or ``"auto"``
+    (chat if the first record has a ``messages`` field, else Alpaca). See :func:`load_alpaca_json` and
+    :func:`load_chat_json`; raises ``ValueError`` naming the file and the record."""
+    if data_format not in ("auto", "alpaca", "chat"):
+        raise ValueError(f"data_format must be 'auto', 'alpaca' or 'chat', got {data_format!r}")
+    path, raw = _read_json_records(path)
+    if data_format == "auto":
+        data_format = "chat" if raw and isinstance(raw[0], dict) and "messages" in raw[0] else "alpaca"
+    check = _check_chat_records if data_format == "chat" else _check_alpaca_records
+    return data_format, check(path, raw)
+
+
+CHAT_FALLBACK_HEADER = "### {role}:\n"  #: role header of the template used when a tokenizer has none
+
+
+def _chat_template(tokenizer: Any) -> str | None:
+    template = getattr(tokenizer, "chat_template", None)
+    return template if template and hasattr(tokenizer, "apply_chat_template") else None
+
+
+def _template_spans(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation rendered by the tokenizer's chat template, and the character spans of the
+    assistant turns: from the end of the generation prompt before each assistant message to the end of
+    the rendering that includes it (so the template's end-of-turn marker is supervised too)."""
+
+    def render(msgs: list, generation_prompt: bool) -> str:
+        out = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        return out if isinstance(out, str) else out[0]
+
+    full = render(messages, False)
+    spans = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        start = len(render(messages[:i], True)) if i else 0
+        end_text = render(messages[: i + 1], False)
+        if not (full.startswith(end_text) and full.startswith(end_text[:start]) and start <= len(end_text)):
+            raise ValueError(
+                "the tokenizer's chat template does not render a conversation's prefixes as prefixes of "
+                "the whole conversation, so assistant turns cannot be located for label masking"
+            )
+        spans.append((start, len(end_text)))
+    return full, spans
+
+
+def _tokenize_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+    """Token ids of ``text`` (special tokens written in the text are parsed, none added) and, per token,
+    whether it starts inside one of ``spans``. Fast tokenizers tokenize the whole text once (offsets);
+    others tokenize the pieces between span boundaries one by one."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        supervised = [any(a <= start < b for a, b in spans) for start, _ in enc["offset_mapping"]]
+        return ids, supervised
+    cuts = sorted({0, len(text), *[p for span in spans for p in span]})
+    ids, supervised = [], []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        piece = _encode(tokenizer, text[a:b])
+        inside = any(s <= a < e for s, e in spans)
+        ids += piece
+        supervised += [inside] * len(piece)
+    return ids, supervised
+
+
+def _fallback_chat(messages: list[dict[str, str]], tokenizer: Any) -> tuple[list[int], list[bool]]:
+    """A plain template for tokenizers without a chat template: ``### System:/### User:/### Assistant:``
+    headers, turns separated by a blank line, ``eos`` after each assistant turn (supervised)."""
+    bos, eos = getattr(tokenizer, "bos_token_id", None), tokenizer.eos_token_id
+    ids, supervised = ([bos], [False]) if bos is not None else ([], [])
+    for i, msg in enumerate(messages):
+        header = _encode(tokenizer, ("\n\n" if i else "") + CHAT_FALLBACK_HEADER.format(role=msg["role"].title()))
+        content = _encode(tokenizer, msg["content"])
+        ids += header + content
+        learn = msg["role"] == "assistant"
+        supervised += [False] * len(header) + [learn] * len(content)
+        if learn:
+            ids.append(eos)
+            supervised.append(True)
+    return ids, supervised
+
+
+def tokenize_chat(
+    records: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    max_length: int = 1024,
+    drop_unsupervised: bool = True,
+) -> list[dict[str, list[int]]]:
+    """Tokenize chat records into ``{"input_ids", "labels"}`` features; only assistant tokens are supervised.
+
+    With a tokenizer that has a chat template (``tokenizer.chat_template``), the conversation is rendered
+    by it; the labels of each assistant turn cover its content and the template's end-of-turn marker,
+    everything else (system and user turns, role headers, the generation prompt) is ``-100``. Without a
+    chat template (or with :class:`ByteTokenizer`), a plain fallback is used: ``[bos] "### User:\\n"
+    content "\\n\\n### Assistant:\\n" content [eos] ...`` with the assistant content and its eos supervised.
+    Rows are truncated to ``max_length`` tokens from the end.
+
+    Args:
+        records: ``{"messages": [{"role", "content"}, ...]}`` dicts (see :func:`load_chat_json`).
+        tokenizer: :class:`ByteTokenizer` or a Hugging Face tokenizer (needs ``eos_token_id``).
+        max_length: maximum tokens per row (>= 2).
+        drop_unsupervised: drop rows with no assistant token left after truncation.
+    """
+    if max_length < 2:
+        raise ValueError(f"tokenize_chat: max_length must be >= 2, got {max_length}")
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise ValueError("tokenize_chat: the tokenizer has no eos_token_id")
+    templated = _chat_template(tokenizer) is not None and not isinstance(tokenizer, ByteTokenizer)
+    features = []
+    for record in records:
+        messages = list(record["messages"])
+        if templated:
+            ids, supervised = _tokenize_spans(tokenizer, *_template_spans(messages, tokenizer))
+        else:
+            ids, supervised = _fallback_chat(messages, tokenizer)
+        ids, supervised = ids[:max_length], supervised[:max_length]
+        labels = [i if s else IGNORE_INDEX for i, s in zip(ids, supervised)]
+        if drop_unsupervised and not any(supervised):
+            continue
+        features.append({"input_ids": ids, "labels": labels})
+    return features
+
+
+def tokenize_records(
+    records: Sequence[Mapping[str, Any]], tokenizer: Any, data_format: str, max_length: int = 1024
+) -> list[dict[str, list[int]]]:
+    """:func:`tokenize_alpaca` or :func:`tokenize_chat`, by ``data_format`` (``"alpaca"`` | ``"chat"``)."""
+    if data_format == "chat":
+        return tokenize_chat(records, tokenizer, max_length=max_length)
+    if data_format == "alpaca":
+        return tokenize_alpaca(records, tokenizer, max_length=max_length)
+    raise ValueError(f"data_format must be 'alpaca' or 'chat', got {data_format!r}")
 
 
 # --------------------------------------------------------------------------------------------- synthetic data
@@ -485,6 +672,7 @@ __all__ = [
     "ALPACA_PROMPT_NO_INPUT",
     "ALPACA_PROMPT_WITH_INPUT",
     "ByteTokenizer",
+    "CHAT_ROLES",
     "DynamicPaddingCollator",
     "IGNORE_INDEX",
     "LengthGroupedBatchSampler",
@@ -494,6 +682,10 @@ __all__ = [
     "generate_alpaca_sample",
     "length_grouped_indices",
     "load_alpaca_json",
+    "load_chat_json",
+    "load_records",
     "real_token_fraction",
     "tokenize_alpaca",
+    "tokenize_chat",
+    "tokenize_records",
 ]
