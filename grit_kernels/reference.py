@@ -31,6 +31,11 @@ def accumulate_gram(out: torch.Tensor, x: torch.Tensor, weight: float = 1.0) -> 
     return total
 
 
+def accumulate_grams(outs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], weight: float = 1.0) -> list[torch.Tensor]:
+    """:func:`accumulate_gram` of every pair ``(outs[i], xs[i])``; returns the new accumulators."""
+    return [accumulate_gram(out, x, weight) for out, x in zip(outs, xs)]
+
+
 def ema_fold(
     factor: torch.Tensor,
     stat_sum: torch.Tensor,

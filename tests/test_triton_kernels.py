@@ -105,6 +105,25 @@ def check_gram(r, dtype, rows_shape, device=DEVICE, weight=0.37, noncontiguous=F
     return err
 
 
+def check_grams(shapes, dtype, device=DEVICE, weight=0.37, bound=2e-6):
+    """Grouped Gram over modules of mixed rank and row count; accumulators are strided bank slices."""
+    R = max(r for r, _ in shapes)
+    bank = torch.randn(2, len(shapes), R + 1, R + 1, device=device)
+    outs = [bank[1, i, 1 : r + 1, :r] for i, (r, _) in enumerate(shapes)]  # non-contiguous views
+    xs = [torch.randn(rows, r, device=device).to(dtype) for r, rows in shapes]
+    xs[0] = torch.randn(shapes[0][1], shapes[0][0] + 2, device=device).to(dtype)[:, 2:]  # strided rows
+    expected = reference.accumulate_grams([o.double().cpu() for o in outs], [x.double().cpu() for x in xs], weight)
+    untouched = bank.clone()
+    got = ops.accumulate_grams_(outs, xs, weight=weight, backend="triton")
+    assert list(got) == outs
+    errs = [rel_err(o, e) for o, e in zip(outs, expected)]
+    assert max(errs) < bound, f"grams {dtype}: rel errs {errs}"
+    mask = torch.ones_like(bank, dtype=torch.bool)
+    for i, (r, _) in enumerate(shapes):
+        mask[1, i, 1 : r + 1, :r] = False
+    assert torch.equal(bank[mask], untouched[mask]), "written outside the accumulators"
+
+
 def check_fold(n, R, device=DEVICE, noncontiguous=False):
     shape = (n, R + 1, R + 1) if noncontiguous else (n, R, R)
     factor_store = torch.randn(*shape, device=device)
@@ -274,6 +293,17 @@ def test_gram_zero_rows_add_nothing_and_weight_zero(fresh_seed):
     assert torch.equal(out, before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_grams_grouped(fresh_seed, dtype):
+    check_grams([(16, 300), (4, 33), (13, 129), (1, 7), (16, 0), (64, 40)], dtype)
+
+
+def test_grams_grouped_bf16_wide_rank_and_empty(fresh_seed):
+    check_grams([(16, 257), (8, 64)], torch.bfloat16, bound=2e-6)
+    check_grams([(100, 50), (5, 20)], torch.float32)  # r > 64: that matrix goes through the tiled kernel
+    assert ops.accumulate_grams_([], [], backend="triton") == []
+
+
 @pytest.mark.parametrize("R", [1, 13, 16, 64, 70])
 def test_ema_fold(fresh_seed, R):
     check_fold(6, R)  # R=70: 4900 entries, two chunks
@@ -384,29 +414,91 @@ def test_precondition_mixed_dtypes(fresh_seed):
     assert abs(float(dot) - float(ref_dot)) < 1e-2 * abs(float(ref_dot)) + 1e-3
 
 
-def test_precondition_table_cache(fresh_seed):
-    """Same .grad tensors -> cached tables; reallocated grads (set_to_none) -> still correct."""
+@pytest.fixture
+def count_uploads(monkeypatch):
+    """Record every host->device table copy of the precondition kernel module (``_transfer.upload_``) and
+    fail on any ``torch.tensor(..., device=...)`` (a pageable, blocking copy on CUDA) during the test."""
     from grit_kernels.triton import precondition as kernel_module
 
-    shapes = [(8, 40, 24), (4, 24, 40)]
-    inv_d = spd_with_condition([10.0] * 2, 8).float()
-    inv_h = spd_with_condition([10.0] * 2, 8).float()
+    uploads = []
+    real_upload, real_tensor = kernel_module.upload_, torch.tensor
+
+    def upload(dst, host):
+        uploads.append(host.numel())
+        return real_upload(dst, host)
+
+    def tensor(*args, **kwargs):
+        assert kwargs.get("device") is None, "blocking torch.tensor(..., device=...) in the precondition path"
+        return real_tensor(*args, **kwargs)
+
+    monkeypatch.setattr(kernel_module, "upload_", upload)
+    monkeypatch.setattr(torch, "tensor", tensor)
+    return uploads
+
+
+def _precondition_and_check(ga, gb, inv_d, inv_h):
+    ref_a, ref_b, _ = reference.precondition([g.double() for g in ga], [g.double() for g in gb], inv_d.double(), inv_h.double())
+    ops.precondition_(ga, gb, inv_d, inv_h, backend="triton")
+    assert max(rel_err(g, r) for g, r in zip(ga + gb, ref_a + ref_b)) < 2e-6
+
+
+def test_precondition_tables_keyed_by_layout(fresh_seed, count_uploads):
+    """The static table is built once per layout (shapes, strides, dtypes); new gradient tensors of the
+    same layout (zero_grad(set_to_none=True)) only re-upload the pointers; nothing else is copied."""
+    from grit_kernels.triton import precondition as kernel_module
+
+    shapes = [(8, 40, 24), (4, 24, 40), (8, 13, 7)]
+    inv_d = spd_with_condition([10.0] * 3, 8).float()
+    inv_h = spd_with_condition([10.0] * 3, 8).float()
     ga = [torch.randn(r, d) for r, d, _ in shapes]
     gb = [torch.randn(d, r) for r, _, d in shapes]
-    for step in range(3):
-        if step == 2:  # like zero_grad(set_to_none=True): new tensors, maybe new addresses
-            ga = [torch.randn(r, d + 1)[:, :d] for r, d, _ in shapes]
-            gb = [torch.randn(d, r) for r, _, d in shapes]
-        else:
-            for g in ga + gb:
-                g.copy_(torch.randn_like(g))
-        ref_a, ref_b, _ = reference.precondition([g.double() for g in ga], [g.double() for g in gb], inv_d.double(), inv_h.double())
-        ops.precondition_(ga, gb, inv_d, inv_h, backend="triton")
-        assert max(rel_err(g, r) for g, r in zip(ga + gb, ref_a + ref_b)) < 2e-6
-        plan = kernel_module._plans[kernel_module._plan_key(ga, gb, inv_d.device)]
-        if step == 1:
-            assert plan is first_plan, "table rebuilt for the same gradient tensors"
-        first_plan = plan
+    _precondition_and_check(ga, gb, inv_d, inv_h)
+    plan = kernel_module._plans[kernel_module._layout_key(ga + gb, inv_d.device)]
+    assert count_uploads == [plan.static.numel(), 6], count_uploads  # static part once, then 6 pointers
+    count_uploads.clear()
+    _precondition_and_check(ga, gb, inv_d, inv_h)  # same tensors: nothing uploaded
+    assert count_uploads == []
+    keep = ga + gb  # keep the old tensors alive so that the new ones get new addresses
+    ga = [torch.randn(r, d) for r, d, _ in shapes]
+    gb = [torch.randn(d, r) for r, _, d in shapes]
+    _precondition_and_check(ga, gb, inv_d, inv_h)
+    assert count_uploads == [6], "new addresses, same layout: only the pointers are uploaded"
+    assert kernel_module._plans[kernel_module._layout_key(ga + gb, inv_d.device)] is plan
+    count_uploads.clear()
+    ga = [torch.randn(r, d + 1)[:, :d] for r, d, _ in shapes]  # another layout (row stride d + 1)
+    _precondition_and_check(ga, gb, inv_d, inv_h)
+    assert kernel_module._plans[kernel_module._layout_key(ga + gb, inv_d.device)] is not plan
+    assert len(count_uploads) == 2 and len(keep) == 6
+
+
+def test_precondition_captured_plans_never_dangle_or_change(fresh_seed, monkeypatch):
+    """A plan used under CUDA-graph capture (simulated) is frozen: later calls with other gradients and
+    more than _CACHE_SIZE other layouts neither evict it nor rewrite its pointers."""
+    from grit_kernels.triton import precondition as kernel_module
+
+    inv = spd_with_condition([10.0] * 2, 4).float()
+    ga = [torch.randn(4, 32), torch.randn(4, 48)]
+    gb = [torch.randn(16, 4), torch.randn(20, 4)]
+    _precondition_and_check(ga, gb, inv, inv)  # eager warm-up
+    monkeypatch.setattr(kernel_module, "capturing", lambda device: True)
+    ops.precondition_(ga, gb, inv, inv, backend="triton")  # "captured"
+    monkeypatch.undo()
+    frozen = kernel_module._graph_plans[-1]
+    assert frozen.frozen and frozen.uploaded == tuple(g.data_ptr() for g in ga + gb)
+    captured_pointers = frozen.pointers.clone()
+    ga2 = [torch.randn_like(g) for g in ga]
+    gb2 = [torch.randn_like(g) for g in gb]
+    _precondition_and_check(ga2, gb2, inv, inv)  # same layout, other tensors: a fork, not a rewrite
+    assert kernel_module._plans[kernel_module._layout_key(ga2 + gb2, inv.device)] is not frozen
+    for width in range(kernel_module._CACHE_SIZE + 2):  # evict every cached layout
+        _precondition_and_check([torch.randn(4, 5 + width)], [torch.randn(3, 4)], inv[:1], inv[:1])
+    assert frozen in kernel_module._graph_plans and torch.equal(frozen.pointers, captured_pointers)
+    _precondition_and_check(ga, gb, inv, inv)  # the captured tensors still work (same pointers)
+
+
+def test_precondition_refuses_rank_above_inverse(fresh_seed):
+    with pytest.raises(ValueError, match="rank 16 but the inverses are 8 x 8"):
+        ops.precondition_([torch.randn(16, 5)], [torch.randn(7, 16)], torch.eye(8)[None], torch.eye(8)[None], backend="triton")
 
 
 def test_precondition_bank_scale(fresh_seed):

@@ -1,13 +1,47 @@
-"""Backend choice shared by every op: ``auto`` -> Triton on CUDA tensors, torch elsewhere."""
+"""Backend choice shared by every op: ``auto`` -> Triton on CUDA tensors, torch elsewhere.
+
+Every op's implementations are listed in :data:`KERNELS`, a table keyed by backend name, then op name
+(``"module:function"``, imported lazily so that Triton stays optional on the CPU). All
+implementations of one op share one signature, the one of its ``torch`` entry.
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
 import torch
 
 from ..config import BACKENDS
+
+_OPS = ("accumulate_gram_", "accumulate_grams_", "ema_fold_", "damped_cholesky_inverse", "precondition_")
+
+#: backend name -> op name -> "module:function" implementing it
+KERNELS: dict[str, dict[str, str]] = {
+    "torch": {
+        "accumulate_gram_": "grit_kernels.ops.gram:torch_accumulate_gram_",
+        "accumulate_grams_": "grit_kernels.ops.gram:torch_accumulate_grams_",
+        "ema_fold_": "grit_kernels.ops.fold:torch_ema_fold_",
+        "damped_cholesky_inverse": "grit_kernels.ops.inverse:torch_damped_cholesky_inverse",
+        "precondition_": "grit_kernels.ops.precondition:torch_precondition_",
+    },
+    "triton": {
+        "accumulate_gram_": "grit_kernels.triton.gram:accumulate_gram_",
+        "accumulate_grams_": "grit_kernels.triton.gram:accumulate_grams_",
+        "ema_fold_": "grit_kernels.triton.fold:ema_fold_",
+        "damped_cholesky_inverse": "grit_kernels.triton.inverse:damped_cholesky_inverse",
+        "precondition_": "grit_kernels.triton.precondition:precondition_",
+    },
+    # csrc/ kernels (torch.ops.grit_kernels_cpp), one set of wrappers for both devices
+    "cpp": {op: f"grit_kernels.ops._cpp:{op}" for op in _OPS},
+    "cuda": {op: f"grit_kernels.ops._cpp:{op}" for op in _OPS},
+}
+
+#: ``auto``: the first available backend per device type, fastest first, as measured side by side by
+#: bench/bench_kernels.py (CPU: bench/results/cpu/kernels-cpp.json). CUDA kernels vs Triton: unmeasured,
+#: so Triton stays first there.
+AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
 
 
 def triton_available() -> bool:
@@ -24,11 +58,24 @@ def interpreter_active() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Return ``"torch"`` or ``"triton"`` for tensors on ``device``; raise on an impossible request."""
+    """Return the backend name (a key of :data:`KERNELS`) for tensors on ``device``; raise on an impossible request."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        for name in AUTO_ORDER.get(device.type, ("torch",)):
+            if name == "torch" or _usable(name, device, jit=False):
+                return name
+    if backend in ("cpp", "cuda"):
+        want = "cpu" if backend == "cpp" else "cuda"
+        if device.type != want:
+            raise RuntimeError(f"backend={backend!r} needs {want} tensors (got {device}); use backend='auto'")
+        if not _usable(backend, device, jit=None):
+            from .. import _ext
+
+            raise RuntimeError(
+                f"backend={backend!r}: compiled kernels unavailable ({_ext.load_error()}); build them with "
+                "`pip install --no-build-isolation -e .` or set GRIT_KERNELS_JIT=1 to JIT-compile csrc/"
+            )
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' requested but triton is not importable")
@@ -38,6 +85,25 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 "grit_kernels to run the kernels on the CPU interpreter, or use backend='torch'"
             )
     return backend
+
+
+def _usable(backend: str, device: torch.device, jit: bool | None) -> bool:
+    if backend == "triton":
+        return triton_available()
+    from .. import _ext
+
+    return _ext.cpu_available(jit) if backend == "cpp" else _ext.cuda_available(jit)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel(backend: str, op: str):
+    """The implementation of ``op`` for the resolved ``backend`` (see :data:`KERNELS`)."""
+    try:
+        target = KERNELS[backend][op]
+    except KeyError:
+        raise ValueError(f"no {op!r} implementation for backend {backend!r}") from None
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def triton_impl(module: str, name: str):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import resolve_backend, triton_impl
+from . import _library
+from ._backend import kernel, resolve_backend
 
 
 def ema_fold_(
@@ -27,9 +28,15 @@ def ema_fold_(
     """
     if not (factor.shape == stat_sum.shape and factor.dim() == 3 and weight.shape == factor.shape[:1]):
         raise ValueError(f"ema_fold_: shapes {tuple(factor.shape)}, {tuple(stat_sum.shape)}, {tuple(weight.shape)}")
-    if resolve_backend(backend, factor.device) == "triton":
-        triton_impl("fold", "ema_fold_")(factor, stat_sum, weight, decay, initialized)
-        return
+    name = resolve_backend(backend, factor.device)
+    if torch.compiler.is_compiling():
+        _library.ema_fold_(factor, stat_sum, weight, float(decay), initialized, name)
+    else:
+        kernel(name, "ema_fold_")(factor, stat_sum, weight, decay, initialized)
+
+
+def torch_ema_fold_(factor, stat_sum, weight, decay, initialized) -> None:
+    """Torch backend of :func:`ema_fold_` (a few batched elementwise ops)."""
     step = stat_sum * weight[:, None, None]
     ok = (weight != 0) & torch.isfinite(step).all(dim=2).all(dim=1)
     blended = torch.where(initialized[:, None, None], decay * factor + (1.0 - decay) * step, step)

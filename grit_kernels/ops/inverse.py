@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..status import InverseStatus
-from ._backend import resolve_backend, triton_impl
+from . import _library
+from ._backend import kernel, resolve_backend
+from ._transfer import to_device
 
 
 def rank_mask(ranks: torch.Tensor | None, n: int, R: int, device: torch.device) -> torch.Tensor:
@@ -39,13 +41,17 @@ def damped_cholesky_inverse(
     """
     if mats.dim() != 3 or mats.shape[1] != mats.shape[2]:
         raise ValueError(f"damped_cholesky_inverse: mats must be [n, R, R], got {tuple(mats.shape)}")
-    if resolve_backend(backend, mats.device) == "triton":
-        fn = triton_impl("inverse", "damped_cholesky_inverse")
-        return fn(mats, damping, eps_abs, ranks, previous, previous_valid, retry_factor)
-    return _torch_batched(mats, damping, eps_abs, ranks, previous, previous_valid, retry_factor)
+    name = resolve_backend(backend, mats.device)
+    if ranks is not None and not torch.is_tensor(ranks):
+        ranks = to_device([int(r) for r in ranks], torch.int32, mats.device)
+    args = (mats, float(damping), float(eps_abs), ranks, previous, previous_valid, float(retry_factor))
+    if torch.compiler.is_compiling():
+        return _library.damped_cholesky_inverse(*args, name)
+    return kernel(name, "damped_cholesky_inverse")(*args)
 
 
-def _torch_batched(mats, damping, eps_abs, ranks, previous, previous_valid, retry_factor):
+def torch_damped_cholesky_inverse(mats, damping, eps_abs, ranks, previous, previous_valid, retry_factor):
+    """Torch backend of :func:`damped_cholesky_inverse`: batched ``cholesky_ex`` + ``cholesky_inverse``."""
     n, R, _ = mats.shape
     work = mats.to(torch.float32) if mats.dtype not in (torch.float32, torch.float64) else mats
     mask = rank_mask(ranks, n, R, mats.device)

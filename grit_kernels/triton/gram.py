@@ -14,15 +14,18 @@ float64 ``out`` or ``x`` (tests only) is computed with ``torch.addmm`` instead.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
 from ..ops._backend import interpreter_active
+from ..ops._transfer import to_device
 
 MAX_TILE_R = 64  #: output tile edge; r above this is tiled
 ROWS_PER_STEP = 128  #: rows loaded per loop iteration of one program
+N_GRAM_FIELDS: tl.constexpr = tl.constexpr(8)  #: grouped table: x ptr, rows, r, 2 x strides, out ptr, 2 out strides
 
 
 @triton.jit
@@ -80,7 +83,54 @@ def _gram_kernel(
             acc = tl.dot(tl.trans(xi), xj, acc)
 
     out_mask = (ri[:, None] < r) & (rj[None, :] < r)
-    tl.atomic_add(out_ptr + ri[:, None] * stride_om + rj[None, :] * stride_on, acc * weight, mask=out_mask)
+    out_ptrs = out_ptr + ri[:, None] * stride_om + rj[None, :] * stride_on
+    tl.atomic_add(out_ptrs, acc * weight, mask=out_mask, sem="relaxed")  # a sum: no ordering needed
+
+
+@triton.jit
+def _grams_kernel(
+    table,
+    dtype_ref,
+    out_ref,
+    weight,
+    n_programs,
+    BLOCK_M: tl.constexpr,
+    RP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Grouped Gram: program ``(p, i)`` adds rows ``p::n_programs`` blocks of matrix ``i``.
+
+    ``table[i]``: x pointer, rows, rank, row stride, column stride, out pointer, out strides (int64).
+    """
+    pid = tl.program_id(0)
+    entry = table + tl.program_id(1).to(tl.int64) * N_GRAM_FIELDS
+    x_ptr = tl.load(entry).to(dtype_ref.dtype)
+    n_rows = tl.load(entry + 1)
+    r = tl.load(entry + 2)
+    stride_xm = tl.load(entry + 3)
+    stride_xk = tl.load(entry + 4)
+    out_ptr = tl.load(entry + 5).to(out_ref.dtype)
+    stride_om = tl.load(entry + 6)
+    stride_on = tl.load(entry + 7)
+    k = tl.arange(0, RP)
+    k_ok = k < r
+    acc = tl.zeros((RP, RP), dtype=tl.float32)
+    for start in range(pid * BLOCK_M, n_rows, n_programs * BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
+            mask=(rows[:, None] < n_rows) & k_ok[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            x = x.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(tl.trans(x), x, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(x), x, acc)
+    out_ptrs = out_ptr + k[:, None] * stride_om + k[None, :] * stride_on
+    tl.atomic_add(out_ptrs, acc * weight, mask=k_ok[:, None] & k_ok[None, :], sem="relaxed")
 
 
 @functools.lru_cache(maxsize=None)
@@ -139,3 +189,56 @@ def accumulate_gram_(out: torch.Tensor, x: torch.Tensor, weight: float = 1.0) ->
         num_warps=8 if block_r == MAX_TILE_R else 4,  # no register spills on sm_90 (ptxas -v)
     )
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _typed_ref(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 1-element tensor whose pointer type tells the kernel the element type of table pointers."""
+    return torch.empty(1, dtype=dtype, device=device)
+
+
+def accumulate_grams_(outs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], weight: float = 1.0) -> Sequence[torch.Tensor]:
+    """Grouped :func:`accumulate_gram_`: ``outs[i] += weight * xs[i]^T xs[i]``, one launch per input dtype.
+
+    ``outs[i]``: ``[r_i, r_i]`` float32, any strides, distinct; ``xs[i]``: ``[..., r_i]``
+    float32/float16/bfloat16. The per-matrix table (pointers, row counts, strides) is uploaded with a
+    pinned non-blocking copy: no host synchronisation. Ranks above ``MAX_TILE_R`` and float64 go
+    through :func:`accumulate_gram_` one by one.
+    """
+    groups: dict[torch.dtype, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for out, x in zip(outs, xs):
+        r = out.shape[-1]
+        if x.numel() == 0:
+            continue
+        if r > MAX_TILE_R or out.dtype != torch.float32 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            accumulate_gram_(out, x, weight)
+            continue
+        groups.setdefault(x.dtype, []).append((out, x.reshape(-1, r)))
+    interp = interpreter_active()
+    for dtype, members in groups.items():
+        device = members[0][1].device
+        rp = max(16, triton.next_power_of_2(max(out.shape[-1] for out, _ in members)))
+        max_rows = max(rows.shape[0] for _, rows in members)
+        n_programs = max(1, min(triton.cdiv(max_rows, ROWS_PER_STEP), 4 * _num_sms(device) // len(members)))
+        table = to_device(
+            [
+                v
+                for out, rows in members
+                for v in (rows.data_ptr(), rows.shape[0], out.shape[-1], *rows.stride(), out.data_ptr(), *out.stride())
+            ],
+            torch.int64,
+            device,
+        )
+        _grams_kernel[(n_programs, len(members))](
+            table,
+            _typed_ref(dtype, device),
+            _typed_ref(torch.float32, device),
+            float(weight),
+            n_programs,
+            BLOCK_M=ROWS_PER_STEP,
+            RP=rp,
+            UPCAST=interp or dtype == torch.float32,
+            IEEE=interp or dtype == torch.float32,
+            num_warps=8 if rp == MAX_TILE_R else 4,
+        )
+    return outs

@@ -20,7 +20,7 @@ and positive). A non-finite entry in the ``r x r`` block or a non-finite ``lam``
 so does a non-finite result. Status codes: :class:`grit_kernels.status.InverseStatus`.
 
 ``R > MAX_TRITON_R`` (64) and float64 matrices go to the sync-free torch batched path
-(:func:`grit_kernels.ops.inverse._torch_batched`): the register tile would spill beyond 64.
+(:func:`grit_kernels.ops.inverse.torch_damped_cholesky_inverse`): the register tile would spill beyond 64.
 """
 
 from __future__ import annotations
@@ -186,9 +186,9 @@ def damped_cholesky_inverse(
     """
     n, R, _ = mats.shape
     if R > MAX_TRITON_R or mats.dtype == torch.float64:
-        from ..ops.inverse import _torch_batched
+        from ..ops.inverse import torch_damped_cholesky_inverse
 
-        return _torch_batched(mats, damping, eps_abs, ranks, previous, previous_valid, retry_factor)
+        return torch_damped_cholesky_inverse(mats, damping, eps_abs, ranks, previous, previous_valid, retry_factor)
     device = mats.device
     out = torch.empty((n, R, R), dtype=mats.dtype, device=device)
     status = torch.empty((n,), dtype=torch.int32, device=device)
