@@ -9,6 +9,7 @@ Two lines on top of PEFT::
 from . import ops, reference
 from .bank import FactorBank
 from .config import GritConfig
+from .fused import FusionReport, fuse, unfuse
 from .optim import GritOptimizer
 from .preconditioner import GritPreconditioner
 from .status import InverseStatus
@@ -28,6 +29,7 @@ def __getattr__(name):  # the Trainer integration imports transformers.Trainer: 
 
 __all__ = [
     "FactorBank",
+    "FusionReport",
     "GritConfig",
     "GritOptimizer",
     "GritPreconditioner",
@@ -35,5 +37,7 @@ __all__ = [
     "ops",
     "reference",
     "__version__",
+    "fuse",
+    "unfuse",
     *_TRAINER_NAMES,
 ]

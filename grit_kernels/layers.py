@@ -220,14 +220,16 @@ def _grit_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -
 def _dispatch_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """Instance ``forward`` of a LoRA layer that GRIT patched and/or a fused block owns.
 
-    A fused block (:mod:`grit_kernels.fused`) computes this layer's output together with its
-    siblings' and leaves it in ``_grit_fused_output = (input, output)``; a call with that very input
-    returns it. Otherwise: the statistics-capturing path if a preconditioner patched the layer, else
-    the forward the layer had before.
+    A fused block (:mod:`grit_kernels.fused`) puts a callable in ``_grit_fused``: called with
+    ``(layer, x)`` it returns the layer's output (computed with its siblings') or ``None`` when it
+    does not apply (adapters switched, extra arguments). Otherwise: the statistics-capturing path if
+    a preconditioner patched the layer, else the forward the layer had before.
     """
-    stash = self.__dict__.get("_grit_fused_output")
-    if stash is not None and stash[0] is x and not args and not kwargs:
-        return stash[1]
+    fused = self.__dict__.get("_grit_fused")
+    if fused is not None and not args and not kwargs:
+        out = fused(self, x)
+        if out is not None:
+            return out
     if "_grit_state" in self.__dict__:
         return _grit_forward(self, x, *args, **kwargs)
     return self._grit_previous_forward(x, *args, **kwargs)

@@ -1,0 +1,266 @@
+"""``fuse`` / ``unfuse``: route Llama-family decoder blocks through the fused Functions.
+
+A decoder block is a module with a ``self_attn`` (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``) and an
+``mlp`` (``gate_proj``, ``up_proj``, ``down_proj``, SiLU ``act_fn``), as in Llama, Mistral, Qwen2/Qwen3.
+Per block, the attention part and the MLP part are fused independently when all their projections
+are supported PEFT LoRA layers:
+
+* attention: the attention module's forward first computes q, k, v with one
+  :class:`~.functions.FusedProjections` call and leaves each output with its LoRA layer, then runs the
+  model's own attention code (RoPE, q/k norms, the attention kernel are untouched); the q/k/v layers
+  return the precomputed outputs when called with that very input. ``o_proj`` runs its own
+  :class:`~.functions.FusedProjections`.
+* MLP: the MLP's forward becomes one :class:`~.functions.FusedSwiGLU` call.
+
+Adapters stay plain PEFT parameters (save/load with PEFT as usual). Statistics go to whichever
+:class:`~grit_kernels.GritPreconditioner` patched the layers, looked up at backward time, so ``fuse``
+and the preconditioner can be created in either order.
+"""
+
+from __future__ import annotations
+
+import types
+from collections import Counter
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..layers import install_dispatch_forward, is_lora_layer, release_dispatch_forward, unsupported_reason
+from .functions import FusedProjections, FusedSwiGLU, ProjectionGroup
+from .weights import BlockWeights, clear_cache, weights_unsupported_reason
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class FusionReport:
+    """What :func:`fuse` did.
+
+    Attributes:
+        fused_blocks: names of decoder blocks whose attention and MLP are both fused.
+        unfused: ``{block or part name: reason}`` for every block part left on PEFT's path.
+        fused_modules: LoRA modules now computed by fused Functions.
+        lora_modules: LoRA layers in the model.
+        num_blocks: decoder blocks found.
+    """
+
+    fused_blocks: list[str] = field(default_factory=list)
+    unfused: dict[str, str] = field(default_factory=dict)
+    fused_modules: int = 0
+    lora_modules: int = 0
+    num_blocks: int = 0
+
+    @property
+    def summary(self) -> str:
+        """One line, e.g. ``fused 32/32 blocks (224 LoRA modules)``."""
+        line = f"fused {len(self.fused_blocks)}/{self.num_blocks} blocks ({self.fused_modules} LoRA modules)"
+        if self.fused_modules < self.lora_modules:
+            line += f"; {self.lora_modules - self.fused_modules} LoRA modules keep PEFT's path"
+        return line
+
+    def __str__(self) -> str:
+        lines = [self.summary]
+        for reason, count in Counter(self.unfused.values()).items():
+            example = next(n for n, r in self.unfused.items() if r == reason)
+            lines.append(f"  {count} x {reason} (e.g. {example})")
+        return "\n".join(lines)
+
+
+def _projection_reason(parent: nn.Module, name: str) -> str | None:
+    layer = getattr(parent, name, None)
+    if layer is None:
+        return f"no {name}"
+    if not is_lora_layer(layer):
+        return f"{name} has no LoRA adapter (fuse needs LoRA on {', '.join(ATTENTION_PROJECTIONS + MLP_PROJECTIONS)})"
+    if type(layer).__name__ not in ("Linear", "Linear4bit"):
+        return f"{name} is a {type(layer).__name__} LoRA layer (fuse supports Linear and Linear4bit)"
+    reason = unsupported_reason(layer)
+    if reason is not None:
+        return f"{name}: {reason}"
+    adapter = layer.active_adapters[0]
+    dropout = layer.lora_dropout[adapter]
+    if not isinstance(dropout, nn.Identity) and getattr(dropout, "p", 1.0) > 0:
+        return f"{name}: lora_dropout > 0 (fuse needs lora_dropout=0)"
+    if layer.lora_B[adapter].bias is not None:
+        return f"{name}: LoRA bias (lora_bias=True) is not supported"
+    if layer.merged:
+        return f"{name}: adapter is merged"
+    return None
+
+
+def _part_reason(parent: nn.Module, names: tuple[str, ...]) -> str | None:
+    for name in names:
+        reason = _projection_reason(parent, name)
+        if reason is not None:
+            return reason
+    layers = [getattr(parent, n) for n in names]
+    if len({layer.active_adapters[0] for layer in layers}) != 1:
+        return "different active adapters"
+    return None
+
+
+def _is_silu(act: nn.Module | None) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def _same_rank(layers) -> bool:
+    return len({layer.r[layer.active_adapters[0]] for layer in layers}) == 1
+
+
+class _StashedOutput:
+    """``_grit_fused`` of a q/k/v layer: the output the attention forward computed for input ``x``."""
+
+    def __init__(self):
+        self.pending = None
+
+    def __call__(self, layer: nn.Module, x):
+        pending = self.pending
+        return pending[1] if pending is not None and pending[0] is x else None
+
+
+class _FusedSingle:
+    """``_grit_fused`` of o_proj: its own :class:`FusedProjections` call."""
+
+    def __init__(self, group: ProjectionGroup):
+        self.group = group
+
+    def __call__(self, layer: nn.Module, x):
+        if not self.group.active():
+            return None
+        return FusedProjections.apply(x, self.group, *self.group.lora_weights())
+
+
+class _AttentionState:
+    def __init__(self, qkv: ProjectionGroup, stashes: list[_StashedOutput]):
+        self.qkv, self.stashes = qkv, stashes
+
+
+def _fused_attention_forward(self: nn.Module, *args, **kwargs):
+    state = self.__dict__["_grit_fused"]
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    if not state.qkv.active():
+        return self._grit_previous_forward(*args, **kwargs)
+    qkv = FusedProjections.apply(hidden, state.qkv, *state.qkv.lora_weights())
+    for stash, out in zip(state.stashes, qkv.split(state.qkv.out_features, dim=-1)):
+        stash.pending = (hidden, out)
+    try:
+        return self._grit_previous_forward(*args, **kwargs)
+    finally:
+        for stash in state.stashes:
+            stash.pending = None
+
+
+def _fused_mlp_forward(self: nn.Module, x, *args, **kwargs):
+    gate_up, down = self.__dict__["_grit_fused"]
+    if args or kwargs or not (gate_up.active() and down.active()):
+        return self._grit_previous_forward(x, *args, **kwargs)
+    return FusedSwiGLU.apply(x, gate_up, down, *gate_up.lora_weights(), *down.lora_weights())
+
+
+def _install(module: nn.Module, state, forward) -> None:
+    module._grit_fused = state
+    module._grit_previous_forward = module.forward
+    module.forward = types.MethodType(forward, module)
+
+
+def _uninstall(module: nn.Module) -> None:
+    d = module.__dict__
+    d.pop("_grit_fused", None)
+    previous = d.pop("_grit_previous_forward", None)
+    d.pop("forward", None)
+    if previous is not None and getattr(previous, "__func__", None) is not type(module).forward:
+        module.forward = previous
+
+
+def _blocks(model: nn.Module):
+    for name, module in model.named_modules():
+        attn, mlp = getattr(module, "self_attn", None), getattr(module, "mlp", None)
+        if isinstance(attn, nn.Module) and isinstance(mlp, nn.Module):
+            yield name, module, attn, mlp
+
+
+def is_fused(model: nn.Module) -> bool:
+    """Whether :func:`fuse` has patched any module of ``model``."""
+    return any("_grit_fused" in m.__dict__ for m in model.modules())
+
+
+def fuse(model: nn.Module) -> FusionReport:
+    """Route every supported decoder block of ``model`` through the fused LoRA Functions.
+
+    Args:
+        model: a PEFT model (or any module) with Llama-family decoder blocks and PEFT LoRA layers
+            (plain ``nn.Linear`` or bitsandbytes 4-bit base weights, one active adapter, dropout 0,
+            no DoRA). Parts that do not qualify keep PEFT's path; the report says why.
+    Returns:
+        a :class:`FusionReport` (``print(report)`` for the summary and the reasons).
+    """
+    if is_fused(model):
+        raise RuntimeError("this model is already fused; call grit_kernels.unfuse(model) first")
+    report = FusionReport(lora_modules=sum(1 for m in model.modules() if is_lora_layer(m)))
+    for name, _block, attn, mlp in _blocks(model):
+        report.num_blocks += 1
+        attn_reason = _part_reason(attn, ATTENTION_PROJECTIONS)
+        if attn_reason is None and not _same_rank([getattr(attn, n) for n in ATTENTION_PROJECTIONS[:3]]):
+            attn_reason = "q/k/v LoRA ranks differ"
+        mlp_reason = _part_reason(mlp, MLP_PROJECTIONS)
+        if mlp_reason is None and not _is_silu(getattr(mlp, "act_fn", None)):
+            mlp_reason = f"activation {type(getattr(mlp, 'act_fn', None)).__name__} (fused MLP is SwiGLU: SiLU only)"
+        if mlp_reason is None and not _same_rank([mlp.gate_proj, mlp.up_proj]):
+            mlp_reason = "gate/up LoRA ranks differ"
+        parts = {}
+        if attn_reason is None:
+            parts["qkv"] = [attn.q_proj, attn.k_proj, attn.v_proj]
+            parts["o"] = [attn.o_proj]
+        if mlp_reason is None:
+            parts["gate_up"] = [mlp.gate_proj, mlp.up_proj]
+            parts["down"] = [mlp.down_proj]
+        if parts:
+            reason = weights_unsupported_reason([layer.base_layer for layers in parts.values() for layer in layers])
+            if reason is not None:
+                attn_reason = attn_reason or reason
+                mlp_reason = mlp_reason or reason
+                parts = {}
+        if parts:
+            weights = BlockWeights({k: [layer.base_layer for layer in v] for k, v in parts.items()})
+            groups = {
+                k: ProjectionGroup(k, v, v[0].active_adapters[0], weights) for k, v in parts.items()
+            }
+            if "qkv" in groups:
+                stashes = [_StashedOutput() for _ in range(3)]
+                for layer, stash in zip(parts["qkv"], stashes):
+                    layer._grit_fused = stash
+                    install_dispatch_forward(layer)
+                attn.o_proj._grit_fused = _FusedSingle(groups["o"])
+                install_dispatch_forward(attn.o_proj)
+                _install(attn, _AttentionState(groups["qkv"], stashes), _fused_attention_forward)
+                report.fused_modules += 4
+            if "gate_up" in groups:
+                _install(mlp, (groups["gate_up"], groups["down"]), _fused_mlp_forward)
+                report.fused_modules += 3
+        if attn_reason is None and mlp_reason is None:
+            report.fused_blocks.append(name)
+        else:
+            if attn_reason is not None:
+                report.unfused[f"{name}.self_attn"] = attn_reason
+            if mlp_reason is not None:
+                report.unfused[f"{name}.mlp"] = mlp_reason
+    if report.num_blocks == 0:
+        report.unfused["model"] = (
+            "no Llama-family decoder block (a module with self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj)"
+        )
+    return report
+
+
+def unfuse(model: nn.Module) -> None:
+    """Restore PEFT's path in every block :func:`fuse` patched (a preconditioner keeps its capture)."""
+    for module in model.modules():
+        d = module.__dict__
+        if "_grit_fused" not in d:
+            continue
+        if is_lora_layer(module):
+            del d["_grit_fused"]
+            release_dispatch_forward(module)
+        else:
+            _uninstall(module)
+    clear_cache()
