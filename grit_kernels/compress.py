@@ -273,9 +273,18 @@ def _follow(preconditioner, changes: dict[int, tuple[Truncation, int]]) -> None:
         unpatch_lora_layer(m.layer)
         slot = CaptureSlot(*new.stat_views(m.index), backend=preconditioner.backend, bank=new, index=m.index)
         patch_lora_layer(m.layer, slot)
+    cfg = preconditioner.config
+    floor = None
+    scale_max = getattr(preconditioner, "_scale_max", None)  # the damping floor's running scale ([2, M])
+    if isinstance(scale_max, torch.Tensor) and changes:
+        scale = torch.diagonal(new.factor, dim1=2, dim2=3).sum(dim=2) / new.ranks.view(2, -1)
+        index = torch.tensor(sorted(changes), device=new.device)
+        scale_max[:, index] = scale[:, index]  # the new basis has its own scale
+        if getattr(cfg, "damping_floor", 0) > 0:
+            floor = cfg.damping_floor * scale_max
     if new.refresh_count > 0:
-        cfg = preconditioner.config
-        new.refresh_inverses(cfg.damping, cfg.eps_abs, cfg.retry_damping_factor, backend=preconditioner.backend)
+        kwargs = {"floor": floor} if floor is not None else {}
+        new.refresh_inverses(cfg.damping, cfg.eps_abs, cfg.retry_damping_factor, backend=preconditioner.backend, **kwargs)
         new.refresh_count -= 1  # a re-basing, not a scheduled refresh
     fisher = getattr(preconditioner, "_fisher", None)
     if fisher is not None and hasattr(fisher, "on_resize"):

@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass, fields
 
 BACKENDS = ("auto", "torch", "triton")
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
+FISHERS = ("kfac", "diagonal", "kfac_full")
+REPROJECTIONS = ("off", "one_sided", "two_sided")
+RANK_SCHEDULES = ("linear", "cosine", "adaptive")
 
 
 @dataclass
@@ -44,6 +47,31 @@ class GritConfig:
             them are exactly zero (no supervised token): ``"skip"`` (skip the step, discard its
             statistics, warn; costs one device->host scalar read per step, like ``GradScaler``), ``"raise"`` (raise ``FloatingPointError``), or
             ``"ignore"`` (no check, no host sync; the bank still refuses non-finite statistics).
+        fisher: the curvature model (:mod:`grit_kernels.fisher`). ``"kfac"`` (default): rank-space K-FAC,
+            the r x r factors above. ``"diagonal"``: EMA (``ema_decay``) of the squared gradient of every
+            LoRA entry, ``g <- g / (v + lam)`` with ``lam = damping * mean(v) + eps_abs`` per tensor.
+            ``"kfac_full"``: full K-FAC with the ``d_in x d_in`` input and ``d_out x d_out`` output
+            factors as well (a reference for small models; per-module loops, refused above
+            ``kfac_full_max_bytes``).
+        kfac_full_max_bytes: memory limit of ``fisher="kfac_full"``'s large factors (sum, EMA and
+            inverse of every module's ``d_in^2 + d_out^2`` fp32 entries). Range [1, inf).
+        reprojection: periodic re-basing of every module onto its Fisher eigenbasis
+            (:class:`grit_kernels.compress.RankAdapter`): ``"off"``, ``"one_sided"`` (eigenvectors of
+            ``H^1/2 B^T B H^1/2``) or ``"two_sided"`` (of ``H^1/2 D H^1/2``). Applied after the optimizer
+            step every ``reprojection_freq`` steps from step ``reprojection_start``; without a
+            ``rank_schedule`` it keeps the rank (and the function).
+        reprojection_freq, reprojection_start: integers >= 1 and >= 0.
+        rank_schedule: ``None`` (keep ranks), ``"linear"``, ``"cosine"`` or ``"adaptive"``: at each
+            reprojection module ``m`` of initial rank ``r0`` gets rank
+            ``k_t = r0 * (rank_start + (rank_end - rank_start) * schedule(t))`` (rounded, >= ``min_rank``),
+            ``t = (step - reprojection_start) / (rank_schedule_steps - reprojection_start)`` clamped to
+            [0, 1], ``schedule`` = ``t`` (linear) or ``(1 - cos(pi t)) / 2`` (cosine). ``"adaptive"``: the
+            smallest rank keeping ``rank_energy`` of the module's current Fisher-weighted spectrum, but at
+            least the cosine ``k_t``. Ranks never grow. Needs ``reprojection != "off"``.
+        rank_start, rank_end: fractions of the initial rank in (0, 1], ``rank_end <= rank_start``.
+        rank_schedule_steps: step at which ``k_t`` reaches ``rank_end`` (> ``reprojection_start``).
+        rank_energy: energy kept by the ``"adaptive"`` schedule, in (0, 1].
+        min_rank: no module is cut below this rank (>= 1).
     """
 
     update_freq: int = 10
@@ -57,6 +85,17 @@ class GritConfig:
     target_modules: Sequence[str] | None = None
     exclude_modules: Sequence[str] = ()
     nonfinite_grads: str = "skip"
+    fisher: str = "kfac"
+    kfac_full_max_bytes: int = 2**30
+    reprojection: str = "off"
+    reprojection_freq: int = 100
+    reprojection_start: int = 0
+    rank_schedule: str | None = None
+    rank_start: float = 1.0
+    rank_end: float = 0.5
+    rank_schedule_steps: int = 1000
+    rank_energy: float = 0.99
+    min_rank: int = 1
 
     def __post_init__(self) -> None:
         self._check_int("update_freq", 1)
@@ -75,12 +114,34 @@ class GritConfig:
             raise ValueError(
                 f"GritConfig.nonfinite_grads must be one of {NONFINITE_POLICIES}, got {self.nonfinite_grads!r}"
             )
+        self._check_fisher_and_ranks()
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, str):
                 raise ValueError(f"GritConfig.{name} must be a list of names, not the string {value!r}")
             if value is not None:
                 setattr(self, name, tuple(value))
+
+    def _check_fisher_and_ranks(self) -> None:
+        if self.fisher not in FISHERS:
+            raise ValueError(f"GritConfig.fisher must be one of {FISHERS}, got {self.fisher!r}")
+        if self.reprojection not in REPROJECTIONS:
+            raise ValueError(f"GritConfig.reprojection must be one of {REPROJECTIONS}, got {self.reprojection!r}")
+        if self.rank_schedule is not None and self.rank_schedule not in RANK_SCHEDULES:
+            raise ValueError(f"GritConfig.rank_schedule must be None or one of {RANK_SCHEDULES}, got {self.rank_schedule!r}")
+        for name, lo in (("kfac_full_max_bytes", 1), ("reprojection_freq", 1), ("reprojection_start", 0), ("min_rank", 1)):
+            self._check_int(name, lo)
+        self._check_int("rank_schedule_steps", self.reprojection_start + 1)
+        for name in ("rank_start", "rank_end", "rank_energy"):
+            self._check_range(name, 0.0, 1.0, lo_open=True)
+        if self.rank_schedule is not None and self.rank_end > self.rank_start:
+            raise ValueError(
+                f"GritConfig.rank_end ({self.rank_end}) must be <= rank_start ({self.rank_start}): ranks only shrink"
+            )
+        if self.rank_schedule is not None and self.reprojection == "off":
+            raise ValueError("GritConfig.rank_schedule needs reprojection='one_sided' or 'two_sided'")
+        if self.fisher != "kfac" and self.reprojection != "off":
+            raise ValueError("GritConfig.reprojection needs fisher='kfac' (it re-bases the rank-space factors)")
 
     def _check_int(self, name: str, lo: int) -> None:
         value = getattr(self, name)

@@ -118,6 +118,8 @@ class GritOptimizer(torch.optim.Optimizer):
             return loss
         self.preconditioner.step(lr=self._lr(), loss_scale=self._loss_scale())
         self.optimizer.step()
+        if getattr(self.preconditioner, "rank_adapter", None) is not None:  # config.reprojection
+            self.preconditioner.rank_adapter.after_step(self.optimizer)
         return loss
 
     def _loss_scale(self) -> torch.Tensor | None:

@@ -18,6 +18,8 @@ from . import ops
 from .bank import BACKWARD, FORWARD, FactorBank
 from .config import GritConfig
 from .distributed import all_reduce_statistics, check_not_fsdp
+from .compress import RankAdapter
+from .fisher import make_fisher
 from .layers import CaptureSlot, is_lora_layer, patch_lora_layer, unpatch_lora_layer, unsupported_reason
 
 
@@ -94,6 +96,10 @@ class GritPreconditioner:
             patch_lora_layer(m.layer, slot)
         self.step_count = 0
         self._removed = False
+        # config.fisher "diagonal" / "kfac_full" take over step() (grit_kernels.fisher); "kfac": None
+        self._fisher = make_fisher(self)
+        #: periodic reprojection / rank adaptation (config.reprojection), run by GritOptimizer after its step
+        self.rank_adapter = RankAdapter(model, self) if cfg.reprojection != "off" else None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -127,6 +133,8 @@ class GritPreconditioner:
         """
         self._check_not_removed()
         cfg = self.config
+        if self._fisher is not None:
+            return self._fisher.step(lr=lr, loss_scale=loss_scale)
         all_reduce_statistics(self.bank)  # DDP: one all-reduce of the step's statistics; no-op otherwise
         self.bank.fold(cfg.ema_decay, loss_scale=loss_scale, backend=self.backend)
         since = self.step_count - cfg.warmup_steps
@@ -204,6 +212,8 @@ class GritPreconditioner:
         """Restore plain PEFT layers; the preconditioner cannot be used afterwards."""
         for m in self.modules:
             unpatch_lora_layer(m.layer)
+        if hasattr(self._fisher, "remove"):
+            self._fisher.remove()
         self._removed = True
 
     def _check_not_removed(self) -> None:
