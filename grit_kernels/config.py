@@ -131,7 +131,7 @@ class GritConfig:
             raise ValueError(f"GritConfig.rank_schedule must be None or one of {RANK_SCHEDULES}, got {self.rank_schedule!r}")
         for name, lo in (("kfac_full_max_bytes", 1), ("reprojection_freq", 1), ("reprojection_start", 0), ("min_rank", 1)):
             self._check_int(name, lo)
-        self._check_int("rank_schedule_steps", self.reprojection_start + 1)
+        self._check_int("rank_schedule_steps", self.reprojection_start + 1 if self.rank_schedule is not None else 1)
         for name in ("rank_start", "rank_end", "rank_energy"):
             self._check_range(name, 0.0, 1.0, lo_open=True)
         if self.rank_schedule is not None and self.rank_end > self.rank_start:

@@ -192,3 +192,73 @@ def test_bad_arguments_raise():
     for kwargs in ({"energy": 0.0}, {"energy": 1.5}, {"min_rank": 0}, {"budget": 3}, {"sides": "both"}):
         with pytest.raises(ValueError):
             compress_adapter(model, None, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- in training
+def train_steps(model, opt, ids, n):
+    for _ in range(n):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("sides", ["one_sided", "two_sided"])
+def test_reprojection_keeps_the_function(fresh_seed, sides):
+    model = small_llama(num_layers=2, seed=fresh_seed % 1000, r=8)
+    cfg = gk.GritConfig(warmup_steps=0, update_freq=1, reprojection=sides, reprojection_freq=1000, reprojection_start=1000)
+    pre = gk.GritPreconditioner(model, cfg)
+    opt = gk.GritOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), pre)
+    ids = torch.randint(0, 512, (2, 12))
+    train_steps(model, opt, ids, 2)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    old = [m.lora_A for m in pre.modules]
+    ranks = pre.rank_adapter.reproject(opt)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert (after - before).norm() / before.norm() < 1e-5
+    assert set(ranks.values()) == {8} and all(m.lora_A is not o for m, o in zip(pre.modules, old))
+    params = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert all(id(p) in params for p in pre.parameters()) and not any(p in opt.state for p in pre.parameters())
+    # the re-based forward factor is H' = T H T^T, close to the identity for the two-sided basis too
+    train_steps(model, opt, ids, 1)
+    assert all(torch.isfinite(p).all() for p in pre.parameters())
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "adaptive"])
+def test_rank_schedule_shrinks_real_parameters_during_training(schedule):
+    model = small_llama(num_layers=1, r=8)
+    cfg = gk.GritConfig(
+        warmup_steps=0, update_freq=1, reprojection="one_sided", reprojection_freq=1, reprojection_start=1,
+        rank_schedule=schedule, rank_start=1.0, rank_end=0.5, rank_schedule_steps=3, rank_energy=0.999,
+    )
+    pre = gk.GritPreconditioner(model, cfg)
+    opt = gk.GritOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), pre)
+    ids = torch.randint(0, 512, (2, 12))
+    full = lora_parameter_count(model)
+    train_steps(model, opt, ids, 4)
+    ranks = [m.lora_A.shape[0] for m in pre.modules]
+    assert pre.bank.module_ranks == ranks and model.peft_config["default"].rank_pattern
+    if schedule == "adaptive":
+        assert all(4 <= k <= 8 for k in ranks)
+    else:
+        assert ranks == [4] * 7
+    assert [k for _, k in pre.rank_adapter.history] == sorted((k for _, k in pre.rank_adapter.history), reverse=True)
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"] if p.requires_grad) == lora_parameter_count(model)
+    assert lora_parameter_count(model) <= full
+
+
+def test_schedule_values():
+    from grit_kernels.compress import schedule_fraction, scheduled_rank
+
+    assert [schedule_fraction("linear", t) for t in (0, 0.25, 1, 2)] == [0.0, 0.25, 1.0, 1.0]
+    assert schedule_fraction("cosine", 0.5) == pytest.approx(0.5) and schedule_fraction("cosine", 0.25) < 0.25
+    cfg = gk.GritConfig(reprojection="one_sided", rank_schedule="linear", reprojection_start=10,
+                        rank_schedule_steps=20, rank_start=1.0, rank_end=0.25)
+    assert [scheduled_rank(16, s, cfg) for s in (0, 10, 15, 20, 99)] == [16, 16, 10, 4, 4]
+    with pytest.raises(ValueError):
+        gk.GritConfig(reprojection="off", rank_schedule="cosine")
+    with pytest.raises(ValueError):
+        gk.GritConfig(reprojection="one_sided", rank_schedule="linear", rank_start=0.3, rank_end=0.6)
+    with pytest.raises(ValueError):
+        gk.GritConfig(reprojection="one_sided", rank_schedule="sqrt")
