@@ -54,7 +54,7 @@ if str(REPO_ROOT) not in sys.path:
 from grit_kernels import ops
 from grit_kernels.ops import interpreter_active
 
-IMPLS = ("triton", "torch", "prior-art")
+IMPLS = ("triton", "cuda", "cpp", "torch", "prior-art")
 OPS = ("stats", "fold", "invert", "precondition")
 #: DESIGN.md §3 floors (Llama-3-8B, r=16, ~32k tokens per step, H100), milliseconds
 DESIGN_FLOORS_MS = {"stats": 0.15, "invert": 0.005, "precondition": 0.1}
@@ -120,11 +120,15 @@ class BenchConfig:
         self.stats_dtype = self.stats_dtype or ("bfloat16" if cuda else "float32")
         self.reps = self.reps or (5 if cuda else 7)
         if not cuda:
-            self.impls = tuple(i for i in self.impls if i != "triton")
+            self.impls = tuple(i for i in self.impls if i not in ("triton", "cuda"))
             if self.threads:
                 torch.set_num_threads(self.threads)
             self.threads = torch.get_num_threads()
         unknown = set(self.banks) - set(BANKS) | set(self.ops) - set(OPS) | set(self.impls) - set(IMPLS)
+        from grit_kernels import _ext  # compiled csrc/ kernels: timed where built for this device
+
+        compiled = {"cpp": not cuda and _ext.cpu_available(), "cuda": cuda and _ext.cuda_available()}
+        self.impls = tuple(i for i in self.impls if compiled.get(i, True))
         if unknown:
             raise ValueError(f"unknown bank/op/impl names: {sorted(unknown)}")
         return self
@@ -242,6 +246,7 @@ def _cases(bank: Bank, op: str, cfg: BenchConfig) -> tuple[dict[str, Callable], 
 
         impl = {"triton": gram_all("triton"), "torch": gram_all("torch"), "prior-art": lambda: prior_art_stats(half_sums, xs)}
         facts.update(bytes=sum(x.numel() * x.element_size() for x in xs), rows=cfg.tokens, launches_ours=n)
+        impl.update({b: gram_all(b) for b in ("cpp", "cuda")})
     elif op == "fold":
         factor = _spd(n, r, 1e2, dev)
         stat = _spd(n, r, 1e2, dev)
@@ -252,6 +257,8 @@ def _cases(bank: Bank, op: str, cfg: BenchConfig) -> tuple[dict[str, Callable], 
             "triton": lambda: ops.ema_fold_(factor, stat, weight, 0.95, init, backend="triton"),
             "torch": lambda: ops.ema_fold_(factor, stat, weight, 0.95, init, backend="torch"),
             "prior-art": lambda: prior_art_fold(factors, stats, 0.95),
+            "cpp": lambda: ops.ema_fold_(factor, stat, weight, 0.95, init, backend="cpp"),
+            "cuda": lambda: ops.ema_fold_(factor, stat, weight, 0.95, init, backend="cuda"),
         }
         facts.update(bytes=3 * n * r * r * 4)
     elif op == "invert":
@@ -268,6 +275,7 @@ def _cases(bank: Bank, op: str, cfg: BenchConfig) -> tuple[dict[str, Callable], 
 
         impl = {"triton": ours("triton"), "torch": ours("torch"), "prior-art": lambda: prior_art_invert(factors, inverses, cfg.damping)}
         facts.update(bytes=3 * n * r * r * 4)
+        impl.update({b: ours(b) for b in ("cpp", "cuda")})
     elif op == "precondition":
         grads_a = [torch.randn(r, d_in, device=dev).to(gdt) for d_in, _ in bank.shapes()]
         grads_b = [torch.randn(d_out, r, device=dev).to(gdt) for _, d_out in bank.shapes()]
@@ -276,6 +284,8 @@ def _cases(bank: Bank, op: str, cfg: BenchConfig) -> tuple[dict[str, Callable], 
             "triton": lambda: ops.precondition_(grads_a, grads_b, inv_d, inv_h, compute_dot=True, backend="triton"),
             "torch": lambda: ops.precondition_(grads_a, grads_b, inv_d, inv_h, compute_dot=True, backend="torch"),
             "prior-art": lambda: prior_art_precondition(grads_a, grads_b, list(inv_d), list(inv_h)),
+            "cpp": lambda: ops.precondition_(grads_a, grads_b, inv_d, inv_h, compute_dot=True, backend="cpp"),
+            "cuda": lambda: ops.precondition_(grads_a, grads_b, inv_d, inv_h, compute_dot=True, backend="cuda"),
         }
         grad_bytes = sum(g.numel() * g.element_size() for g in grads_a + grads_b)
         facts.update(bytes=2 * grad_bytes, lora_params=bank.lora_params, grad_dtype=cfg.grad_dtype)

@@ -9,7 +9,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 FISHERS = ("kfac", "diagonal", "kfac_full")
 REPROJECTIONS = ("off", "one_sided", "two_sided")
@@ -39,7 +39,9 @@ class GritConfig:
             gradients are scaled by ``nu = min(1, sqrt(kl_clip / (lr^2 * sum(g_pre . g))))``, computed
             on the device. ``None`` disables it. It is reparametrisation invariant and has almost no
             effect with Adam-type optimizers (which are invariant to a global gradient scale).
-        backend: ``"auto"`` (Triton on CUDA, torch on CPU), ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (the fastest available backend measured for the device: Triton on CUDA, the
+            C++ kernels on CPU when built, else torch), ``"torch"``, ``"triton"``, ``"cpp"`` (C++ CPU
+            kernels of ``csrc/``) or ``"cuda"`` (CUDA C++ kernels of ``csrc/``).
         target_modules: optional names or name suffixes of LoRA layers to precondition (for example
             ``["q_proj", "v_proj"]``); ``None`` preconditions every supported LoRA layer.
         exclude_modules: names or name suffixes of LoRA layers to leave unpreconditioned.

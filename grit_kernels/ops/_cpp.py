@@ -1,0 +1,81 @@
+"""Backends ``cpp`` (C++ CPU kernels) and ``cuda`` (CUDA C++ kernels): thin wrappers over
+``torch.ops.grit_kernels_cpp.*`` (``csrc/``, loaded by :mod:`grit_kernels._ext`).
+
+Each wrapper has the signature of the op's ``torch`` implementation (see ``_backend.KERNELS``).
+Inputs the compiled kernels do not take (an unsupported dtype, a gradient without unit column stride)
+go to the ``torch`` implementation, so the result never depends on which backend was picked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import _ext
+
+_GRAD_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _ops():
+    if not _ext.load():
+        raise RuntimeError(f"grit_kernels compiled kernels are not available: {_ext.load_error()}")
+    return torch.ops.grit_kernels_cpp
+
+
+def _torch(op: str):
+    from ._backend import kernel
+
+    return kernel("torch", op)
+
+
+def accumulate_gram_(out: torch.Tensor, x: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """``out[r, r] += weight * x2^T x2`` (``x2 = x.reshape(-1, r)``), fp32 (fp64 for fp64 ``out``)."""
+    if x.dtype not in _GRAD_DTYPES or out.dtype not in (torch.float32, torch.float64):
+        return _torch("accumulate_gram_")(out, x, weight)
+    _ops().accumulate_gram_(out, x, float(weight))
+    return out
+
+
+def accumulate_grams_(outs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], weight: float = 1.0) -> None:
+    """``outs[i] += weight * xs[i]^T xs[i]`` for every ``i`` (one kernel call each)."""
+    ops = _ops()
+    for out, x in zip(outs, xs):
+        if x.numel():
+            ops.accumulate_gram_(out, x, float(weight))
+
+
+def ema_fold_(factor, stat_sum, weight, decay: float, initialized) -> None:
+    """See :func:`grit_kernels.ops.ema_fold_` (``factor`` and ``initialized`` updated in place)."""
+    if not (factor.is_contiguous() and initialized.is_contiguous() and factor.dtype in (torch.float32, torch.float64)):
+        return _torch("ema_fold_")(factor, stat_sum, weight, decay, initialized)
+    _ops().ema_fold_(factor, stat_sum, weight, float(decay), initialized)
+    return None
+
+
+def damped_cholesky_inverse(
+    mats, damping: float, eps_abs: float, ranks, previous, previous_valid, retry_factor: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See :func:`grit_kernels.ops.damped_cholesky_inverse`: same status codes and fallback chain."""
+    if mats.dtype not in (torch.float32, torch.float64):
+        inv, status = damped_cholesky_inverse(
+            mats.float(), damping, eps_abs, ranks, previous, previous_valid, retry_factor
+        )
+        return inv.to(mats.dtype), status
+    n, R = mats.shape[0], mats.shape[-1]
+    if ranks is None:
+        ranks = torch.full((n,), R, dtype=torch.int32, device=mats.device)
+    if previous is None or previous_valid is None:
+        previous = previous_valid = None
+    return _ops().damped_cholesky_inverse(
+        mats, float(damping), float(eps_abs), ranks.to(mats.device), previous, previous_valid, float(retry_factor)
+    )
+
+
+def precondition_(grads_a, grads_b, inv_d, inv_h, compute_dot: bool = False) -> torch.Tensor | None:
+    """See :func:`grit_kernels.ops.precondition_`: one call over every module, in place."""
+    supported = all(g.dim() == 2 and g.stride(1) == 1 and g.dtype in _GRAD_DTYPES for g in (*grads_a, *grads_b))
+    if not supported or inv_d.dtype not in (torch.float32, torch.float64):
+        return _torch("precondition_")(grads_a, grads_b, inv_d, inv_h, compute_dot)
+    dot = _ops().precondition_(list(grads_a), list(grads_b), inv_d, inv_h, bool(compute_dot))
+    return dot if compute_dot else None

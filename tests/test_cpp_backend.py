@@ -1,0 +1,268 @@
+"""The C++ CPU backend (``csrc/grit_cpu.cpp``, ``backend="cpp"``) against :mod:`grit_kernels.reference`,
+the torch backend over whole GritPreconditioner steps, torch.compile over the ops, and the optional build.
+
+Skipped (with the reason) where the extension is not built: ``pip install --no-build-isolation -e .``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from grit_kernels import _ext, ops
+from grit_kernels import reference as ref
+from grit_kernels.status import InverseStatus
+
+from conftest import rel_err
+
+REPO = Path(__file__).resolve().parent.parent
+needs_cpp = pytest.mark.skipif(not _ext.cpu_available(), reason=f"C++ extension not built: {_ext.load_error()}")
+BOUND = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-6, torch.float16: 2e-6}
+
+
+def _spd(n: int, r: int, rows: int = 64, dtype=torch.float64) -> torch.Tensor:
+    x = torch.randn(n, rows, r, dtype=dtype)
+    return x.transpose(1, 2) @ x / rows
+
+
+@needs_cpp
+@pytest.mark.parametrize("x_dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_accumulate_gram(fresh_seed, x_dtype):
+    out_dtype = torch.float64 if x_dtype == torch.float64 else torch.float32
+    R, r = 24, 20  # a bank slice: non-contiguous [r, r] view, r not a multiple of the 16-wide tiles
+    bank = torch.full((R, R), float("nan"), dtype=out_dtype)
+    bank[:r, :r] = torch.randn(r, r, dtype=out_dtype)
+    out = bank[:r, :r]
+    x = torch.randn(3, 411, r).to(x_dtype)  # 1233 rows: several 512-row chunks and a ragged one
+    expected = ref.accumulate_gram(out.double(), x.double(), 0.25)
+    returned = ops.accumulate_gram_(out, x, 0.25, backend="cpp")
+    assert returned.data_ptr() == out.data_ptr()
+    assert rel_err(out, expected) < BOUND[x_dtype]
+    assert torch.isnan(bank[r:]).all() and torch.isnan(bank[:, r:]).all()  # outside the slice untouched
+
+
+@needs_cpp
+def test_accumulate_gram_empty_and_symmetric(fresh_seed):
+    out = torch.zeros(16, 16)
+    ops.accumulate_gram_(out, torch.randn(0, 16), backend="cpp")
+    assert torch.equal(out, torch.zeros(16, 16))
+    ops.accumulate_gram_(out, torch.randn(1000, 16), backend="cpp")
+    assert torch.equal(out, out.T)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ema_fold(fresh_seed, dtype):
+    n, R = 9, 8
+    factor = _spd(n, R, dtype=dtype)
+    stat = _spd(n, R, dtype=dtype) * 50
+    stat[2, 1, 3] = float("nan")  # non-finite statistic: skipped
+    stat[5, 0, 0] = float("inf")
+    weight = torch.rand(n, dtype=dtype) + 0.1
+    weight[4] = 0  # no rows this step: skipped
+    init = torch.tensor([True, False] * 4 + [True])
+    exp_factor, exp_init = ref.ema_fold(factor.double(), stat.double(), weight.double(), 0.9, init)
+    ops.ema_fold_(factor, stat, weight, 0.9, init, backend="cpp")
+    assert rel_err(factor, exp_factor) < BOUND[dtype]
+    assert torch.equal(init, exp_init)
+
+
+def _inverse_cases(dtype):
+    """Factors that exercise every status code: OK, RETRIED, KEPT_PREVIOUS, SCALED_IDENTITY."""
+    n, R = 10, 16
+    mats = _spd(n, R, dtype=dtype)
+    ranks = torch.tensor([16, 8, 16, 16, 16, 3, 16, 16, 12, 1], dtype=torch.int32)
+    mats[1, 8:, :] = float("nan")  # padding outside rank 8: ignored
+    retry = torch.eye(R, dtype=dtype)
+    retry[-1, -1] = -1e-2  # fails at lam ~ 9e-4, succeeds at 100 * lam
+    mats[2] = retry
+    mats[3] = -torch.eye(R, dtype=dtype)  # indefinite; previous valid -> kept
+    mats[4, 0, 1] = float("nan")  # non-finite, no previous -> I / lam
+    mats[6] = -torch.eye(R, dtype=dtype)  # indefinite, negative lam, no previous -> I
+    mats[7] = 0  # all zero: lam = eps_abs, inverse 1/eps_abs
+    previous = torch.randn(n, R, R, dtype=dtype)
+    previous = previous + previous.transpose(1, 2)
+    valid = torch.zeros(n, dtype=torch.bool)
+    valid[[3, 5]] = True
+    return mats, ranks, previous, valid
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_damped_cholesky_inverse(fresh_seed, dtype):
+    mats, ranks, previous, valid = _inverse_cases(dtype)
+    inv, status = ops.damped_cholesky_inverse(mats, 1e-3, 1e-6, ranks, previous, valid, 100.0, backend="cpp")
+    exp_inv, exp_status = ref.damped_cholesky_inverse(mats.double(), 1e-3, 1e-6, ranks.tolist(), previous.double(), valid, 100.0)
+    assert status.dtype == torch.int32 and status.tolist() == exp_status.tolist()
+    codes = set(status.tolist())
+    assert {int(s) for s in InverseStatus} <= codes
+    assert inv.dtype == dtype and torch.isfinite(inv).all()
+    assert torch.equal(inv, inv.transpose(1, 2))
+    for i in range(mats.shape[0]):
+        assert rel_err(inv[i], exp_inv[i]) < (1e-10 if dtype == torch.float64 else 1e-4), i
+
+
+@needs_cpp
+def test_damped_cholesky_inverse_matches_torch_backend(fresh_seed):
+    mats, ranks, previous, valid = _inverse_cases(torch.float32)
+    a = ops.damped_cholesky_inverse(mats, 1e-3, 1e-6, ranks, previous, valid, 100.0, backend="cpp")
+    b = ops.damped_cholesky_inverse(mats, 1e-3, 1e-6, ranks, previous, valid, 100.0, backend="torch")
+    assert torch.equal(a[1], b[1])
+    assert rel_err(a[0], b[0]) < 1e-5
+    plain = _spd(7, 16, dtype=torch.float32)  # no ranks / previous
+    a = ops.damped_cholesky_inverse(plain, 1e-2, backend="cpp")
+    b = ops.damped_cholesky_inverse(plain, 1e-2, backend="torch")
+    assert torch.equal(a[1], b[1]) and rel_err(a[0], b[0]) < 1e-5
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_precondition(fresh_seed, dtype):
+    shapes = [(16, 100, 77), (8, 333, 50), (16, 31, 9), (5, 64, 1000), (16, 4100, 16)]  # (r, d_in, d_out)
+    R = 16
+    inv_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    grads_a = [torch.randn(r, d_in).to(dtype) for r, d_in, _ in shapes]
+    grads_b = [torch.randn(d_out, r).to(dtype) for r, _, d_out in shapes]
+    inv_d = torch.randn(len(shapes), R, R, dtype=inv_dtype)
+    inv_h = torch.randn(len(shapes), R, R, dtype=inv_dtype)
+    new_a, new_b, exp_dot = ref.precondition(grads_a, grads_b, inv_d, inv_h)
+    dot = ops.precondition_(grads_a, grads_b, inv_d, inv_h, compute_dot=True, backend="cpp")
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    for got, exp in zip(grads_a + grads_b, new_a + new_b):
+        assert got.dtype == dtype and rel_err(got, exp) < tol
+    assert dot.dtype == torch.float32 and dot.shape == ()
+    assert abs(dot.item() - exp_dot.item()) <= 1e-4 * exp_dot.abs().item() + 1e-3
+    assert ops.precondition_(grads_a[:1], grads_b[:1], inv_d, inv_h, backend="cpp") is None
+
+
+@needs_cpp
+def test_precondition_strided_gradient_falls_back(fresh_seed):
+    base = torch.randn(40, 16)
+    ga = [base.T]  # [16, 40] with column stride 16: not taken by the kernel, done by torch instead
+    gb = [torch.randn(30, 16)]
+    inv = torch.randn(1, 16, 16)
+    exp_a, exp_b, _ = ref.precondition([ga[0].clone()], [gb[0].clone()], inv, inv)
+    ops.precondition_(ga, gb, inv, inv, backend="cpp")
+    assert rel_err(base.T, exp_a[0]) < 1e-6 and rel_err(gb[0], exp_b[0]) < 1e-6
+
+
+@needs_cpp
+def test_results_do_not_depend_on_threads(fresh_seed):
+    grads = [torch.randn(16, 9000) for _ in range(4)] + [torch.randn(9000, 16) for _ in range(4)]
+    inv = torch.randn(4, 16, 16)
+    x = torch.randn(5000, 16)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            g = [t_.clone() for t_ in grads]
+            dot = ops.precondition_(g[:4], g[4:], inv, inv, compute_dot=True, backend="cpp")
+            out = torch.zeros(16, 16)
+            ops.accumulate_gram_(out, x, backend="cpp")
+            results.append((g, dot, out))
+    finally:
+        torch.set_num_threads(threads)
+    (g1, d1, o1), (g2, d2, o2) = results
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2)) and torch.equal(d1, d2) and torch.equal(o1, o2)
+
+
+def _train(backend: str, steps: int, seed: int):
+    import grit_kernels as gk
+    from grit_kernels.models import build_lora_model, tiny_llama_config
+
+    model = build_lora_model(tiny_llama_config(num_layers=2, hidden=32, vocab=64), r=8, seed=seed)
+    cfg = gk.GritConfig(backend=backend, warmup_steps=0, update_freq=2, kl_clip=1e-2)
+    pre = gk.GritPreconditioner(model, cfg)
+    opt = gk.GritOptimizer(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2), pre)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        ids = torch.randint(0, 64, (2, 12), generator=gen)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return pre, [p.detach().clone() for p in pre.parameters()]
+
+
+@needs_cpp
+def test_preconditioner_steps_match_torch_backend(fresh_seed):
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    pre_cpp, params_cpp = _train("cpp", 3, seed)
+    pre_torch, params_torch = _train("torch", 3, seed)
+    assert pre_cpp.backend == "cpp" and pre_torch.backend == "torch"
+    assert torch.equal(pre_cpp.bank.status, pre_torch.bank.status)
+    assert rel_err(pre_cpp.bank.factor, pre_torch.bank.factor) < 1e-5
+    assert rel_err(pre_cpp.bank.inverse, pre_torch.bank.inverse) < 1e-4
+    for a, b in zip(params_cpp, params_torch):
+        assert rel_err(a, b) < 1e-4
+
+
+@needs_cpp
+def test_ops_compile_without_graph_break(fresh_seed):
+    """Fake implementations let torch.compile trace every op in one graph (fullgraph=True)."""
+    cpp = torch.ops.grit_kernels_cpp
+
+    def step(stat, x, factor, weight, init, ranks, ga, gb):
+        cpp.accumulate_gram_(stat, x, 1.0)
+        cpp.ema_fold_(factor, stat.unsqueeze(0).expand_as(factor).contiguous(), weight, 0.9, init)
+        inv, status = cpp.damped_cholesky_inverse(factor, 1e-3, 1e-6, ranks, None, None, 100.0)
+        dot = cpp.precondition_([ga], [gb], inv, inv, True)
+        return inv, status, dot
+
+    def inputs():
+        torch.manual_seed(1)
+        return (torch.zeros(8, 8), torch.randn(50, 8), torch.zeros(1, 8, 8), torch.ones(1), torch.zeros(1, dtype=torch.bool),
+                torch.full((1,), 8, dtype=torch.int32), torch.randn(8, 20), torch.randn(30, 8))
+
+    eager_in, compiled_in = inputs(), inputs()
+    eager = step(*eager_in)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(*compiled_in)
+    for a, b in zip(eager + eager_in, compiled + compiled_in):
+        assert torch.equal(a, b)
+
+
+def test_auto_backend_on_cpu():
+    from grit_kernels.ops import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) == ("cpp" if _ext.cpu_available() else "torch")
+    with pytest.raises(RuntimeError, match="needs cuda tensors"):
+        resolve_backend("cuda", torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------ the build
+def _setup_py(tmp_path: Path, env: dict, *args: str, preamble: str = "") -> subprocess.CompletedProcess:
+    """Run the repo's setup.py on a scratch copy (the tree is never written)."""
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "grit_cpu.cpp").write_text((REPO / "csrc" / "grit_cpu.cpp").read_text())
+    (tmp_path / "grit_kernels").mkdir()
+    (tmp_path / "grit_kernels" / "__init__.py").write_text("")
+    (tmp_path / "setup.py").write_text((REPO / "setup.py").read_text())
+    code = preamble + "import sys; sys.argv = ['setup.py', *sys.argv[1:]]; exec(open('setup.py').read())"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=tmp_path,
+        env={**os.environ, "GRIT_KERNELS_BUILD_CUDA": "0", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_setup_without_compiler_still_installs(tmp_path):
+    """No working C++ compiler: build_ext reports one notice and succeeds without the extension."""
+    res = _setup_py(tmp_path, {"CC": "/bin/false", "CXX": "/bin/false"}, "-q", "build_ext", "--inplace")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "grit-kernels: compiling grit_kernels._C failed" in res.stderr
+    assert not list((tmp_path / "grit_kernels").glob("_C*.so"))
+
+
+def test_setup_without_torch_in_build_env(tmp_path):
+    """pip build isolation (no torch importable): metadata still builds, the notice says what to do."""
+    res = _setup_py(tmp_path, {}, "--name", preamble="import sys; sys.modules['torch'] = None; ")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "torch not importable" in res.stderr and "--no-build-isolation" in res.stderr
