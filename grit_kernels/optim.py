@@ -96,6 +96,7 @@ class GritOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.preconditioner.check_active_adapter()  # a switched adapter is not a "no gradient" step
         policy = self.preconditioner.config.nonfinite_grads
         problem = self._gradient_problem() if policy != "ignore" else None
         if problem is not None:

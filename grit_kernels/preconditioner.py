@@ -75,10 +75,16 @@ class GritPreconditioner:
             lines = "\n".join(f"  {n}: {r}" for n, r in self.skipped.items())
             warnings.warn(f"GRIT leaves {len(self.skipped)} LoRA layer(s) unpreconditioned:\n{lines}", stacklevel=2)
         if not found:
+            targets = f" (target_modules={list(cfg.target_modules)})" if cfg.target_modules is not None else ""
+            if self.skipped:  # LoRA layers exist, none is supported: say why (DoRA, Conv2d, Embedding, ...)
+                reasons = sorted(set(self.skipped.values()))
+                raise ValueError(
+                    f"GritPreconditioner: none of the model's {len(self.skipped)} LoRA layer(s) is supported"
+                    f"{targets}: " + "; ".join(reasons)
+                )
             raise ValueError(
-                "GritPreconditioner found no supported PEFT LoRA layer in the model"
-                + (f" (target_modules={list(cfg.target_modules)})" if cfg.target_modules is not None else "")
-                + "; wrap the model with peft.get_peft_model(model, LoraConfig(...)) first"
+                f"GritPreconditioner found no supported PEFT LoRA layer in the model{targets}; "
+                "wrap the model with peft.get_peft_model(model, LoraConfig(...)) first"
             )
         self.modules: list[GritModule] = []
         for i, (name, layer) in enumerate(found):
@@ -132,6 +138,7 @@ class GritPreconditioner:
         No host synchronisation: every decision on tensor values is made on the device.
         """
         self._check_not_removed()
+        self.check_active_adapter()
         cfg = self.config
         if self._fisher is not None:
             return self._fisher.step(lr=lr, loss_scale=loss_scale)
@@ -215,6 +222,24 @@ class GritPreconditioner:
         if hasattr(self._fisher, "remove"):
             self._fisher.remove()
         self._removed = True
+
+    def check_active_adapter(self) -> None:
+        """Raise ``RuntimeError`` if the model's active adapter is no longer the one this preconditioner
+        was built for (``model.set_adapter(other)`` after construction). O(1): PEFT switches every layer
+        at once, so the first module stands for all."""
+        first = self.modules[0]
+        adapter = first.layer._grit_state["adapter"] if hasattr(first.layer, "_grit_state") else None
+        active = list(first.layer.active_adapters)
+        if adapter is None or active == [adapter]:
+            return
+        now = repr(active[0]) if len(active) == 1 else f"{active}"
+        raise RuntimeError(
+            f"GritPreconditioner: the active adapter changed from {adapter!r} to {now} after the preconditioner "
+            f"was built (model.set_adapter); it captures statistics of and preconditions {adapter!r} only, so "
+            f"no GRIT step is possible. Switch back with model.set_adapter({adapter!r}), or re-create GRIT for "
+            "the new adapter: pre.remove(); pre = GritPreconditioner(model, config); opt = GritOptimizer("
+            "<a new optimizer over model.parameters()>, pre) (with GritTrainer: build a new trainer)"
+        )
 
     def _check_not_removed(self) -> None:
         if self._removed:

@@ -270,6 +270,20 @@ class GritCallback(TrainerCallback):
 
 
 # --------------------------------------------------------------------------------------------- the trainer
+def _check_train_dataset(dataset: Any) -> None:
+    """A clear error for an empty training set (torch's sampler would say ``num_samples=0``)."""
+    try:
+        empty = dataset is not None and len(dataset) == 0
+    except TypeError:  # an IterableDataset has no length
+        return
+    if empty:
+        raise ValueError(
+            "GritTrainer: train_dataset is empty (0 rows), there is nothing to train on; check the data file "
+            "and the preprocessing (tokenize_alpaca / tokenize_chat drop rows with no supervised token "
+            "left within max_length)"
+        )
+
+
 class _GritTrainerMixin:
     """GRIT behaviour layered over any ``transformers.Trainer`` subclass (Trainer, TRL's SFTTrainer, ...)."""
 
@@ -295,6 +309,7 @@ class _GritTrainerMixin:
                 config = GritConfig()
         if config is not None and not isinstance(config, GritConfig):
             raise TypeError(f"grit_config must be a GritConfig, got {type(config).__name__}")
+        _check_train_dataset(getattr(self, "train_dataset", None))
         self.grit_config = config
         self.grit_preconditioner = preconditioner
         if config is None:
@@ -314,6 +329,10 @@ class _GritTrainerMixin:
     def grit_optimizer(self) -> TrainerGritOptimizer | None:
         """The :class:`TrainerGritOptimizer` inside ``self.optimizer`` (None before training / no GRIT)."""
         return _find_grit_optimizer(getattr(self, "optimizer", None))
+
+    def get_train_dataloader(self, *args, **kwargs):
+        _check_train_dataset(self.train_dataset)
+        return super().get_train_dataloader(*args, **kwargs)
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)

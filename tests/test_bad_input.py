@@ -130,7 +130,7 @@ def test_unsupported_layers_are_listed_or_refused():
                           LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(ValueError, match="no supported PEFT LoRA layer"):
+        with pytest.raises(ValueError, match="none of the model's 1 LoRA layer.* DoRA"):
             GritPreconditioner(dora)
 
     with pytest.raises(ValueError, match="no supported PEFT LoRA layer"):
