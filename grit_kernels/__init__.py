@@ -8,11 +8,13 @@ Two lines on top of PEFT::
 
 from . import ops, reference
 from .bank import FactorBank
+from .compress import compress_adapter
 from .config import GritConfig
 from .fused import FusionReport, fuse, unfuse
 from .optim import GritOptimizer
 from .preconditioner import GritPreconditioner
 from .status import InverseStatus
+from .vlm import ModalityGroup, VLMGritConfig, create_vlm_grit_adapter
 
 __version__ = "0.1.0"
 
@@ -34,6 +36,10 @@ __all__ = [
     "GritOptimizer",
     "GritPreconditioner",
     "InverseStatus",
+    "ModalityGroup",
+    "VLMGritConfig",
+    "compress_adapter",
+    "create_vlm_grit_adapter",
     "ops",
     "reference",
     "__version__",

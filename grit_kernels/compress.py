@@ -120,7 +120,8 @@ class _Target:
     key: str
     layer: nn.Module
     adapter: str
-    index: int | None  # index in the preconditioner, if preconditioned
+    index: int | None  # index in its preconditioner's bank, if preconditioned
+    owner: object = None  # that preconditioner (a group's, under a GroupedGritPreconditioner)
 
     @property
     def lora_A(self) -> nn.Parameter:
@@ -152,7 +153,8 @@ def _peft_key(name: str) -> str:
 def _targets(model: nn.Module, preconditioner) -> list[_Target]:
     from .layers import is_lora_layer
 
-    index = {id(m.layer): m.index for m in preconditioner.modules} if preconditioner is not None else {}
+    owners = [] if preconditioner is None else list(getattr(preconditioner, "groups", {}).values()) or [preconditioner]
+    index = {id(m.layer): (owner, m.index) for owner in owners for m in owner.modules}
     out = []
     for name, layer in model.named_modules():
         if not is_lora_layer(layer) or not hasattr(layer, "lora_A"):
@@ -162,7 +164,8 @@ def _targets(model: nn.Module, preconditioner) -> list[_Target]:
             continue
         if not isinstance(layer.lora_A[adapters[0]], nn.Linear):
             continue
-        out.append(_Target(_peft_key(name), layer, adapters[0], index.get(id(layer))))
+        owner, i = index.get(id(layer), (None, None))
+        out.append(_Target(_peft_key(name), layer, adapters[0], i, owner))
     if not out:
         raise ValueError("compress_adapter: no PEFT LoRA (Linear) layer with one active adapter in the model")
     return out
@@ -355,11 +358,11 @@ def compress_adapter(
     bases = []
     with torch.no_grad():
         for t in targets:
-            back = _factor(preconditioner, t.index, BACKWARD) if sides == "two_sided" else None
+            back = _factor(t.owner, t.index, BACKWARD) if sides == "two_sided" else None
             if sides == "two_sided" and back is None:
                 warnings.warn(f"compress_adapter: {t.key} has no backward factor yet; one-sided cut used", stacklevel=2)
             bases.append(
-                truncation_basis(t.lora_A, t.lora_B, _factor(preconditioner, t.index, FORWARD), t.scaling, back, damping)
+                truncation_basis(t.lora_A, t.lora_B, _factor(t.owner, t.index, FORWARD), t.scaling, back, damping)
             )
         caps = [t.lora_A.shape[0] for t in targets]
         if budget is not None:
@@ -370,8 +373,9 @@ def compress_adapter(
         for t, b, k in zip(targets, bases, ranks):
             replaced.update(_resize_layer(t, b, k))
             if t.index is not None:
-                changes[t.index] = (b, k)
-        _follow(preconditioner, changes)
+                changes.setdefault(id(t.owner), (t.owner, {}))[1][t.index] = (b, k)
+        for owner, owner_changes in changes.values():
+            _follow(owner, owner_changes)
         swap_optimizer_parameters(optimizer, replaced)
     return _update_peft_config(model, targets)
 
@@ -460,15 +464,13 @@ class RankAdapter:
         pre = self.preconditioner
         step = pre.step_count if step is None else step
         two = pre.config.reprojection == "two_sided"
-        targets = [t for t in _targets(self.model, pre) if t.index is not None]
+        targets = [t for t in _targets(self.model, pre) if t.owner is pre]
         _check_not_fused(targets)
         changes, replaced = {}, {}
         with torch.no_grad():
             for t in targets:
                 back = _factor(pre, t.index, BACKWARD) if two else None
-                basis = truncation_basis(
-                    t.lora_A, t.lora_B, _factor(pre, t.index, FORWARD), t.scaling, back if two else None
-                )
+                basis = truncation_basis(t.lora_A, t.lora_B, _factor(pre, t.index, FORWARD), t.scaling, back)
                 k = self.target_rank(t.index, basis, t.lora_A.shape[0], step)
                 replaced.update(_resize_layer(t, basis, k))
                 changes[t.index] = (basis, k)

@@ -216,6 +216,11 @@ def grit_log_metrics(
         "grit/trace_backward": "trace_backward_mean",
     }
     keys, values = list(names), [summary[v].float().reshape(()) for v in names.values()]
+    if hasattr(preconditioner, "group_summaries"):  # per modality group (grit_kernels.vlm): grit/<group>/...
+        for group, part in preconditioner.group_summaries().items():
+            for key, name in names.items():
+                keys.append(key.replace("grit/", f"grit/{group}/"))
+                values.append(part[name].float().reshape(()).to(values[0].device))
     ratio = getattr(optimizer, "grad_norm_ratio", None)
     if ratio is not None and getattr(optimizer, "grad_norm_ratio_step", -1) == preconditioner.step_count - 1:
         keys.append("grit/grad_norm_ratio")
