@@ -549,11 +549,13 @@ from grit_kernels.triton import fold, gram, inverse, precondition
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
-def build(fn, types, constexprs, num_warps=4, spill_free=False):
+def build(fn, types, constexprs, num_warps=4, spill_free=False, vectorised=False):
     signature = {name: ("constexpr" if name in constexprs else types[name]) for name in fn.arg_names}
     src = triton.compiler.ASTSource(fn, signature, constexprs=constexprs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     assert kernel.asm["cubin"], fn.__name__
+    if vectorised:  # the mask-free, aligned variant must use vector loads
+        assert re.search(r"ld\.global(\.\w+)*\.v[248]", kernel.asm["ptx"]), f"{fn.__name__} {constexprs}: scalar loads only"
     if spill_free and os.path.exists(CUOBJDUMP):  # hot configurations must not spill registers
         with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
             f.write(kernel.asm["cubin"])
@@ -568,19 +570,32 @@ for dt, br, single in [("*fp32", 16, True), ("*bf16", 16, True), ("*fp16", 64, F
           stride_xk=i32, stride_om=i32, stride_on=i32, weight=f32, n_col_tiles=i32),
           dict(BLOCK_M=128, BLOCK_R=br, SINGLE_TILE=single, UPCAST=dt == "*fp32", IEEE=dt == "*fp32"),
           num_warps=8 if br == 64 else 4, spill_free=True)
+for dt in ("*fp32", "*bf16"):  # grouped Gram, rank tiles of r in {8, 16, 32, 64}
+    for rp in (16, 32, 64):
+        build(gram._grams_kernel, dict(table="*i64", dtype_ref=dt, out_ref="*fp32", weight=f32, n_programs=i32),
+              dict(BLOCK_M=gram.ROWS_PER_STEP, RP=rp, UPCAST=dt == "*fp32", IEEE=dt == "*fp32"),
+              num_warps=8 if rp == gram.MAX_TILE_R else 4, spill_free=True)
 build(fold._ema_fold_kernel, dict(factor_ptr="*fp32", stat_ptr="*fp32", weight_ptr="*fp32", init_ptr="*u8", R=i32,
       sf0=i32, sf1=i32, sf2=i32, ss0=i32, ss1=i32, ss2=i32, stride_w=i32, stride_init=i32, decay=f32,
       one_minus_decay=f32), dict(CHUNK=4096, N_CHUNKS=2), spill_free=True)
-for rp, has in [(16, True), (32, False), (64, True)]:
+for rp, has in [(16, True), (32, False), (64, True)]:  # RP = 64 spills (documented in inverse._num_warps)
     build(inverse._inverse_kernel, dict(mats_ptr="*fp32", out_ptr="*fp32", status_ptr="*i32", ranks_ptr="*i32",
           prev_ptr="*fp32", prev_valid_ptr="*u8", R=i32, sm0=i32, sm1=i32, sm2=i32, so0=i32, so1=i32, so2=i32,
           sp0=i32, sp1=i32, sp2=i32, stride_rank=i32, stride_pv=i32, damping=f32, eps_abs=f32, retry_factor=f32),
           dict(RP=rp, HAS_RANKS=has, HAS_PREV=has), num_warps=inverse._num_warps(rp), spill_free=rp <= 32)
-for dt, rp, contig in [("*fp32", 16, True), ("*bf16", 16, True), ("*bf16", 64, False)]:
-    build(precondition._precondition_kernel, dict(mat_table="*i64", tile_table="*i32", dtype_ref=dt, inv_d_ptr="*fp32",
-          inv_h_ptr="*fp32", partial_ptr="*fp32", sd0=i32, sd1=i32, sd2=i32, sh0=i32, sh1=i32, sh2=i32),
-          dict(RP=rp, BLOCK=max(16, precondition.TILE_ELEMENTS // rp), CONTIG=contig, COMPUTE_DOT=True),
-          num_warps=precondition.NUM_WARPS, spill_free=True)
+pre_types = dict(ptr_table="*i64", meta_table="*i64", tile_table="*i64", inv_d_ptr="*fp32", inv_h_ptr="*fp32",
+                 partial_ptr="*fp32", sd0=i32, sd1=i32, sd2=i32, sh0=i32, sh1=i32, sh2=i32)
+for (rp, size), (block, warps) in sorted(precondition.CONFIGS.items()):  # every (rank tile, dtype) in use
+    for even in (False, True):
+        build(precondition._precondition_kernel, dict(pre_types, dtype_ref="*fp32" if size == 4 else "*bf16"),
+              dict(RP=rp, BLOCK=block, CONTIG=True, EVEN=even, ALIGNED=even, COMPUTE_DOT=True),
+              num_warps=warps, spill_free=True, vectorised=even)
+block, warps = precondition.config(64, 2)
+build(precondition._precondition_kernel, dict(pre_types, dtype_ref="*fp16"),
+      dict(RP=64, BLOCK=block, CONTIG=False, EVEN=False, ALIGNED=False, COMPUTE_DOT=False), num_warps=warps, spill_free=True)
+block, warps = precondition.config(128, 2)  # RP = 128 compiles but spills (documented in precondition.py)
+build(precondition._precondition_kernel, dict(pre_types, dtype_ref="*bf16"),
+      dict(RP=128, BLOCK=block, CONTIG=True, EVEN=False, ALIGNED=False, COMPUTE_DOT=True), num_warps=warps)
 print("compiled")
 '''
 

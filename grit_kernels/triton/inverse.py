@@ -165,9 +165,11 @@ def _inverse_kernel(
 
 
 def _num_warps(rp: int) -> int:
-    # From ptxas register reports for sm_90 (not timed on a GPU yet): RP=16 fits one warp without
-    # spills (101 registers), RP=32 needs 4 warps to avoid spills, RP=64 spills a little at 8.
-    return {16: 1, 32: 4}.get(rp, 8)
+    # ptxas register reports for sm_90 (cuobjdump -res-usage; not timed on a GPU yet), triton 3.6 / 3.9:
+    # RP=16 at 1 warp 118 / 101 registers, RP=32 at 4 warps 153 / 139, no spills. RP=64 spills at any
+    # warp count (stack bytes at 8 / 16 / 32 warps: 360 / 64 / 72 on 3.6, 488 / 88 / 72 on 3.9); 16 is
+    # the least. Known limitation: rank-64 banks invert with a small spill.
+    return {16: 1, 32: 4}.get(rp, 16)
 
 
 def damped_cholesky_inverse(

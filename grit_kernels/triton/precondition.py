@@ -53,9 +53,9 @@ CONFIGS = {
     (16, 4): (128, 4),
     (16, 2): (128, 4),
     (32, 4): (64, 4),
-    (32, 2): (64, 4),
+    (32, 2): (32, 8),
     (64, 4): (32, 8),
-    (64, 2): (32, 8),
+    (64, 2): (16, 8),
 }
 _CACHE_SIZE = 16
 N_META: tl.constexpr = tl.constexpr(5)  #: per matrix: length, stride_outer, stride_inner, rank, module * 2 + side
