@@ -34,9 +34,9 @@ def test_bench_e2e_writes_json_with_every_key(tmp_path, capsys):
     assert result["device"]["type"] == "cpu" and result["device"]["slug"] == "cpu"
     assert result["versions"]["torch"] and result["config"]["steps"] == 3 and result["config"]["seq"] == "dynamic"
     assert result["model"]["lora_modules"] == 14
-    assert set(result["arms"]) == {"adamw", "grit", "grit-prior", "unsloth"}
+    assert set(result["arms"]) == {"peft-adamw", "fused-adamw", "fused-grit", "peft-grit", "grit-prior", "unsloth"}
     assert result["arms"]["unsloth"]["status"] == "skipped" and result["arms"]["unsloth"]["reason"]
-    for name in ("adamw", "grit", "grit-prior"):
+    for name in ("peft-adamw", "fused-adamw", "fused-grit", "peft-grit", "grit-prior"):
         arm = result["arms"][name]
         assert arm["status"] == "ok", arm
         assert len(arm["step_times_s"]) == 3 and len(arm["warmup_times_s"]) == 1
@@ -44,8 +44,10 @@ def test_bench_e2e_writes_json_with_every_key(tmp_path, capsys):
         assert arm["tokens_per_s"] > 0 and arm["ratio_to_adamw"] > 0
         assert all(torch.isfinite(torch.tensor(arm["losses"])))
         assert arm["lora_modules"] == 14
-    assert result["arms"]["adamw"]["ratio_to_adamw"] == 1.0
-    assert result["summary"]["grit_over_adamw"] == result["arms"]["grit"]["ratio_to_adamw"]
+    assert result["arms"]["peft-adamw"]["ratio_to_adamw"] == 1.0
+    assert result["summary"]["grit_over_adamw"] == result["arms"]["peft-grit"]["ratio_to_adamw"]
+    assert result["summary"]["fused_grit_over_peft_adamw"] == result["arms"]["fused-grit"]["ratio_to_adamw"]
+    assert "fused-grit / peft-adamw" in printed
     assert 0 <= result["tokens"]["padding_fraction"] < 1
 
 

@@ -186,11 +186,13 @@ class FusedSwiGLU(torch.autograd.Function):
         needs = ctx.needs_input_grad
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)
         gate, up = y_gu.chunk(2, dim=1)
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
+        silu = F.silu(gate)
         act = silu * up  # recomputed, not stored
         g_act, grads_d = _group_backward(down, g, act, h_d, a_d, b_d, lora[4:], True, needs[7:9])
-        g_gate_up = torch.cat([g_act * up * sig * (1 + gate * (1 - sig)), g_act * silu], dim=1)
+        g_gate_up = torch.empty_like(y_gu)
+        g_gate, g_up = g_gate_up.chunk(2, dim=1)
+        torch.mul(g_act, silu, out=g_up)
+        torch.ops.aten.silu_backward.grad_input(g_act.mul_(up), gate, grad_input=g_gate)
         gx, grads_gu = _group_backward(gate_up, g_gate_up, x2, h_gu, a_gu, b_gu, lora[:4], needs[0], needs[3:7])
         if gx is not None:
             gx = gx.view(*grad_y.shape[:-1], gx.shape[-1]).to(ctx.input_dtype)

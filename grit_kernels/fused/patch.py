@@ -262,5 +262,9 @@ def unfuse(model: nn.Module) -> None:
             del d["_grit_fused"]
             release_dispatch_forward(module)
         else:
+            state = d["_grit_fused"]
+            groups = (state.qkv,) if isinstance(state, _AttentionState) else state
+            for group in groups:
+                group.weights.release()
             _uninstall(module)
     clear_cache()

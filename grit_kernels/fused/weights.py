@@ -4,7 +4,8 @@ dequantised *once per block* into one reusable buffer.
 At :func:`~grit_kernels.fused.fuse` time the packed 4-bit data of a block's projections (q, k, v, o,
 gate, up, down) is concatenated into one flat uint8 tensor (each ``Params4bit`` is re-pointed to its
 slice, so no memory is duplicated) and their block scales (``absmax``, un-nested) into one fp32
-tensor. A single dequantisation then yields every weight of the block; the result is kept in a
+tensor. Plain weights of a group (q, k, v; gate, up) are likewise re-pointed to row slices of one
+stacked tensor. A single dequantisation then yields every weight of the block; the result is kept in a
 per-device cache until another block needs it, so the forward of a block dequantises once and the
 backward once more (recompute instead of store; nothing weight-sized is saved for backward).
 """
@@ -72,6 +73,31 @@ class BlockWeights:
         self.biases = {name: [b.bias for b in layers] for name, layers in self.groups.items()}
         if self.quantized:
             self._pack(bases)
+        else:
+            self._stack()
+
+    def _stack(self) -> None:
+        """Plain weights: re-point each group's weights to row slices of one ``[sum o_k, d]`` tensor
+        (no copy per call, no extra memory); :meth:`release` gives them their own storage back."""
+        self.stacked = {}
+        for name, layers in self.groups.items():
+            if len(layers) == 1:
+                self.stacked[name] = layers[0].weight
+                continue
+            stacked = torch.cat([b.weight.data for b in layers])
+            at = 0
+            for b in layers:
+                b.weight.data = stacked[at : at + b.out_features]
+                at += b.out_features
+            self.stacked[name] = stacked
+
+    def release(self) -> None:
+        """Undo the storage sharing of plain weights (each ``weight`` gets its own tensor again)."""
+        if not self.quantized:
+            for layers in self.groups.values():
+                if len(layers) > 1:
+                    for b in layers:
+                        b.weight.data = b.weight.data.clone()
 
     def _pack(self, bases: list[nn.Module]) -> None:
         states = [b.weight.quant_state for b in bases]
@@ -106,15 +132,13 @@ class BlockWeights:
             out, inp = self.shapes[group]
             at = self.offsets[group]
             return self._dequantised(dtype)[at : at + out * inp].view(out, inp)
-        layers = self.groups[group]
-        if len(layers) == 1:
-            return layers[0].weight.to(dtype)
-        return torch.cat([b.weight for b in layers]).to(dtype)
+        w = self.stacked[group]
+        return w if w.dtype == dtype else w.to(dtype)
 
     def bias(self, group: str, dtype: torch.dtype) -> torch.Tensor | None:
         """``[sum out_features]`` bias of ``group`` (zeros where a projection has none), or ``None``."""
         biases = self.biases[group]
-        if all(b is None for b in biases):
+        if biases[0] is None and all(b is None for b in biases):
             return None
         layers = self.groups[group]
         parts = [b if b is not None else torch.zeros(l.out_features) for b, l in zip(biases, layers)]
