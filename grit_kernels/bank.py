@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from . import ops
+from .ops._transfer import to_device
 from .status import InverseStatus
 
 FORWARD = 0  #: H = E[h h^T], h = A dropout(x): preconditions grad_B from the right
@@ -81,7 +82,7 @@ class FactorBank:
         key = tuple(indices)
         index = self._index_cache.get(key)
         if index is None:
-            index = self._index_cache[key] = torch.tensor(key, dtype=torch.long, device=self.device)
+            index = self._index_cache[key] = to_device(key, torch.long, self.device)  # pinned, non-blocking
         for which in (FORWARD, BACKWARD):
             self.stat_sum[which, :, :r, :r].index_add_(0, index, grams[which])
         self.rows.index_add_(0, index, rows)
@@ -104,8 +105,11 @@ class FactorBank:
         forward_weight = torch.where(has_rows, 1.0 / safe_rows, torch.zeros_like(rows))
         backward_weight = rows
         if loss_scale is not None:
-            scale = torch.as_tensor(loss_scale, dtype=torch.float32, device=self.device)
-            backward_weight = rows / (scale * scale)
+            if torch.is_tensor(loss_scale):  # read on the device (GradScaler's scale): no sync
+                scale = loss_scale.to(device=self.device, dtype=torch.float32, non_blocking=True)
+                backward_weight = rows / (scale * scale)
+            else:  # a Python number: a scalar operand, no host->device copy
+                backward_weight = rows / (float(loss_scale) ** 2)
         weight = torch.cat([forward_weight, backward_weight])
         ops.ema_fold_(
             self._flat(self.factor), self._flat(self.stat_sum), weight, decay, self.initialized.view(-1), backend=backend

@@ -160,13 +160,12 @@ class GritPreconditioner:
         if not modules:
             return
         inv_d, inv_h = self.bank.inverse[BACKWARD], self.bank.inverse[FORWARD]
-        if len(modules) != len(self.modules):
-            index = torch.tensor([m.index for m in modules], device=self.bank.device)
-            inv_d, inv_h = inv_d[index], inv_h[index]
+        # some modules without gradients: their bank rows, gathered on the device (index uploaded once, no sync)
+        index = [m.index for m in modules] if len(modules) != len(self.modules) else None
         grads_a = [m.lora_A.grad for m in modules]
         grads_b = [m.lora_B.grad for m in modules]
         clip = self.config.kl_clip is not None and lr is not None
-        dot = ops.precondition_(grads_a, grads_b, inv_d, inv_h, compute_dot=clip, backend=self.backend)
+        dot = ops.precondition_(grads_a, grads_b, inv_d, inv_h, compute_dot=clip, backend=self.backend, modules=index)
         if clip:
             quad = (dot.abs() * lr**2).clamp_min(torch.finfo(torch.float32).tiny)  # lr: float or 0-dim tensor
             nu = torch.sqrt(self.config.kl_clip / quad).clamp(max=1.0)
