@@ -5,6 +5,9 @@
     grit-kernels bench e2e [options]      end-to-end step time: AdamW-LoRA vs GRIT vs GRIT the prior way
                                           (tiny 224-module Llama on CPU; Llama-3-8B shapes, QLoRA, on CUDA)
     grit-kernels bench kernels [options]  kernel microbenchmarks (bench/bench_kernels.py)
+    grit-kernels bench convergence [options]
+                                          held-out loss of AdamW-LoRA, LoRA+, SGD vs GRIT on a pretrained
+                                          byte Llama (bench/bench_convergence.py)
     grit-kernels demo [options]           a short GRIT training run on the tiny model, printing the loss
     grit-kernels finetune --model DIR --data FILE.json [options]
                                           GRIT fine-tuning of a local HF model on Alpaca or chat data;
@@ -152,11 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="benchmarks: `bench e2e` (end-to-end step time) or `bench kernels` (kernel microbenchmarks)",
+        help="benchmarks: `bench e2e` (end-to-end step time), `bench kernels` (kernel microbenchmarks) or "
+        "`bench convergence` (held-out loss vs step and wall-clock)",
         description="Run a benchmark from the repository's bench/ directory; options after the target go to it "
         "(e.g. `grit-kernels bench e2e --help`).",
     )
-    bench.add_argument("target", choices=("e2e", "kernels"))
+    bench.add_argument("target", choices=("e2e", "kernels", "convergence"))
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark")
     bench.set_defaults(func=cmd_bench)
 
@@ -188,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ._noise import silence_known_noise
+
+    silence_known_noise()  # two harmless third-party messages (see grit_kernels/_noise.py)
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
