@@ -254,7 +254,8 @@ def create_vlm_grit_adapter(model_or_path, config: VLMGritConfig | None = None, 
     Args:
         model_or_path: a ``transformers`` VLM (LLaVA-, Idefics3-, Qwen2-VL-style) or a local path /
             hub name loaded with ``AutoModelForImageTextToText.from_pretrained(path, **from_pretrained_kwargs)``.
-        config: :class:`VLMGritConfig` (defaults if ``None``).
+        config: :class:`VLMGritConfig` (defaults if ``None``), or grit-vlm's
+            :class:`~grit_kernels.compat.GRITLoRAConfig` (one rank/alpha for every group).
 
     Returns:
         ``(peft_model, preconditioner)``: the PEFT model (``rank_pattern`` / ``alpha_pattern`` per layer)
@@ -265,6 +266,8 @@ def create_vlm_grit_adapter(model_or_path, config: VLMGritConfig | None = None, 
     from peft import LoraConfig, get_peft_model
 
     config = config if config is not None else VLMGritConfig()
+    if hasattr(config, "to_vlm_config"):  # grit_kernels.compat.GRITLoRAConfig (grit-vlm's config)
+        config = config.to_vlm_config()
     if not isinstance(config, VLMGritConfig):
         raise TypeError(f"config must be a VLMGritConfig, got {type(config).__name__}")
     model = _load(model_or_path, from_pretrained_kwargs)

@@ -5,7 +5,7 @@ import torch
 from test_trainer import lora_params, make_features
 from transformers import TrainingArguments
 
-from grit_kernels import GritConfig
+from grit_kernels import GritConfig, GritPreconditioner
 from grit_kernels.bank import BACKWARD, FORWARD
 from grit_kernels.compat import PAIRING_WARNING, GritCallback, GRITConfig, GRITManager, GritTrainer
 from grit_kernels.data import ByteTokenizer, DynamicPaddingCollator
@@ -145,3 +145,67 @@ def test_compat_trainer_without_manager_uses_grit_config(tmp_path):
         grit_config=GRITConfig(kfac_update_freq=3),
     )
     assert trainer.grit_config == GritConfig(update_freq=3, warmup_steps=3)
+
+
+# --------------------------------------------------------------------------------------------- grit-vlm
+def test_grit_lora_config_maps_with_warnings_where_meanings_differ():
+    from grit_kernels.compat import GRITLoRAConfig
+
+    with pytest.warns(UserWarning, match="block_diagonal.*kfac_full"):
+        cfg = GRITLoRAConfig(fisher_approximation="block_diagonal", enable_projection=False).to_grit_config()
+    assert cfg.fisher == "kfac_full" and cfg.reprojection == "off"
+    with pytest.warns(UserWarning, match="relative"):
+        cfg = GRITLoRAConfig(fisher_approximation="kfac", fisher_update_freq=7, natural_gradient_damping=1e-2,
+                             fisher_damping=1e-6, fisher_ema_decay=0.9, projection_budget_start=16,
+                             projection_budget_end=4, projection_schedule="cosine").to_grit_config()
+    assert (cfg.fisher, cfg.update_freq, cfg.damping, cfg.eps_abs, cfg.ema_decay) == ("kfac", 7, 1e-2, 1e-6, 0.9)
+    assert (cfg.reprojection, cfg.rank_schedule, cfg.rank_end) == ("one_sided", "cosine", 0.25)
+    with pytest.warns(UserWarning, match="grows"):
+        assert GRITLoRAConfig().to_grit_config().fisher == "diagonal"  # grit-vlm's default
+    with pytest.raises(ValueError, match="fisher_approximation"):
+        GRITLoRAConfig(fisher_approximation="full").to_grit_config()
+    lora = GRITLoRAConfig(r=4).lora_config()
+    assert lora.r == 4 and lora.lora_alpha == 32 and "down_proj" in lora.target_modules
+
+
+def test_grit_vlm_documented_call_sequence(tmp_path):
+    """GRITLoRAConfig -> gk.create_vlm_grit_adapter(model, config=...) -> GRITTrainingArguments ->
+    create_grit_trainer(model, adapter, train_dataset=..., training_args=...) -> train()."""
+    from test_vlm import tiny_llava
+
+    import grit_kernels as gk
+    from grit_kernels.compat import GRITLoRAConfig, GRITTrainingArguments, create_grit_trainer
+
+    torch.manual_seed(0)
+    vlm, batch, _ = tiny_llava()
+    dataset = [{k: v[i] for k, v in batch.items()} for i in range(2)] * 2
+    config = GRITLoRAConfig(r=4, lora_alpha=8, lora_dropout=0.0, fisher_approximation="kfac", fisher_update_freq=2,
+                            enable_projection=False)
+    with pytest.warns(UserWarning, match="relative"):
+        model, adapter = gk.create_vlm_grit_adapter(vlm, config=config)
+    assert {m.lora_A.shape[0] for m in adapter.modules} == {4} and set(adapter.groups) == {"vision", "projector", "language"}
+    args = GRITTrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, logging_steps=1, report_to="none",
+        use_cpu=True, save_strategy="no", fisher_update_freq=2, fisher_approximation="kfac",
+        enable_projection=False, grit_optimizer_type="adam", disable_tqdm=True,
+    )
+    assert args.grit_update_freq == 2 and args.to_grit_config().fisher == "kfac"
+    trainer = create_grit_trainer(model, adapter, train_dataset=dataset, training_args=args)
+    trainer.train()
+    assert trainer.grit_preconditioner is adapter and adapter.step_count == 2
+    logged = [h for h in trainer.state.log_history if "grit/language/damping" in h]
+    assert logged and "grit/vision/trace_forward" in logged[-1]
+
+
+def test_create_grit_trainer_without_natural_gradient_is_plain_lora(tmp_path):
+    from grit_kernels.compat import GRITTrainingArguments, create_grit_trainer
+
+    model = small_model()
+    pre = GritPreconditioner(model, GritConfig())
+    args = GRITTrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True,
+                                 enable_natural_gradient=False, enable_projection=False)
+    assert args.grit is False and args.optim == "sgd"
+    with pytest.warns(UserWarning, match="plain LoRA"):
+        trainer = create_grit_trainer(model, pre, train_dataset=make_features(2), training_args=args,
+                                      data_collator=DynamicPaddingCollator(0))
+    assert trainer.grit_preconditioner is None and trainer.grit_config is None
