@@ -1,6 +1,6 @@
 """Convergence benchmark: does GRIT fine-tune a *pretrained* model better than first-order LoRA?
 
-Setup (no downloads; DESIGN.md §8):
+Setup (no downloads; docs/design.md §13):
 
 * **Base model**: a small byte-level Llama (vocabulary 256 = bytes) pretrained once with AdamW on the
   Python standard library's own ``.py`` sources (sorted, deterministic), cached outside the repository in

@@ -20,7 +20,7 @@ GPU: ``triton.testing.do_bench`` (median and 20/80% quantiles, L2 flushed betwee
 ``time.perf_counter`` medians and quantiles over ``reps`` calls after one warm-up call. Reported:
 times, ratios to ours (to torch on CPU), achieved GB/s of the memory-bound ops against the measured
 device copy bandwidth (``dst.copy_(src)`` of 1 GiB), the bandwidth floor (bytes / copy bandwidth),
-and the DESIGN.md §3 floors.
+and the docs/design.md §8 floors.
 
 Writes ``bench/results/<device-slug>/kernels.json`` (override with ``--out DIR`` or the ``OUT``
 environment variable) and prints a table. ``run(out_dir=None, quick=False) -> dict`` is the entry
@@ -56,7 +56,7 @@ from grit_kernels.ops import interpreter_active
 
 IMPLS = ("triton", "cuda", "cpp", "torch", "prior-art")
 OPS = ("stats", "fold", "invert", "precondition")
-#: DESIGN.md §3 floors (Llama-3-8B, r=16, ~32k tokens per step, H100), milliseconds
+#: docs/design.md §8 floors (Llama-3-8B, r=16, ~32k tokens per step, H100), milliseconds
 DESIGN_FLOORS_MS = {"stats": 0.15, "invert": 0.005, "precondition": 0.1}
 
 
@@ -135,7 +135,7 @@ class BenchConfig:
 
 
 # ------------------------------------------------------------------------------- prior art
-# The per-module way of published GRIT code (DESIGN.md §3 "naive", §9): a Python loop over modules,
+# The per-module way of published GRIT code (docs/design.md §8, §11): a Python loop over modules,
 # host inversion with a device->host copy and a host->device copy per factor, `.item()` per module.
 
 

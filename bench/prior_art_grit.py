@@ -3,7 +3,7 @@
 This is the ``grit-prior`` arm of ``bench/bench_e2e.py``. It runs the same rank-space K-FAC math
 as :class:`grit_kernels.GritPreconditioner` (same factors, scale normalisation, EMA, relative
 damping, warm-up) but engineered the way the published GRIT implementation and its derivatives do
-it (DESIGN.md §3 "naive" column, §9):
+it (docs/design.md §8 "the per-module way" column, §11):
 
 * **Module hooks, per LoRA module.** A forward hook on every ``lora_A`` keeps ``h = A x~``; a full
   backward hook on every ``lora_B`` receives ``delta = dL/dh`` (the gradient w.r.t. ``lora_B``'s
@@ -14,7 +14,7 @@ it (DESIGN.md §3 "naive" column, §9):
 * **Statistics stored in fp16.** Each micro-batch's normalised Gram matrices are cast to fp16 and
   accumulated in fp16 buffers; the EMA factors are kept in fp16 too. (Here they are normalised per
   micro-batch -- ``h^T h / n`` and ``n * delta^T delta`` -- so they are O(1) and do not underflow;
-  raw ``sum delta delta^T`` of a mean loss underflows to 0 in fp16, the bug DESIGN.md §9 recalls.)
+  raw ``sum delta delta^T`` of a mean loss underflows to 0 in fp16, the bug docs/design.md §11 recalls.)
 * **Per-module CPU inversion with device-host copies.** Every ``update_freq`` steps each factor is
   copied to the host, inverted there with ``torch.linalg.inv`` (damping from its trace) and copied
   back, one module at a time.
@@ -24,7 +24,7 @@ it (DESIGN.md §3 "naive" column, §9):
 
 What it does *not* copy by default is the published **factor pairing**: that code preconditions
 ``lora_A``'s gradient with the forward factor ``H = E[h h^T]`` and ``lora_B``'s with the backward
-factor ``D = E[delta delta^T]`` -- the wrong way round (DESIGN.md §2: the update then is not
+factor ``D = E[delta delta^T]`` -- the wrong way round (docs/design.md §2: the update then is not
 reparametrisation invariant). ``pairing="published"`` reproduces it; the default ``"correct"`` uses
 the right pairing so the speed comparison runs identical math. The pairing costs nothing in time.
 

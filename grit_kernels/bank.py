@@ -94,7 +94,7 @@ class FactorBank:
     def fold(self, decay: float, loss_scale: torch.Tensor | float | None = None, backend: str = "auto") -> None:
         """Fold this step's statistics into the EMA factors (one batched op), then reset them.
 
-        Scale normalisation (DESIGN.md §2): ``H_step = sum h h^T / rows`` and
+        Scale normalisation (docs/design.md §2): ``H_step = sum h h^T / rows`` and
         ``D_step = rows * sum delta delta^T / loss_scale^2`` -- the per-token Fisher of the mean
         loss, invariant to batch size, gradient-accumulation split and the AMP loss scale. Modules
         without rows this step, and non-finite statistics, are skipped on the device.

@@ -1,7 +1,7 @@
 """Fisher-guided rank truncation of LoRA adapters that makes them *really* smaller, periodic
 reprojection / rank adaptation during training, and rank-budget schedules.
 
-The cut (DESIGN.md §2, "Beyond K-FAC"). A LoRA module adds ``dW x = s B h`` with ``h = A x``. Its best
+The cut (docs/design.md §10). A LoRA module adds ``dW x = s B h`` with ``h = A x``. Its best
 rank-``k`` replacement under ``E||.||^2`` over the data is ``C h`` with ``C`` the best rank-``k``
 approximation of ``B`` in the metric of ``H = E[h h^T]``: with ``S = (H + lam I)^{1/2}`` and ``V`` the
 eigenvectors of ``S B^T B S`` (eigenvalues ``e_1 >= ... >= e_r``: the output energy ``s^2 E||B h||^2``

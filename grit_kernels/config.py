@@ -1,6 +1,6 @@
 """GritConfig: every knob of rank-space K-FAC (GRIT), validated and documented.
 
-See DESIGN.md §2 for the math the knobs control.
+See docs/design.md §2 and §4 for the math the knobs control.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """GritPreconditioner: a PEFT model -> patched LoRA layers + one FactorBank; ``step()`` preconditions.
 
-A training step as data (DESIGN.md §4): forward -> backward (each patched layer adds its
+A training step as data (docs/design.md §6): forward -> backward (each patched layer adds its
 ``sum h h^T``, ``sum delta delta^T`` and row count to the bank) -> ``step()``: EMA fold (one batched op),
 every ``update_freq`` steps the batched inversion (one op), grouped preconditioning of every
 lora_A / lora_B ``.grad`` in place (one op), optional KL-clip -> the wrapped optimizer steps.

@@ -1,4 +1,4 @@
-"""Slow, obvious, float64-capable oracle for every GRIT op (DESIGN.md §2).
+"""Slow, obvious, float64-capable oracle for every GRIT op (docs/design.md §2).
 
 Everything here loops over matrices / modules in Python and uses plain torch linear algebra. The
 ``torch`` and ``triton`` backends in :mod:`grit_kernels.ops` are tested against these functions.
@@ -78,7 +78,7 @@ def damped_cholesky_inverse(
     previous_valid: torch.Tensor | None = None,
     retry_factor: float = 100.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Invert ``C + lam*I`` for each matrix with the fallback chain of DESIGN.md §2.
+    """Invert ``C + lam*I`` for each matrix with the fallback chain of docs/design.md §4.
 
     ``mats``: ``[n, R, R]``; ``ranks``: per-matrix rank (default ``R``); ``previous``: ``[n, R, R]``
     inverses from the last refresh and ``previous_valid``: ``[n]`` bool saying which of them hold a

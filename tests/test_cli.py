@@ -151,7 +151,7 @@ def test_prior_art_statistics_equal_ours_to_fp16_precision():
     pre.step()
     prior.step()
     # one fp16 rounding: relative 2^-11 for normal numbers, absolute 2^-25 in fp16's subnormal range
-    # (entries of D below 6e-5 are subnormal in fp16: the precision loss DESIGN.md warns about)
+    # (entries of D below 6e-5 are subnormal in fp16: the precision loss docs/design.md §11 warns about)
     for i, mod in enumerate(prior.modules):
         assert mod.name == pre.modules[i].name
         assert mod.forward_factor.dtype == torch.float16

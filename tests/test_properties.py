@@ -1,4 +1,4 @@
-"""Properties of the GRIT math (DESIGN.md §2): pairing, reparametrisation invariance, equality with
+"""Properties of the GRIT math (docs/design.md §2): pairing, reparametrisation invariance, equality with
 explicit dense K-FAC, and invariance of the factors to bookkeeping."""
 
 import copy

@@ -13,7 +13,7 @@ the identity). Per attempt with damping ``lam``:
 Square roots and divisions are the IEEE-rounded ``tl.sqrt_rn`` / ``tl.div_rn`` (Triton's ``/`` and
 ``tl.sqrt`` are approximate on the GPU).
 
-The fallback chain of DESIGN.md §2 is decided inside the kernel (no host synchronisation): attempt
+The fallback chain of docs/design.md §4 is decided inside the kernel (no host synchronisation): attempt
 with ``lam``, retry with ``lam * retry_factor`` only where the first failed (a branch on the device),
 else the previous inverse where ``previous_valid``, else ``I/lam`` (``I`` if ``lam`` is not finite
 and positive). A non-finite entry in the ``r x r`` block or a non-finite ``lam`` fails every attempt;
