@@ -22,9 +22,10 @@ times, ratios to ours (to torch on CPU), achieved GB/s of the memory-bound ops a
 device copy bandwidth (``dst.copy_(src)`` of 1 GiB), the bandwidth floor (bytes / copy bandwidth),
 and the docs/design.md §8 floors.
 
-Writes ``bench/results/<device-slug>/kernels.json`` (override with ``--out DIR`` or the ``OUT``
-environment variable) and prints a table. ``run(out_dir=None, quick=False) -> dict`` is the entry
-point for the ``grit-kernels`` CLI; ``python bench/bench_kernels.py --help`` lists the options.
+Writes ``./grit-results/<device-slug>/kernels.json`` (``--out DIR`` or the ``OUT`` environment
+variable to choose; ``--out bench/results/<device-slug>`` updates the tracked results) and prints
+a table. ``run(out_dir=None, quick=False) -> dict`` is the entry point for the ``grit-kernels``
+CLI; ``python bench/bench_kernels.py --help`` lists the options.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class BenchConfig:
     impls: tuple = IMPLS
     device: str = "cuda"
     tokens: int | None = None  #: rows per Gram matrix (CUDA 32768, CPU 4096)
-    grad_dtype: str | None = None  #: LoRA gradient dtype (CUDA bfloat16, CPU float32)
+    grad_dtype: str | None = None  #: LoRA gradient dtype (float32: PEFT keeps LoRA weights and grads in fp32)
     stats_dtype: str | None = None  #: rank-space activation dtype (CUDA bfloat16, CPU float32)
     reps: int | None = None  #: CPU: timed calls per measurement (GPU: do_bench chooses)
     prior_art_max_modules: int | None = None  #: CPU: time the per-module loop on this many modules, scale up
@@ -116,7 +117,7 @@ class BenchConfig:
         if cuda and interpreter_active():
             raise ValueError("TRITON_INTERPRET=1 would time the interpreter: unset it (or =0) for GPU benchmarks")
         self.tokens = self.tokens or (32768 if cuda else 4096)
-        self.grad_dtype = self.grad_dtype or ("bfloat16" if cuda else "float32")
+        self.grad_dtype = self.grad_dtype or "float32"
         self.stats_dtype = self.stats_dtype or ("bfloat16" if cuda else "float32")
         self.reps = self.reps or (5 if cuda else 7)
         if not cuda:
@@ -124,11 +125,11 @@ class BenchConfig:
             if self.threads:
                 torch.set_num_threads(self.threads)
             self.threads = torch.get_num_threads()
-        unknown = set(self.banks) - set(BANKS) | set(self.ops) - set(OPS) | set(self.impls) - set(IMPLS)
         from grit_kernels import _ext  # compiled csrc/ kernels: timed where built for this device
 
         compiled = {"cpp": not cuda and _ext.cpu_available(), "cuda": cuda and _ext.cuda_available()}
         self.impls = tuple(i for i in self.impls if compiled.get(i, True))
+        unknown = set(self.banks) - set(BANKS) | set(self.ops) - set(OPS) | set(self.impls) - set(IMPLS)
         if unknown:
             raise ValueError(f"unknown bank/op/impl names: {sorted(unknown)}")
         return self
@@ -239,14 +240,17 @@ def _cases(bank: Bank, op: str, cfg: BenchConfig) -> tuple[dict[str, Callable], 
 
         def gram_all(backend):
             def go():
+                if backend == "triton":  # the grouped op: every factor in one launch
+                    ops.accumulate_grams_(list(bank_sums.unbind(0)), xs, w, backend=backend)
+                    return
                 for i in range(n):
                     ops.accumulate_gram_(bank_sums[i], xs[i], w, backend=backend)
 
             return go
 
         impl = {"triton": gram_all("triton"), "torch": gram_all("torch"), "prior-art": lambda: prior_art_stats(half_sums, xs)}
-        facts.update(bytes=sum(x.numel() * x.element_size() for x in xs), rows=cfg.tokens, launches_ours=n)
         impl.update({b: gram_all(b) for b in ("cpp", "cuda")})
+        facts.update(bytes=sum(x.numel() * x.element_size() for x in xs), rows=cfg.tokens, launches_triton=1, launches_torch=n)
     elif op == "fold":
         factor = _spd(n, r, 1e2, dev)
         stat = _spd(n, r, 1e2, dev)
@@ -256,9 +260,9 @@ def _cases(bank: Bank, op: str, cfg: BenchConfig) -> tuple[dict[str, Callable], 
         impl = {
             "triton": lambda: ops.ema_fold_(factor, stat, weight, 0.95, init, backend="triton"),
             "torch": lambda: ops.ema_fold_(factor, stat, weight, 0.95, init, backend="torch"),
-            "prior-art": lambda: prior_art_fold(factors, stats, 0.95),
             "cpp": lambda: ops.ema_fold_(factor, stat, weight, 0.95, init, backend="cpp"),
             "cuda": lambda: ops.ema_fold_(factor, stat, weight, 0.95, init, backend="cuda"),
+            "prior-art": lambda: prior_art_fold(factors, stats, 0.95),
         }
         facts.update(bytes=3 * n * r * r * 4)
     elif op == "invert":
@@ -274,8 +278,8 @@ def _cases(bank: Bank, op: str, cfg: BenchConfig) -> tuple[dict[str, Callable], 
             )
 
         impl = {"triton": ours("triton"), "torch": ours("torch"), "prior-art": lambda: prior_art_invert(factors, inverses, cfg.damping)}
-        facts.update(bytes=3 * n * r * r * 4)
         impl.update({b: ours(b) for b in ("cpp", "cuda")})
+        facts.update(bytes=3 * n * r * r * 4)
     elif op == "precondition":
         grads_a = [torch.randn(r, d_in, device=dev).to(gdt) for d_in, _ in bank.shapes()]
         grads_b = [torch.randn(d_out, r, device=dev).to(gdt) for _, d_out in bank.shapes()]
@@ -283,9 +287,9 @@ def _cases(bank: Bank, op: str, cfg: BenchConfig) -> tuple[dict[str, Callable], 
         impl = {
             "triton": lambda: ops.precondition_(grads_a, grads_b, inv_d, inv_h, compute_dot=True, backend="triton"),
             "torch": lambda: ops.precondition_(grads_a, grads_b, inv_d, inv_h, compute_dot=True, backend="torch"),
-            "prior-art": lambda: prior_art_precondition(grads_a, grads_b, list(inv_d), list(inv_h)),
             "cpp": lambda: ops.precondition_(grads_a, grads_b, inv_d, inv_h, compute_dot=True, backend="cpp"),
             "cuda": lambda: ops.precondition_(grads_a, grads_b, inv_d, inv_h, compute_dot=True, backend="cuda"),
+            "prior-art": lambda: prior_art_precondition(grads_a, grads_b, list(inv_d), list(inv_h)),
         }
         grad_bytes = sum(g.numel() * g.element_size() for g in grads_a + grads_b)
         facts.update(bytes=2 * grad_bytes, lora_params=bank.lora_params, grad_dtype=cfg.grad_dtype)
@@ -460,7 +464,7 @@ def _report(result: dict) -> str:
 # ------------------------------------------------------------------------------- entry points
 def result_path(device: dict, out_dir: str | None) -> Path:
     out_dir = out_dir or os.environ.get("OUT")
-    directory = Path(out_dir) if out_dir else REPO_ROOT / "bench" / "results" / device["slug"]
+    directory = Path(out_dir) if out_dir else Path.cwd() / "grit-results" / device["slug"]  # never tracked files
     return directory / "kernels.json"
 
 
@@ -522,12 +526,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--tokens", type=int, help="rows per Gram matrix (CUDA 32768, CPU 4096)")
-    p.add_argument("--grad-dtype", choices=("float32", "bfloat16", "float16"), help="CUDA bfloat16, CPU float32")
+    p.add_argument("--grad-dtype", choices=("float32", "bfloat16", "float16"), help="default float32 (PEFT LoRA grads)")
     p.add_argument("--stats-dtype", choices=("float32", "bfloat16", "float16"), help="CUDA bfloat16, CPU float32")
     p.add_argument("--reps", type=int, help="CPU: timed calls per measurement (default 7)")
     p.add_argument("--prior-art-max-modules", type=int, help="CPU: time the per-module loop on fewer modules, scale up")
     p.add_argument("--threads", type=int, help="CPU: torch threads (default: torch's choice)")
-    p.add_argument("--out", metavar="DIR", help="output directory (default $OUT, else bench/results/<device-slug>/)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default $OUT, else ./grit-results/<device-slug>/)")
     p.add_argument("--quick", action="store_true", help="smoke run: Llama-3-8B r=16 bank only")
     return p
 

@@ -96,6 +96,19 @@ def test_inverse_llama3_8b_bank(fresh_seed):
     assert torch.equal(status, torch_status)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_precondition_llama3_8b_even_variant(fresh_seed, dtype):
+    """Llama shapes take the mask-free, aligned kernel (rank == tile, lengths multiples of BLOCK)."""
+    from grit_kernels.triton import precondition as kernel_module
+
+    shapes = [(16, d_in, d_out) for d_in, d_out in LLAMA3_8B_LAYER]
+    checks.check_precondition(shapes, dtype, device=CUDA)
+    grads = [torch.empty(16, d_in, device=CUDA, dtype=dtype) for _, d_in, _ in shapes]
+    grads += [torch.empty(d_out, 16, device=CUDA, dtype=dtype) for _, _, d_out in shapes]
+    plan = kernel_module._plans[kernel_module._layout_key(grads, grads[0].device)]
+    assert all(launch.even and launch.strides_aligned for launch in plan.launches)
+
+
 @pytest.mark.parametrize("r", RANKS + [128])
 def test_precondition_gpu(fresh_seed, r):
     checks.check_precondition([(r, 4097, 4095), (r, 1024, 14336), (r, 33, 1)], torch.float32, device=CUDA)
@@ -129,11 +142,10 @@ def test_precondition_llama3_8b_bank(fresh_seed):
 # ---------------------------------------------------------------------- no host sync, graphs
 
 
-def test_ops_do_not_synchronize(fresh_seed):
-    """All four ops under torch.cuda.set_sync_debug_mode('error') (tables cached by a first call)."""
-    M, r = 14, 16
-    grads_a = [torch.randn(r, 256, device=CUDA) for _ in range(M)]
-    grads_b = [torch.randn(704, r, device=CUDA) for _ in range(M)]
+def _sync_free_step(M, r, width):
+    """Tensors and one call of every op (the grouped Gram op included) for a fresh gradient layout."""
+    grads_a = [torch.randn(r, width, device=CUDA) for _ in range(M)]
+    grads_b = [torch.randn(width + 64, r, device=CUDA) for _ in range(M)]
     bank = torch.zeros(2 * M, r, r, device=CUDA)
     factor = torch.zeros_like(bank)
     init = torch.zeros(2 * M, dtype=torch.bool, device=CUDA)
@@ -141,23 +153,67 @@ def test_ops_do_not_synchronize(fresh_seed):
     prev = torch.eye(r, device=CUDA).repeat(2 * M, 1, 1)
     prev_valid = torch.ones(2 * M, dtype=torch.bool, device=CUDA)
     ranks = torch.full((2 * M,), r, dtype=torch.int32, device=CUDA)
-    x = torch.randn(8, 512, r, device=CUDA, dtype=torch.bfloat16)
+    xs = [torch.randn(8, 512, r, device=CUDA, dtype=torch.bfloat16) for _ in range(2 * M)]
 
     def step():
-        for i in range(2 * M):
-            ops.accumulate_gram_(bank[i], x, 1.0 / 4096, backend="triton")
+        ops.accumulate_grams_(list(bank.unbind(0)), xs, 1.0 / 4096, backend="triton")
+        ops.accumulate_gram_(bank[0], xs[0], 1.0 / 4096, backend="triton")
         ops.ema_fold_(factor, bank, weight, 0.95, init, backend="triton")
         inv, status = ops.damped_cholesky_inverse(factor, 1e-3, 1e-12, ranks, prev, prev_valid, 100.0, backend="triton")
-        return ops.precondition_(grads_a, grads_b, inv[:M], inv[M:], compute_dot=True, backend="triton"), status
+        dot = ops.precondition_(grads_a, grads_b, inv[:M], inv[M:], compute_dot=True, backend="triton", modules=list(range(M))[::-1])
+        return dot, status
 
-    step()  # compiles kernels, builds the preconditioning tables
+    return step
+
+
+def test_ops_do_not_synchronize(fresh_seed):
+    """Every op under torch.cuda.set_sync_debug_mode('error'), the FIRST call of a new gradient layout
+    included (table build and upload), then again with reallocated gradients (set_to_none)."""
+    _sync_free_step(6, 16, 128)()  # compiles the kernels on another layout
     torch.cuda.synchronize()
+    step = _sync_free_step(14, 16, 256)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        dot, status = step()
+        dot, status = step()  # first call of this layout: builds and uploads its tables
+        dot2, status2 = _sync_free_step(14, 16, 256)()  # same layout, new tensors: pointer upload only
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert torch.isfinite(dot) and (status == InverseStatus.OK).all()
+    assert torch.isfinite(dot) and torch.isfinite(dot2) and (status == InverseStatus.OK).all()
+
+
+def test_optimizer_steps_do_not_synchronize(fresh_seed):
+    """20 real GritOptimizer steps (backward, step with inversions, zero_grad(set_to_none=True)) under
+    set_sync_debug_mode('error'); the forward of the HF model runs outside (it is not ours)."""
+    from helpers import small_llama
+
+    import grit_kernels as gk
+
+    model = small_llama(num_layers=2).to(CUDA)
+    cfg = gk.GritConfig(warmup_steps=1, update_freq=5, nonfinite_grads="ignore")
+    pre = gk.GritPreconditioner(model, cfg)
+    opt = gk.GritOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), pre)
+    ids = torch.randint(0, 500, (2, 64), device=CUDA)
+
+    def step(check):
+        loss = model(input_ids=ids, labels=ids).loss
+        torch.cuda.set_sync_debug_mode("error" if check else "default")
+        try:
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    for _ in range(2):  # compile kernels
+        step(False)
+    for _ in range(20):
+        step(True)
+    assert pre.bank.refresh_count >= 4 and torch.isfinite(pre.bank.inverse).all()
+
+
+def test_grams_grouped_gpu(fresh_seed):
+    for dtype in (torch.float32, torch.bfloat16):
+        checks.check_grams([(16, 8191), (4, 333), (13, 1290), (1, 7), (64, 4000), (32, 2048)], dtype, device=CUDA, bound=2e-5)
 
 
 def test_cuda_graph_inverse_and_precondition(fresh_seed):
@@ -185,6 +241,10 @@ def test_cuda_graph_inverse_and_precondition(fresh_seed):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         g_inv, g_status, g_dot = body()
+
+    # eager calls on other tensors of the same layout after capture: they must not redirect the graph
+    other_a, other_b = [g.clone() for g in grads_a], [g.clone() for g in grads_b]
+    ops.precondition_(other_a, other_b, static_prev[:M], static_prev[M:], backend="triton")
 
     for trial in range(2):
         new_factors = checks.spd_with_condition([10.0 ** (trial + 1)] * (2 * M), r, CUDA).float()
