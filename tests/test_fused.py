@@ -256,3 +256,15 @@ def test_fused_small_llama_helper_model_trains_with_adamw():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_fused_matches_peft_with_per_module_scales_and_rslora():
+    """q/k/v (and gate/up) with different LoRA scales: the scales are folded per block."""
+    model = lora_model("llama", alpha_pattern={"k_proj": 8, "up_proj": 4}, use_rslora=True)
+    inputs = batch()
+    logits, loss, grads = run(model, inputs)
+    gk.fuse(model)
+    f_logits, f_loss, f_grads = run(model, inputs)
+    assert rel(f_loss, loss) < FP32_RTOL and rel(f_logits, logits) < FP32_RTOL
+    for name, g in grads.items():
+        assert rel(f_grads[name], g) < FP32_RTOL, name

@@ -3,15 +3,15 @@
 A *projection group* is ``K`` LoRA projections that read the same input ``x [N, d]`` (q, k, v; gate,
 up; or a single o / down), with frozen base weights ``W_k [o_k, d]`` (optional frozen bias), LoRA
 ``A_k [r, d]``, ``B_k [o_k, r]`` and scale ``s_k``. Forward, with ``A = [A_1; ...; A_K]`` ``[K r, d]`` and
-``B = blockdiag(s_1 B_1, ..., s_K B_K)`` ``[sum o_k, K r]``::
+``s B = blockdiag(s_1 B_1, ..., s_K B_K)`` ``[sum o_k, K r]`` (``s`` a scalar when the scales agree)::
 
     y = x W^T (+ bias)        one matmul for the group (W: the group's weights stacked)
     h = x A^T                 [N, K r], the rank-space activations of all K modules in one matmul
-    y += h B^T                in place (addmm)
+    y += s h B^T              in place (addmm, alpha = s)
 
 Backward, from ``g = dL/dy``::
 
-    delta   = g B                         [N, K r]  (= s_k g_k B_k per module: dL/dh)
+    delta   = s g B                       [N, K r]  (= s_k g_k B_k per module: dL/dh)
     grad_B_k = s_k g_k^T h_k               grad_A = delta^T x   (split per module)
     dL/dx   = g W + delta A                (only when x needs a gradient)
 
@@ -87,42 +87,59 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _lora_factors(group: ProjectionGroup, lora: tuple, dtype: torch.dtype):
-    """``A [K r, d]`` and ``B = blockdiag(s_k B_k) [sum o_k, K r]`` in ``dtype``."""
+    """``A [K r, d]``, ``B [sum o_k, K r]`` and a scalar ``s`` in ``dtype`` with ``s B = blockdiag(s_k B_k)``.
+
+    With equal scales (the usual case) ``B = blockdiag(B_k)`` and ``s = s_k``; otherwise the scales are
+    folded into ``B`` and ``s = 1``.
+    """
     k = len(group.layers)
     scales = group.scales()
     a_parts, b_parts = lora[:k], lora[k:]
     if k == 1:
-        return a_parts[0].to(dtype), (b_parts[0] * scales[0]).to(dtype)
-    a = torch.cat(a_parts).to(dtype)
-    b = torch.block_diag(*(bk * s for bk, s in zip(b_parts, scales))).to(dtype)
-    return a, b
+        return _as(a_parts[0], dtype), _as(b_parts[0], dtype), scales[0]
+    a = _as(torch.cat(a_parts), dtype)
+    if all(sc == scales[0] for sc in scales):
+        return a, _as(torch.block_diag(*b_parts), dtype), scales[0]
+    return a, _as(torch.block_diag(*(bk * sc for bk, sc in zip(b_parts, scales))), dtype), 1.0
 
 
-def _group_forward(group: ProjectionGroup, x2: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+def _group_forward(group: ProjectionGroup, x2: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float):
     dtype = x2.dtype
     w = group.weights.weight(group.name, dtype)
     bias = group.weights.bias(group.name, dtype)
     y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
     h = torch.mm(x2, a.t())
-    y.addmm_(h, b.t())
+    y.addmm_(h, b.t(), alpha=s)
     return y, h
 
 
-def _group_backward(group, g, x2, h, a, b, lora, needs_x: bool, needs_lora: tuple):
+def _group_backward(group, g, x2, h, a, b, s: float, lora, needs_x: bool, needs_lora: tuple):
     """Gradients of one group; returns ``(dL/dx or None, [grad_A_k..., grad_B_k...])``."""
     k, r = len(group.layers), group.rank
     delta = torch.mm(g, b)  # [N, K r]
+    if s != 1.0:
+        delta.mul_(s)
     grads: list = [None] * (2 * k)
     if any(needs_lora[:k]):
         grad_a = torch.mm(delta.t(), x2)
         for i in range(k):
-            grads[i] = grad_a[i * r : (i + 1) * r].to(lora[i].dtype)
+            grads[i] = _as(grad_a[i * r : (i + 1) * r], lora[i].dtype)
     if any(needs_lora[k:]):
+        scales = group.scales()
+        uniform = s != 1.0 or all(sc == 1.0 for sc in scales)
+        hs = h * s if uniform and s != 1.0 else h  # grad_B_k = s_k g_k^T h_k
         at = 0
-        for i, (out, s) in enumerate(zip(group.out_features, group.scales())):
+        for i, out in enumerate(group.out_features):
             gk = g if k == 1 else g[:, at : at + out]
-            grads[k + i] = torch.mm(gk.t(), h[:, i * r : (i + 1) * r]).mul_(s).to(lora[k + i].dtype)
+            grad_b = torch.mm(gk.t(), hs if k == 1 else hs[:, i * r : (i + 1) * r])
+            if not uniform:
+                grad_b.mul_(scales[i])
+            grads[k + i] = _as(grad_b, lora[k + i].dtype)
             at += out
     gx = None
     if needs_x:
@@ -139,22 +156,22 @@ class FusedProjections(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, group: ProjectionGroup, *lora: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        a, b = _lora_factors(group, lora, dtype)
-        y, h = _group_forward(group, x2, a, b)
-        ctx.group, ctx.input_dtype = group, x.dtype
+        x2 = _as(x.reshape(-1, x.shape[-1]), dtype)
+        a, b, s = _lora_factors(group, lora, dtype)
+        y, h = _group_forward(group, x2, a, b, s)
+        ctx.group, ctx.input_dtype, ctx.scale = group, x.dtype, s
         ctx.save_for_backward(x2, h, a, b, *lora)
         return y.view(*lead, y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor):
         x2, h, a, b, *lora = ctx.saved_tensors
-        g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)
+        g = _as(grad_y.reshape(-1, grad_y.shape[-1]), x2.dtype)
         gx, grads = _group_backward(
-            ctx.group, g, x2, h, a, b, lora, ctx.needs_input_grad[0], ctx.needs_input_grad[2:]
+            ctx.group, g, x2, h, a, b, ctx.scale, lora, ctx.needs_input_grad[0], ctx.needs_input_grad[2:]
         )
         if gx is not None:
-            gx = gx.view(*grad_y.shape[:-1], gx.shape[-1]).to(ctx.input_dtype)
+            gx = _as(gx.view(*grad_y.shape[:-1], gx.shape[-1]), ctx.input_dtype)
         return (gx, None, *grads)
 
 
@@ -167,15 +184,15 @@ class FusedSwiGLU(torch.autograd.Function):
     ) -> torch.Tensor:
         dtype = _compute_dtype(x)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        x2 = _as(x.reshape(-1, x.shape[-1]), dtype)
         lora_gu, lora_d = lora[:4], lora[4:]
-        a_gu, b_gu = _lora_factors(gate_up, lora_gu, dtype)
-        y_gu, h_gu = _group_forward(gate_up, x2, a_gu, b_gu)
+        a_gu, b_gu, s_gu = _lora_factors(gate_up, lora_gu, dtype)
+        y_gu, h_gu = _group_forward(gate_up, x2, a_gu, b_gu, s_gu)
         gate, up = y_gu.chunk(2, dim=1)
         act = F.silu(gate).mul_(up)
-        a_d, b_d = _lora_factors(down, lora_d, dtype)
-        y, h_d = _group_forward(down, act, a_d, b_d)
-        ctx.groups, ctx.input_dtype = (gate_up, down), x.dtype
+        a_d, b_d, s_d = _lora_factors(down, lora_d, dtype)
+        y, h_d = _group_forward(down, act, a_d, b_d, s_d)
+        ctx.groups, ctx.input_dtype, ctx.scales = (gate_up, down), x.dtype, (s_gu, s_d)
         ctx.save_for_backward(x2, y_gu, h_gu, h_d, a_gu, b_gu, a_d, b_d, *lora)
         return y.view(*lead, y.shape[-1])
 
@@ -184,16 +201,17 @@ class FusedSwiGLU(torch.autograd.Function):
         x2, y_gu, h_gu, h_d, a_gu, b_gu, a_d, b_d, *lora = ctx.saved_tensors
         gate_up, down = ctx.groups
         needs = ctx.needs_input_grad
-        g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)
+        g = _as(grad_y.reshape(-1, grad_y.shape[-1]), x2.dtype)
+        s_gu, s_d = ctx.scales
         gate, up = y_gu.chunk(2, dim=1)
         silu = F.silu(gate)
         act = silu * up  # recomputed, not stored
-        g_act, grads_d = _group_backward(down, g, act, h_d, a_d, b_d, lora[4:], True, needs[7:9])
+        g_act, grads_d = _group_backward(down, g, act, h_d, a_d, b_d, s_d, lora[4:], True, needs[7:9])
         g_gate_up = torch.empty_like(y_gu)
         g_gate, g_up = g_gate_up.chunk(2, dim=1)
         torch.mul(g_act, silu, out=g_up)
         torch.ops.aten.silu_backward.grad_input(g_act.mul_(up), gate, grad_input=g_gate)
-        gx, grads_gu = _group_backward(gate_up, g_gate_up, x2, h_gu, a_gu, b_gu, lora[:4], needs[0], needs[3:7])
+        gx, grads_gu = _group_backward(gate_up, g_gate_up, x2, h_gu, a_gu, b_gu, s_gu, lora[:4], needs[0], needs[3:7])
         if gx is not None:
-            gx = gx.view(*grad_y.shape[:-1], gx.shape[-1]).to(ctx.input_dtype)
+            gx = _as(gx.view(*grad_y.shape[:-1], gx.shape[-1]), ctx.input_dtype)
         return (gx, None, None, *grads_gu, *grads_d)
