@@ -388,6 +388,19 @@ def test_precondition_odd_dims_and_dtypes(fresh_seed, dtype):
     check_precondition([(16, 4097, 3), (16, 5, 4097)], dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_precondition_mask_free_variant(fresh_seed, dtype):
+    """Rank == tile and lengths multiples of BLOCK: the EVEN / ALIGNED specialisation (no masks)."""
+    from grit_kernels.triton import precondition as kernel_module
+
+    block, _ = kernel_module.config(16, dtype.itemsize)
+    shapes = [(16, 2 * block, block), (16, block, 3 * block)]
+    check_precondition(shapes, dtype)
+    grads = [torch.empty(r, d_in, dtype=dtype) for r, d_in, _ in shapes] + [torch.empty(d_out, r, dtype=dtype) for r, _, d_out in shapes]
+    plan = kernel_module._plans[kernel_module._layout_key(grads, torch.device("cpu"))]
+    assert [(launch.even, launch.strides_aligned) for launch in plan.launches] == [(True, True)]
+
+
 def test_precondition_mixed_ranks_one_bank(fresh_seed):
     check_precondition([(16, 64, 48), (4, 33, 65), (13, 17, 9), (1, 5, 7), (8, 100, 3)], torch.float32, R=16)
 
