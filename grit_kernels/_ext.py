@@ -89,7 +89,7 @@ def _jit_build() -> None:
             name="grit_kernels_C" + ("_cuda" if with_cuda else ""),
             sources=sources,
             extra_cflags=["-O3", "-fopenmp"],
-            extra_cuda_cflags=["-O3", "--use_fast_math"] if with_cuda else None,
+            extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"] if with_cuda else None,
             is_python_module=False,
             verbose=False,
         )
