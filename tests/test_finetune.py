@@ -323,3 +323,20 @@ def test_finetune_chat_bf16_absolute_base_path(tmp_path, monkeypatch, capsys):
         key = name.replace(".weight", ".default.weight")
         torch.testing.assert_close(params[key].float(), tensor.float())
     assert os.path.isfile(tmp_path / "out" / "tokenizer_config.json")
+
+
+def test_finetune_report_to_tensorboard_writes_events(model_dir, alpaca_file, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "tb"
+    argv = ["finetune", "--model", str(model_dir), "--data", str(alpaca_file), "--output", str(out)]
+    assert cli.main(argv + COMMON + ["--max-steps", "2", "--report-to", "tensorboard"]) == 0
+    events = list((out / "runs").rglob("events.out.tfevents.*"))
+    assert events and any(e.stat().st_size > 0 for e in events)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for event_file in events:
+        acc = EventAccumulator(str(event_file))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert "train/loss" in tags and "train/grit/damping" in tags, sorted(tags)
