@@ -26,9 +26,9 @@ Peak memory: CUDA ``torch.cuda.max_memory_allocated`` during the arm's steps. CP
 (``ru_maxrss``) of a fresh subprocess that builds the arm and runs a few steps, and its growth over
 the RSS after building the model (``--no-memory`` skips this).
 
-Size: the default is the quick run (2 warm-up + 8 measured steps per arm, no memory probe: about
-40 s of timing on a quiet 2-core CPU); ``--full`` is the reference run (5 + 20 steps and the CPU
-memory probe). The expected time is printed before the run, and one progress bar with a fixed
+Size: the default is the quick run (2 warm-up + 6 measured steps per arm, no memory probe: about
+a minute with the 5 CPU arms on a quiet 2-core CPU); ``--full`` is the reference run (5 + 20 steps
+and the CPU memory probe). The expected time is printed before the run; one progress bar with a fixed
 total covers all of it (model builds, steps, memory probes). On CPU the intra-op thread count
 defaults to the cores left idle by other processes (a 2-thread run on a loaded 2-core machine
 stalls 10-20x in OpenMP barriers; measured). The verdict uses per-step paired ratios (arms
@@ -100,7 +100,7 @@ class E2EConfig:
     grad_accum: int | None = None
     seq: str = "dynamic"  # dynamic: pad to the longest in the micro-batch; max: pad to max_length; packed
     max_length: int | None = None
-    steps: int | None = None  # measured optimizer steps per arm (quick 8, --full 20)
+    steps: int | None = None  # measured optimizer steps per arm (quick 6, --full 20)
     warmup: int | None = None  # unmeasured steps per arm (quick 2, --full 5); GRIT warm-up is set to this
     full: bool = False  # the reference size: 5 + 20 steps, CPU memory probe
     arms: tuple = ARMS
@@ -133,7 +133,7 @@ class E2EConfig:
             max_length=2048 if cuda else 512,
             order="sequential" if cuda else "interleave",
             memory=c.full and not cuda,
-            steps=20 if c.full else 8,
+            steps=20 if c.full else 6,
             warmup=5 if c.full else 2,
         )
         for key, value in defaults.items():
@@ -947,7 +947,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seq", choices=SEQ_POLICIES, default="dynamic", help="padding policy (default dynamic)")
     p.add_argument("--max-length", type=int, help="truncation / pad length (CPU 512, CUDA 2048)")
     p.add_argument("--full", action="store_true", help="reference size: 5 warm-up + 20 measured steps, CPU memory probe")
-    p.add_argument("--steps", type=int, help="measured optimizer steps per arm (default 8; --full 20)")
+    p.add_argument("--steps", type=int, help="measured optimizer steps per arm (default 6; --full 20)")
     p.add_argument("--warmup", type=int, help="warm-up steps per arm, not measured (default 2; --full 5)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     p.add_argument("--order", choices=("interleave", "sequential"), help="CPU: interleave, CUDA: sequential")

@@ -16,7 +16,8 @@ how fast each optimizer fits a new, simple distribution with LoRA, not instructi
 quality. Each configuration runs once (one seed); differences smaller than the spread across lrs
 are noise.
 
-Writes ``bench/results/cpu/finetune_cpu.json`` (every curve, raw) and ``finetune_cpu.png``.
+Writes ``./grit-results/cpu/finetune_cpu.json`` (every curve, raw) and ``finetune_cpu.png``
+(``--out bench/results/cpu`` updates the tracked files).
 
     python bench/bench_finetune_cpu.py [--steps 200] [--layers 8] [--lrs 1e-3,3e-3,1e-2] [--init-std 0.1]
 """
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
         "byte distribution: every run plateaus near the uniform loss)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(BENCH_DIR / "results" / "cpu"))
+    p.add_argument("--out", default=str(Path("grit-results") / "cpu"), help="output directory (default ./grit-results/cpu)")
     p.add_argument("--name", default="finetune_cpu", help="output file stem")
     p.add_argument("--quick", action="store_true", help="2 layers, 6 steps, 2 lrs (smoke run)")
     args = p.parse_args(argv)

@@ -21,8 +21,8 @@ difference that is GRIT's by construction.
     python bench/bench_memory.py --models plain --reps 1 --no-timeline
     python bench/bench_memory.py --out /tmp/mem       # writes /tmp/mem/memory.json
 
-Writes ``bench/results/cpu/memory.json`` by default (device, versions, date, git commit, config, raw
-numbers, medians).
+Writes ``./grit-results/cpu/memory.json`` by default (device, versions, date, git commit, config,
+raw numbers, medians); ``--out bench/results/cpu`` updates the tracked file.
 """
 
 from __future__ import annotations
@@ -309,7 +309,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3, help="fresh processes per arm and model")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads in the probes")
     p.add_argument("--timeline", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--out", default=str(REPO_ROOT / "bench" / "results" / "cpu"))
+    p.add_argument("--out", default=str(Path("grit-results") / "cpu"), help="output directory (default ./grit-results/cpu)")
     p.add_argument("--probe", choices=("adamw", "grit"), help=argparse.SUPPRESS)
     p.add_argument("--probe-model", choices=("plain", "nf4"), default="plain", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
