@@ -304,7 +304,10 @@ def _template_spans(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str
     the rendering that includes it (so the template's end-of-turn marker is supervised too)."""
 
     def render(msgs: list, generation_prompt: bool) -> str:
-        out = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        try:
+            out = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as exc:  # jinja2 TemplateError, e.g. "System role not supported"
+            raise ValueError(f"the tokenizer's chat template fails on it ({type(exc).__name__}: {exc})") from None
         return out if isinstance(out, str) else out[0]
 
     full = render(messages, False)
@@ -386,10 +389,13 @@ def tokenize_chat(
         raise ValueError("tokenize_chat: the tokenizer has no eos_token_id")
     templated = _chat_template(tokenizer) is not None and not isinstance(tokenizer, ByteTokenizer)
     features = []
-    for record in records:
+    for index, record in enumerate(records):
         messages = list(record["messages"])
         if templated:
-            ids, supervised = _tokenize_spans(tokenizer, *_template_spans(messages, tokenizer))
+            try:
+                ids, supervised = _tokenize_spans(tokenizer, *_template_spans(messages, tokenizer))
+            except ValueError as exc:
+                raise ValueError(f"record {index}: {exc}") from None
         else:
             ids, supervised = _fallback_chat(messages, tokenizer)
         ids, supervised = ids[:max_length], supervised[:max_length]

@@ -207,7 +207,20 @@ def check_paths(args: argparse.Namespace) -> Path | None:
             f"--resume {checkpoint}: not a Trainer checkpoint (no trainer_state.json); "
             "checkpoints are written with --save-steps"
         )
+    _check_checkpoint_matches(args, checkpoint)
     return checkpoint
+
+
+def _check_checkpoint_matches(args: argparse.Namespace, checkpoint: Path) -> None:
+    """The LoRA shape of the run must be the checkpoint's (else loading its adapters fails late)."""
+    try:
+        saved = json.loads((checkpoint / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return
+    alpha = args.alpha if args.alpha is not None else 2 * args.r
+    for flag, ours, key in (("--r", args.r, "r"), ("--alpha", alpha, "lora_alpha")):
+        if key in saved and float(saved[key]) != float(ours):
+            raise CliError(f"{flag} {ours:g} differs from the checkpoint's {key}={saved[key]} (--resume {checkpoint})")
 
 
 # --------------------------------------------------------------------------------------------- loading

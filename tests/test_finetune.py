@@ -94,6 +94,16 @@ def test_chat_without_template_uses_the_fallback_and_masks_the_prompt():
         assert tok.decode([i for i in kept if i != eos]) == "the doglazy dog."
 
 
+def test_chat_template_errors_name_the_record():
+    strict = CHATML.replace("{% for m in messages %}", "{% for m in messages %}{% if m['role'] == 'system' %}"
+                            "{{ raise_exception('System role not supported') }}{% endif %}")
+    tok = bpe_tokenizer(chat_template=strict)
+    records = [{"messages": CONVERSATION[1:3]}, {"messages": CONVERSATION}]
+    assert len(tokenize_chat(records[:1], tok)) == 1
+    with pytest.raises(ValueError, match="record 1: the tokenizer's chat template fails on it .*System role"):
+        tokenize_chat(records, tok)
+
+
 def test_chat_truncation_and_unsupervised_rows():
     tok = ByteTokenizer()
     short = tokenize_chat([{"messages": CONVERSATION}], tok, max_length=20)  # only the system/user part fits
@@ -286,6 +296,8 @@ def test_finetune_checkpoints_and_resume_continue_exactly(model_dir, alpaca_file
     assert expected.keys() == resumed.keys() and len(expected) == 14  # 7 modules x (A, B)
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-7)
+    assert cli.main([*base, "--output", str(part), "--resume", "latest", "--r", "8"]) == 2  # not the checkpoint's r
+    assert "--r 8 differs from the checkpoint's r=4" in capsys.readouterr().err
     resumed_pre = torch.load(part / "checkpoint-4" / "grit_preconditioner.pt", weights_only=True)
     torch.testing.assert_close(resumed_pre["bank"]["storage"], pre_state["bank"]["storage"], rtol=1e-5, atol=1e-9)
     assert not torch.equal(_adapter(full / "checkpoint-2")[next(iter(expected))], expected[next(iter(expected))])
