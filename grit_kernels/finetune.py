@@ -6,7 +6,8 @@ The order of work is chosen so that a mistake costs seconds, not a model load:
 2. paths: ``--model`` (a directory with ``config.json``), ``--data``, ``--output``, ``--resume``;
 3. the data file is read and validated (Alpaca or chat "messages" records), the tokenizer is loaded
    and the records tokenized (masked labels: only responses / assistant turns are supervised);
-4. only then the model is loaded, wrapped with LoRA and trained.
+4. ``--target-modules`` is checked on a weightless (meta-device) skeleton of the model;
+5. only then the model is loaded, wrapped with LoRA and trained.
 
 Outputs in ``--output``: the final adapters in PEFT format (``adapter_config.json`` holding the
 *absolute* path of the base model, so ``AutoPeftModelForCausalLM.from_pretrained(output)`` works from
@@ -264,6 +265,28 @@ def load_tokenizer(model_dir: str):
     return tok
 
 
+def check_target_modules(args: argparse.Namespace) -> None:
+    """``--target-modules`` against the module names of the model's skeleton, built on the meta device
+    from ``config.json`` (no weights: 0.2 s for Llama-3-8B shapes once the model code is imported, which
+    the load needs anyway). Skipped if that fails."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(Path(args.model).resolve()))
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception:  # exotic configs: the model load reports it
+        return
+    names = {n.split(".")[-1] for n, _ in skeleton.named_modules()}
+    if not any(t in names for t in args.target_modules.split(",")):
+        linear = sorted({n.split(".")[-1] for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise CliError(
+            f"--target-modules {args.target_modules}: none of these module names is in {args.model} "
+            f"(its linear layers: {','.join(linear[:12])})"
+        )
+
+
 def precision(args: argparse.Namespace) -> str:
     """``"bf16"``, ``"fp16"`` or ``"fp32"``: the flag, else bf16 on a GPU that supports it, else fp32."""
     import torch
@@ -390,6 +413,7 @@ def run(args: argparse.Namespace) -> int:
     collate = (
         data.PackedCollator() if args.packing else data.DynamicPaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8)
     )
+    check_target_modules(args)
     mode = precision(args)
     targs = training_arguments(args, mode, has_eval=bool(val))
 

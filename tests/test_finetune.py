@@ -239,6 +239,8 @@ def test_finetune_bad_paths_exit_2(model_dir, alpaca_file, tmp_path, no_model_lo
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
     assert "no records" in _run_error(["finetune", "--model", str(model_dir), "--data", str(empty)], capsys)
+    err = _run_error([*base, "--target-modules", "c_attn,c_fc"], capsys)  # GPT-2 names on a Llama
+    assert "--target-modules c_attn,c_fc: none of these" in err and "q_proj" in err
     chat = tmp_path / "chat.json"
     chat.write_text(json.dumps([{"messages": CONVERSATION}]))
     assert "--max-length" in _run_error([*base[:4], str(chat), "--max-length", "20"], capsys)
