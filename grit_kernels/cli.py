@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="Rank-space K-FAC (GRIT) natural-gradient LoRA fine-tuning: benchmarks, demo, fine-tuning."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{bench,demo,finetune}", parser_class=OneLineErrorParser)
+    sub = parser.add_subparsers(
+        dest="command", metavar="{bench,demo,finetune}", parser_class=OneLineErrorParser
+    )
     sub.required = True
 
     bench = sub.add_parser(
@@ -180,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune",
         help="GRIT fine-tuning of a local HF model directory on Alpaca or chat JSON / JSONL data",
         description="Fine-tune LoRA adapters with GRIT (GritTrainer). The data file holds Alpaca records "
-        '{"instruction", "input" (optional), "output"} or chat records {"messages": [{"role", "content"}, ...]}; '
-        "adapters are saved in PEFT format to --output (checkpoints with --save-steps, --resume to continue). "
+        '{"instruction", "input" (optional), "output"} or chat records '
+        '{"messages": [{"role", "content"}, ...]}; adapters are saved in PEFT format to --output '
+        "(checkpoints with --save-steps, --resume to continue). "
         "Every option is checked before the model loads.",
     )
     from .finetune import add_arguments

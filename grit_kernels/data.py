@@ -307,7 +307,8 @@ def _template_spans(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str
         try:
             out = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as exc:  # jinja2 TemplateError, e.g. "System role not supported"
-            raise ValueError(f"the tokenizer's chat template fails on it ({type(exc).__name__}: {exc})") from None
+            name = type(exc).__name__
+            raise ValueError(f"the tokenizer's chat template fails on it ({name}: {exc})") from None
         return out if isinstance(out, str) else out[0]
 
     full = render(messages, False)
@@ -351,7 +352,8 @@ def _fallback_chat(messages: list[dict[str, str]], tokenizer: Any) -> tuple[list
     bos, eos = getattr(tokenizer, "bos_token_id", None), tokenizer.eos_token_id
     ids, supervised = ([bos], [False]) if bos is not None else ([], [])
     for i, msg in enumerate(messages):
-        header = _encode(tokenizer, ("\n\n" if i else "") + CHAT_FALLBACK_HEADER.format(role=msg["role"].title()))
+        header_text = ("\n\n" if i else "") + CHAT_FALLBACK_HEADER.format(role=msg["role"].title())
+        header = _encode(tokenizer, header_text)
         content = _encode(tokenizer, msg["content"])
         ids += header + content
         learn = msg["role"] == "assistant"

@@ -29,7 +29,12 @@ from .cli import CliError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 #: --report-to values and the packages that provide them (any one of them)
-REPORT_TO = {"none": (), "tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+REPORT_TO = {
+    "none": (),
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "wandb": ("wandb",),
+    "mlflow": ("mlflow",),
+}
 #: GritConfig field -> the flag that sets it
 GRIT_FLAGS = {"update_freq": "--update-freq", "damping": "--damping", "warmup_steps": "--grit-warmup-steps"}
 
@@ -40,43 +45,83 @@ def add_arguments(ft: argparse.ArgumentParser) -> None:
     io = ft.add_argument_group("data and outputs")
     io.add_argument("--model", required=True, metavar="DIR", help="local Hugging Face model directory")
     io.add_argument(
-        "--data", required=True, metavar="FILE",
+        "--data",
+        required=True,
+        metavar="FILE",
         help='.json (array) or .jsonl file of Alpaca records {"instruction", "input", "output"} '
         'or chat records {"messages": [{"role", "content"}, ...]}',
     )
     io.add_argument(
-        "--data-format", choices=("auto", "alpaca", "chat"), default="auto",
+        "--data-format",
+        choices=("auto", "alpaca", "chat"),
+        default="auto",
         help="record format (default auto: chat if the first record has 'messages'); chat data is rendered "
         "with the tokenizer's chat template when it has one, labels only on assistant turns",
     )
-    io.add_argument("--output", default="grit-output", metavar="DIR", help="adapters and checkpoints (default grit-output)")
-    io.add_argument("--save-steps", type=int, default=0, metavar="N",
-                    help="write a checkpoint every N optimizer steps (default 0: only the final adapters)")
-    io.add_argument("--save-total-limit", type=int, default=None, metavar="N", help="keep only the N newest checkpoints")
-    io.add_argument("--resume", default=None, metavar="DIR|latest",
-                    help="continue from a checkpoint directory, or from the newest checkpoint-* in --output")
-    io.add_argument("--report-to", default="none", metavar="NAME[,NAME]",
-                    help=f"loggers: {', '.join(REPORT_TO)} (default none; tensorboard logs go to OUTPUT/runs)")
+    io.add_argument(
+        "--output",
+        default="grit-output",
+        metavar="DIR",
+        help="adapters and checkpoints (default grit-output)",
+    )
+    io.add_argument(
+        "--save-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="write a checkpoint every N optimizer steps (default 0: only the final adapters)",
+    )
+    io.add_argument(
+        "--save-total-limit", type=int, default=None, metavar="N", help="keep only the N newest checkpoints"
+    )
+    io.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR|latest",
+        help="continue from a checkpoint directory, or from the newest checkpoint-* in --output",
+    )
+    io.add_argument(
+        "--report-to",
+        default="none",
+        metavar="NAME[,NAME]",
+        help=f"loggers: {', '.join(REPORT_TO)} (default none; tensorboard logs go to OUTPUT/runs)",
+    )
     io.add_argument("--logging-steps", type=int, default=10)
 
     train = ft.add_argument_group("training")
     train.add_argument("--epochs", type=float, default=1.0)
-    train.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (default: epochs)")
+    train.add_argument(
+        "--max-steps", type=int, default=-1, help="stop after this many optimizer steps (default: epochs)"
+    )
     train.add_argument("--lr", type=float, default=2e-4)
-    train.add_argument("--warmup-ratio", type=float, default=0.03, help="learning-rate warm-up fraction, in [0, 1)")
+    train.add_argument(
+        "--warmup-ratio", type=float, default=0.03, help="learning-rate warm-up fraction, in [0, 1)"
+    )
     train.add_argument("--batch-size", type=int, default=4)
     train.add_argument("--grad-accum", type=int, default=1)
     train.add_argument("--max-length", type=int, default=1024)
-    train.add_argument("--packing", action="store_true", help="padding-free packing instead of dynamic padding")
+    train.add_argument(
+        "--packing", action="store_true", help="padding-free packing instead of dynamic padding"
+    )
     train.add_argument("--gradient-checkpointing", action="store_true")
     train.add_argument("--max-grad-norm", type=float, default=1.0)
     precision = train.add_mutually_exclusive_group()
-    precision.add_argument("--bf16", action="store_true",
-                           help="bf16 weights and autocast (default on GPUs that support it; on a CPU: CPU autocast)")
-    precision.add_argument("--fp16", action="store_true", help="fp16 weights, autocast and loss scaling (CUDA only)")
+    precision.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bf16 weights and autocast (default on GPUs that support it; on a CPU: CPU autocast)",
+    )
+    precision.add_argument(
+        "--fp16", action="store_true", help="fp16 weights, autocast and loss scaling (CUDA only)"
+    )
     train.add_argument("--val-fraction", type=float, default=0.0, help="held-out fraction, in [0, 1)")
-    train.add_argument("--eval-steps", type=int, default=None, metavar="N",
-                       help="evaluate the held-out rows every N steps (needs --val-fraction > 0; default: at the end)")
+    train.add_argument(
+        "--eval-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="evaluate the held-out rows every N steps (needs --val-fraction > 0; default: at the end)",
+    )
     train.add_argument("--seed", type=int, default=42)
 
     lora = ft.add_argument_group("LoRA")
@@ -84,7 +129,9 @@ def add_arguments(ft: argparse.ArgumentParser) -> None:
     lora.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
     lora.add_argument("--lora-dropout", type=float, default=0.0, help="in [0, 1)")
     lora.add_argument(
-        "--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", help="comma-separated"
+        "--target-modules",
+        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        help="comma-separated",
     )
     lora.add_argument("--qlora", action="store_true", help="load the base model in 4-bit NF4 (bitsandbytes)")
 
@@ -108,22 +155,58 @@ def _finite(x) -> bool:
 def validate_args(args: argparse.Namespace) -> None:
     """Every number / choice of ``args``, before any file is read: a :class:`CliError` naming the flag."""
     _need(_finite(args.epochs) and args.epochs > 0, "--epochs", args.epochs, "> 0")
-    _need(args.max_steps == -1 or args.max_steps >= 1, "--max-steps", args.max_steps, "-1 (use --epochs) or >= 1")
+    _need(
+        args.max_steps == -1 or args.max_steps >= 1,
+        "--max-steps",
+        args.max_steps,
+        "-1 (use --epochs) or >= 1",
+    )
     _need(_finite(args.lr) and args.lr > 0, "--lr", args.lr, "a finite number > 0")
-    _need(_finite(args.warmup_ratio) and 0 <= args.warmup_ratio < 1, "--warmup-ratio", args.warmup_ratio, "in [0, 1)")
+    _need(
+        _finite(args.warmup_ratio) and 0 <= args.warmup_ratio < 1,
+        "--warmup-ratio",
+        args.warmup_ratio,
+        "in [0, 1)",
+    )
     for flag in ("batch_size", "grad_accum", "r", "logging_steps"):
         value = getattr(args, flag)
         _need(value >= 1, "--" + flag.replace("_", "-"), value, ">= 1")
     _need(args.max_length >= 2, "--max-length", args.max_length, ">= 2")
-    _need(args.alpha is None or (_finite(args.alpha) and args.alpha > 0), "--alpha", args.alpha, "a finite number > 0")
-    _need(_finite(args.lora_dropout) and 0 <= args.lora_dropout < 1, "--lora-dropout", args.lora_dropout, "in [0, 1)")
+    _need(
+        args.alpha is None or (_finite(args.alpha) and args.alpha > 0),
+        "--alpha",
+        args.alpha,
+        "a finite number > 0",
+    )
+    _need(
+        _finite(args.lora_dropout) and 0 <= args.lora_dropout < 1,
+        "--lora-dropout",
+        args.lora_dropout,
+        "in [0, 1)",
+    )
     targets = args.target_modules.split(",")
-    _need(all(re.fullmatch(r"[\w.]+", t) for t in targets), "--target-modules", args.target_modules,
-          "comma-separated module names (no spaces or empty names)")
-    _need(_finite(args.max_grad_norm) and args.max_grad_norm >= 0, "--max-grad-norm", args.max_grad_norm, ">= 0")
-    _need(_finite(args.val_fraction) and 0 <= args.val_fraction < 1, "--val-fraction", args.val_fraction, "in [0, 1)")
+    _need(
+        all(re.fullmatch(r"[\w.]+", t) for t in targets),
+        "--target-modules",
+        args.target_modules,
+        "comma-separated module names (no spaces or empty names)",
+    )
+    _need(
+        _finite(args.max_grad_norm) and args.max_grad_norm >= 0, "--max-grad-norm", args.max_grad_norm, ">= 0"
+    )
+    _need(
+        _finite(args.val_fraction) and 0 <= args.val_fraction < 1,
+        "--val-fraction",
+        args.val_fraction,
+        "in [0, 1)",
+    )
     _need(args.save_steps >= 0, "--save-steps", args.save_steps, ">= 0 (0: no intermediate checkpoints)")
-    _need(args.save_total_limit is None or args.save_total_limit >= 1, "--save-total-limit", args.save_total_limit, ">= 1")
+    _need(
+        args.save_total_limit is None or args.save_total_limit >= 1,
+        "--save-total-limit",
+        args.save_total_limit,
+        ">= 1",
+    )
     _need(args.seed >= 0, "--seed", args.seed, ">= 0")
     if args.eval_steps is not None:
         _need(args.eval_steps >= 1, "--eval-steps", args.eval_steps, ">= 1")
@@ -137,7 +220,9 @@ def validate_args(args: argparse.Namespace) -> None:
         import torch
 
         if args.fp16 and not torch.cuda.is_available():
-            raise CliError("--fp16 needs a CUDA GPU (none found); use --bf16 (CPU autocast) or full precision")
+            raise CliError(
+                "--fp16 needs a CUDA GPU (none found); use --bf16 (CPU autocast) or full precision"
+            )
         if args.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
             raise CliError("--bf16: this GPU does not support bf16; use --fp16")
     if args.qlora and importlib.util.find_spec("bitsandbytes") is None:
@@ -147,7 +232,11 @@ def validate_args(args: argparse.Namespace) -> None:
 def _check_grit(args: argparse.Namespace) -> None:
     from .config import GritConfig
 
-    values = {"update_freq": args.update_freq, "damping": args.damping, "warmup_steps": args.grit_warmup_steps}
+    values = {
+        "update_freq": args.update_freq,
+        "damping": args.damping,
+        "warmup_steps": args.grit_warmup_steps,
+    }
     try:
         GritConfig(**values)
     except ValueError as exc:
@@ -161,7 +250,9 @@ def _check_report_to(value: str) -> None:
     names = [n.strip() for n in value.split(",")]
     for name in names:
         if name not in REPORT_TO:
-            raise CliError(f"--report-to {value}: unknown logger {name!r}; choose from {', '.join(REPORT_TO)}")
+            raise CliError(
+                f"--report-to {value}: unknown logger {name!r}; choose from {', '.join(REPORT_TO)}"
+            )
         packages = REPORT_TO[name]
         if packages and not any(importlib.util.find_spec(p) for p in packages):
             raise CliError(f"--report-to {name}: {packages[0]} is not installed (pip install {packages[0]})")
@@ -184,9 +275,13 @@ def check_paths(args: argparse.Namespace) -> Path | None:
     """Check ``--model``, ``--data``, ``--output``, ``--resume``; return the checkpoint to resume from."""
     model_dir = Path(args.model)
     if not model_dir.is_dir():
-        raise CliError(f"--model {args.model}: no such directory (a local Hugging Face model directory is expected)")
+        raise CliError(
+            f"--model {args.model}: no such directory (a local Hugging Face model directory is expected)"
+        )
     if not (model_dir / "config.json").is_file():
-        raise CliError(f"--model {args.model}: no config.json in this directory (not a Hugging Face model directory)")
+        raise CliError(
+            f"--model {args.model}: no config.json in this directory (not a Hugging Face model directory)"
+        )
     if not Path(args.data).is_file():
         raise CliError(f"--data {args.data}: no such file")
     output = Path(args.output)
@@ -221,7 +316,9 @@ def _check_checkpoint_matches(args: argparse.Namespace, checkpoint: Path) -> Non
     alpha = args.alpha if args.alpha is not None else 2 * args.r
     for flag, ours, key in (("--r", args.r, "r"), ("--alpha", alpha, "lora_alpha")):
         if key in saved and float(saved[key]) != float(ours):
-            raise CliError(f"{flag} {ours:g} differs from the checkpoint's {key}={saved[key]} (--resume {checkpoint})")
+            raise CliError(
+                f"{flag} {ours:g} differs from the checkpoint's {key}={saved[key]} (--resume {checkpoint})"
+            )
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -246,8 +343,10 @@ def load_tokenizer(model_dir: str):
 
         try:
             tok = AutoTokenizer.from_pretrained(model_dir)
-        except Exception as exc:
-            raise CliError(f"--model {model_dir}: cannot load its tokenizer ({type(exc).__name__}: {exc})") from None
+        except Exception as exc:  # noqa: BLE001 -- any failure becomes one line naming --model
+            raise CliError(
+                f"--model {model_dir}: cannot load its tokenizer ({type(exc).__name__}: {exc})"
+            ) from None
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         return tok
@@ -261,7 +360,9 @@ def load_tokenizer(model_dir: str):
             f"--model {model_dir}: no tokenizer files and a vocabulary of {vocab_size} < {tok.vocab_size} "
             "(the byte-level fallback tokenizer needs 260 ids)"
         )
-    print(f"note: {model_dir} has no tokenizer; using the byte-level ByteTokenizer (one token per UTF-8 byte)")
+    print(
+        f"note: {model_dir} has no tokenizer; using the byte-level ByteTokenizer (one token per UTF-8 byte)"
+    )
     return tok
 
 
@@ -276,11 +377,13 @@ def check_target_modules(args: argparse.Namespace) -> None:
         config = AutoConfig.from_pretrained(str(Path(args.model).resolve()))
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
-    except Exception:  # exotic configs: the model load reports it
+    except Exception:  # noqa: BLE001 -- exotic configs: the model load reports it
         return
     names = {n.split(".")[-1] for n, _ in skeleton.named_modules()}
     if not any(t in names for t in args.target_modules.split(",")):
-        linear = sorted({n.split(".")[-1] for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)})
+        linear = sorted(
+            {n.split(".")[-1] for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
+        )
         raise CliError(
             f"--target-modules {args.target_modules}: none of these module names is in {args.model} "
             f"(its linear layers: {','.join(linear[:12])})"
@@ -326,7 +429,9 @@ def load_model(args: argparse.Namespace, mode: str):
     names = {n.split(".")[-1] for n, _ in model.named_modules()}
     targets = [t for t in args.target_modules.split(",") if t in names]
     if not targets:
-        raise CliError(f"--target-modules {args.target_modules}: none of these module names is in {args.model}")
+        raise CliError(
+            f"--target-modules {args.target_modules}: none of these module names is in {args.model}"
+        )
     lora = LoraConfig(
         r=args.r,
         lora_alpha=args.alpha if args.alpha is not None else 2 * args.r,
@@ -350,11 +455,17 @@ def training_arguments(args: argparse.Namespace, mode: str, has_eval: bool):
     known = {f.name for f in dataclasses.fields(GritTrainingArguments)}
     extra = {}
     # transformers < 5 has warmup_ratio; 5.x reads a float warmup_steps < 1 as the ratio
-    extra.update({"warmup_ratio": args.warmup_ratio} if "warmup_ratio" in known else {"warmup_steps": args.warmup_ratio})
+    extra.update(
+        {"warmup_ratio": args.warmup_ratio}
+        if "warmup_ratio" in known
+        else {"warmup_steps": args.warmup_ratio}
+    )
     if mode == "bf16" and not torch.cuda.is_available():
         extra["use_cpu"] = True  # CPU autocast; transformers refuses bf16 without a GPU otherwise
     if args.save_steps:
-        extra.update(save_strategy="steps", save_steps=args.save_steps, save_total_limit=args.save_total_limit)
+        extra.update(
+            save_strategy="steps", save_steps=args.save_steps, save_total_limit=args.save_total_limit
+        )
     else:
         extra["save_strategy"] = "no"
     if has_eval and args.eval_steps:
@@ -403,15 +514,19 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(f"--data {args.data}: {exc}") from None
     if not features:
-        raise CliError(f"--data {args.data}: no record has a response token left within --max-length {args.max_length}")
-    n_val = int(round(len(features) * args.val_fraction))
+        raise CliError(
+            f"--data {args.data}: no record has a response token left within --max-length {args.max_length}"
+        )
+    n_val = round(len(features) * args.val_fraction)
     order = torch.randperm(len(features), generator=torch.Generator().manual_seed(args.seed)).tolist()
     val = [features[i] for i in order[:n_val]]
     train = [features[i] for i in order[n_val:]]
     if not train:
         raise CliError(f"--val-fraction {args.val_fraction}: leaves no training rows of {len(features)}")
     collate = (
-        data.PackedCollator() if args.packing else data.DynamicPaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8)
+        data.PackedCollator()
+        if args.packing
+        else data.DynamicPaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8)
     )
     check_target_modules(args)
     mode = precision(args)
@@ -420,10 +535,13 @@ def run(args: argparse.Namespace) -> int:
     from .trainer import GritTrainer
 
     model = load_model(args, mode)
-    trainer = GritTrainer(model=model, args=targs, train_dataset=train, eval_dataset=val or None, data_collator=collate)
+    trainer = GritTrainer(
+        model=model, args=targs, train_dataset=train, eval_dataset=val or None, data_collator=collate
+    )
     print(
         f"fine-tuning {args.model} on {len(train)} {data_format} records ({len(val)} held out), "
-        f"{'GRIT' if not args.no_grit else 'plain AdamW'}, LoRA r={args.r}{', QLoRA NF4' if args.qlora else ''}, "
+        f"{'plain AdamW' if args.no_grit else 'GRIT'}, LoRA r={args.r}"
+        f"{', QLoRA NF4' if args.qlora else ''}, "
         f"{mode}" + (f", resuming from {checkpoint}" if checkpoint else "")
     )
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

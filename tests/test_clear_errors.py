@@ -5,9 +5,9 @@ import warnings
 
 import pytest
 import torch
+from helpers import small_llama
 
 import grit_kernels as gk
-from helpers import small_llama
 
 
 def _backward(model, seed=0):
@@ -28,7 +28,10 @@ def test_adapter_switch_is_named_with_the_way_out():
         opt.step()
     message = str(info.value)
     assert "active adapter changed from 'default' to 'second'" in message
-    assert "model.set_adapter('default')" in message and "pre.remove(); pre = GritPreconditioner(model" in message
+    assert (
+        "model.set_adapter('default')" in message
+        and "pre.remove(); pre = GritPreconditioner(model" in message
+    )
     assert "-100" not in message and opt.skipped_steps == 0
     with pytest.raises(RuntimeError, match="active adapter changed"):
         pre.step()  # a custom loop without GritOptimizer is told too
@@ -76,10 +79,17 @@ def _trainer(dataset, tmp_path):
     from grit_kernels.data import DynamicPaddingCollator
 
     args = gk.GritTrainingArguments(
-        output_dir=str(tmp_path), max_steps=1, report_to="none", remove_unused_columns=False, save_strategy="no"
+        output_dir=str(tmp_path),
+        max_steps=1,
+        report_to="none",
+        remove_unused_columns=False,
+        save_strategy="no",
     )
     return gk.GritTrainer(
-        model=small_llama(num_layers=1), args=args, train_dataset=dataset, data_collator=DynamicPaddingCollator(0)
+        model=small_llama(num_layers=1),
+        args=args,
+        train_dataset=dataset,
+        data_collator=DynamicPaddingCollator(0),
     )
 
 

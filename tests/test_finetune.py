@@ -44,14 +44,18 @@ def bpe_tokenizer(chat_template=CHATML):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog. user assistant system hello"] * 20, trainer)
+    tok.train_from_iterator(
+        ["the quick brown fox jumps over the lazy dog. user assistant system hello"] * 20, trainer
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>")
     fast.chat_template = chat_template
     return fast
 
 
 def supervised_text(tok, feature):
-    return tok.decode([i for i, label in zip(feature["input_ids"], feature["labels"]) if label != IGNORE_INDEX])
+    return tok.decode(
+        [i for i, label in zip(feature["input_ids"], feature["labels"]) if label != IGNORE_INDEX]
+    )
 
 
 # --------------------------------------------------------------------------------------------- chat data
@@ -59,7 +63,9 @@ def test_chat_template_labels_cover_exactly_the_assistant_turns():
     tok = bpe_tokenizer()
     feature = tokenize_chat([{"messages": CONVERSATION}], tok)[0]
     full = tok.apply_chat_template(CONVERSATION, tokenize=False)
-    assert feature["input_ids"] == tok(full, add_special_tokens=False)["input_ids"]  # one tokenization of the text
+    assert (
+        feature["input_ids"] == tok(full, add_special_tokens=False)["input_ids"]
+    )  # one tokenization of the text
     assert supervised_text(tok, feature) == "the dog<|im_end|>\nlazy dog.<|im_end|>\n"
     # labels equal the ids where supervised, and the supervised tokens form exactly two runs (two turns)
     flags = [label != IGNORE_INDEX for label in feature["labels"]]
@@ -95,8 +101,11 @@ def test_chat_without_template_uses_the_fallback_and_masks_the_prompt():
 
 
 def test_chat_template_errors_name_the_record():
-    strict = CHATML.replace("{% for m in messages %}", "{% for m in messages %}{% if m['role'] == 'system' %}"
-                            "{{ raise_exception('System role not supported') }}{% endif %}")
+    strict = CHATML.replace(
+        "{% for m in messages %}",
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}",
+    )
     tok = bpe_tokenizer(chat_template=strict)
     records = [{"messages": CONVERSATION[1:3]}, {"messages": CONVERSATION}]
     assert len(tokenize_chat(records[:1], tok)) == 1
@@ -208,7 +217,9 @@ def _run_error(argv, capsys):
     ],
 )
 def test_finetune_bad_flag_exits_2_naming_it(model_dir, alpaca_file, no_model_load, capsys, flag, value):
-    err = _run_error(["finetune", "--model", str(model_dir), "--data", str(alpaca_file), f"{flag}={value}"], capsys)
+    err = _run_error(
+        ["finetune", "--model", str(model_dir), "--data", str(alpaca_file), f"{flag}={value}"], capsys
+    )
     assert flag in err
 
 
@@ -235,7 +246,9 @@ def test_finetune_bad_paths_exit_2(model_dir, alpaca_file, tmp_path, no_model_lo
     assert "--output" in _run_error([*base, "--output", str(not_a_dir)], capsys)
     assert "--resume" in _run_error([*base, "--resume", str(model_dir)], capsys)  # no trainer_state.json
     assert "--model" in _run_error(["finetune", "--model", str(tmp_path), "--data", str(alpaca_file)], capsys)
-    assert "--data" in _run_error(["finetune", "--model", str(model_dir), "--data", str(tmp_path / "x.json")], capsys)
+    assert "--data" in _run_error(
+        ["finetune", "--model", str(model_dir), "--data", str(tmp_path / "x.json")], capsys
+    )
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
     assert "no records" in _run_error(["finetune", "--model", str(model_dir), "--data", str(empty)], capsys)
@@ -252,12 +265,21 @@ def test_finetune_fp16_without_cuda_exits_2(model_dir, alpaca_file, no_model_loa
     assert "--fp16 needs a CUDA GPU" in err
 
 
-def test_finetune_report_to_a_missing_logger_exits_2(model_dir, alpaca_file, no_model_load, capsys, monkeypatch):
+def test_finetune_report_to_a_missing_logger_exits_2(
+    model_dir, alpaca_file, no_model_load, capsys, monkeypatch
+):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if "tensorboard" in name.lower() else real(name, *a))
-    err = _run_error(["finetune", "--model", str(model_dir), "--data", str(alpaca_file), "--report-to", "tensorboard"], capsys)
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if "tensorboard" in name.lower() else real(name, *a),
+    )
+    err = _run_error(
+        ["finetune", "--model", str(model_dir), "--data", str(alpaca_file), "--report-to", "tensorboard"],
+        capsys,
+    )
     assert "--report-to tensorboard: tensorboard is not installed" in err
 
 
@@ -268,8 +290,22 @@ def _adapter(path):
     return load_file(str(path / "adapter_model.safetensors"))
 
 
-COMMON = ["--batch-size", "2", "--max-length", "256", "--r", "4", "--logging-steps", "1", "--grit-warmup-steps", "1",
-          "--update-freq", "1", "--lr", "1e-3"]
+COMMON = [
+    "--batch-size",
+    "2",
+    "--max-length",
+    "256",
+    "--r",
+    "4",
+    "--logging-steps",
+    "1",
+    "--grit-warmup-steps",
+    "1",
+    "--update-freq",
+    "1",
+    "--lr",
+    "1e-3",
+]
 
 
 def test_finetune_checkpoints_and_resume_continue_exactly(model_dir, alpaca_file, tmp_path, capsys):
@@ -298,11 +334,17 @@ def test_finetune_checkpoints_and_resume_continue_exactly(model_dir, alpaca_file
     assert expected.keys() == resumed.keys() and len(expected) == 14  # 7 modules x (A, B)
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-7)
-    assert cli.main([*base, "--output", str(part), "--resume", "latest", "--r", "8"]) == 2  # not the checkpoint's r
+    assert (
+        cli.main([*base, "--output", str(part), "--resume", "latest", "--r", "8"]) == 2
+    )  # not the checkpoint's r
     assert "--r 8 differs from the checkpoint's r=4" in capsys.readouterr().err
     resumed_pre = torch.load(part / "checkpoint-4" / "grit_preconditioner.pt", weights_only=True)
-    torch.testing.assert_close(resumed_pre["bank"]["storage"], pre_state["bank"]["storage"], rtol=1e-5, atol=1e-9)
-    assert not torch.equal(_adapter(full / "checkpoint-2")[next(iter(expected))], expected[next(iter(expected))])
+    torch.testing.assert_close(
+        resumed_pre["bank"]["storage"], pre_state["bank"]["storage"], rtol=1e-5, atol=1e-9
+    )
+    assert not torch.equal(
+        _adapter(full / "checkpoint-2")[next(iter(expected))], expected[next(iter(expected))]
+    )
 
 
 def test_finetune_chat_bf16_absolute_base_path(tmp_path, monkeypatch, capsys):
@@ -317,7 +359,18 @@ def test_finetune_chat_bf16_absolute_base_path(tmp_path, monkeypatch, capsys):
     bpe_tokenizer().save_pretrained(tmp_path / "model")
     (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps({"messages": CONVERSATION}) for _ in range(4)))
     monkeypatch.chdir(tmp_path)
-    argv = ["finetune", "--model", "model", "--data", "chat.jsonl", "--output", "out", "--max-steps", "2", "--bf16"]
+    argv = [
+        "finetune",
+        "--model",
+        "model",
+        "--data",
+        "chat.jsonl",
+        "--output",
+        "out",
+        "--max-steps",
+        "2",
+        "--bf16",
+    ]
     assert cli.main(argv + COMMON) == 0
     printed = capsys.readouterr().out
     assert "4 chat records" in printed and "bf16" in printed

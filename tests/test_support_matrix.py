@@ -14,8 +14,14 @@ from grit_kernels.bank import BACKWARD, FORWARD
 from grit_kernels.layers import is_lora_layer
 
 LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
-GRIT = dict(warmup_steps=0, update_freq=1, kl_clip=None)  # exact comparison with the reference
+TINY = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "vocab_size": 128,
+}
+GRIT = {"warmup_steps": 0, "update_freq": 1, "kl_clip": None}  # exact comparison with the reference
 
 
 def _config(arch):
@@ -32,14 +38,27 @@ def _config(arch):
     if arch == "gemma3":
         return tf.Gemma3TextConfig(**TINY, num_key_value_heads=2, head_dim=8, sliding_window=16), LLAMA_LIKE
     if arch == "phi3":
-        return tf.Phi3Config(**TINY, num_key_value_heads=2, pad_token_id=0), ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+        return tf.Phi3Config(**TINY, num_key_value_heads=2, pad_token_id=0), [
+            "qkv_proj",
+            "o_proj",
+            "gate_up_proj",
+            "down_proj",
+        ]
     if arch == "gpt2":  # Conv1D base layers (PEFT LoRA with fan_in_fan_out=True)
-        cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0,
-                             eos_token_id=0)
+        cfg = tf.GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0
+        )
         return cfg, ["c_attn", "c_proj", "c_fc"]  # c_proj: in attention and in the MLP
     if arch == "opt":
-        cfg = tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
-                           word_embed_proj_dim=32, max_position_embeddings=64)
+        cfg = tf.OPTConfig(
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=128,
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
+        )
         return cfg, ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
     raise ValueError(arch)
 
@@ -47,7 +66,9 @@ def _config(arch):
 def _peft(model, targets, **kwargs):
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **kwargs))
+    return get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **kwargs)
+    )
 
 
 def _lora_layers(model):
@@ -75,10 +96,14 @@ def grit_steps(model, batches, pre=None, steps=2):
             for i, m in enumerate(pre.modules):
                 r = m.lora_A.shape[0]
                 eye = torch.eye(r)
-                assert not torch.allclose(inv_d[i, :r, :r], eye) and not torch.allclose(inv_h[i, :r, :r], eye), m.name
+                assert not torch.allclose(inv_d[i, :r, :r], eye) and not torch.allclose(
+                    inv_h[i, :r, :r], eye
+                ), m.name
                 for got, want in ((m.lora_A.grad, want_a[i]), (m.lora_B.grad, want_b[i])):
                     want = want.double()
-                    assert (got.double() - want).norm() <= 1e-5 * want.norm(), m.name  # fp32 vs the fp64 oracle
+                    assert (got.double() - want).norm() <= 1e-5 * want.norm(), (
+                        m.name
+                    )  # fp32 vs the fp64 oracle
         inner.step()
     assert all(torch.isfinite(torch.tensor(losses))), losses
     return pre, losses
@@ -115,11 +140,22 @@ def test_llava_with_vision_tower_lora():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     image_token = 127
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=28, patch_size=14)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=28,
+        patch_size=14,
+    )
     text = LlamaConfig(**TINY, num_key_value_heads=2)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
-                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
     torch.manual_seed(0)
     targets = LLAMA_LIKE + ["out_proj", "fc1", "fc2"]  # CLIP: q/k/v_proj, out_proj, fc1, fc2
     model = _peft(LlavaForConditionalGeneration(config), targets)
@@ -134,8 +170,14 @@ def test_llava_with_vision_tower_lora():
         labels = ids.clone()
         labels[:, :5] = -100
         pixels = torch.randn(2, 3, 28, 28, generator=gen)
-        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels,
-                        "labels": labels})
+        batches.append(
+            {
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "pixel_values": pixels,
+                "labels": labels,
+            }
+        )
     pre, _ = grit_steps(model, batches)
     assert [m.name for m in pre.modules] == layers and not pre.skipped
 
@@ -153,13 +195,27 @@ def test_bitsandbytes_quantized_base(bits):
         for name, child in list(module.named_children()):
             if name in targets and isinstance(child, torch.nn.Linear):
                 if bits == 4:
-                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, quant_type="nf4",
-                                          compute_dtype=torch.float32)
-                    q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4")
+                    q = bnb.nn.Linear4bit(
+                        child.in_features,
+                        child.out_features,
+                        bias=False,
+                        quant_type="nf4",
+                        compute_dtype=torch.float32,
+                    )
+                    q.weight = bnb.nn.Params4bit(
+                        child.weight.data.clone(), requires_grad=False, quant_type="nf4"
+                    )
                 else:
-                    q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=False,
-                                            has_fp16_weights=False, threshold=0.0)
-                    q.weight = bnb.nn.Int8Params(child.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+                    q = bnb.nn.Linear8bitLt(
+                        child.in_features,
+                        child.out_features,
+                        bias=False,
+                        has_fp16_weights=False,
+                        threshold=0.0,
+                    )
+                    q.weight = bnb.nn.Int8Params(
+                        child.weight.data.clone(), requires_grad=False, has_fp16_weights=False
+                    )
                 setattr(module, name, q.to("cpu"))  # moving to a device quantizes
     setattr(model, f"is_loaded_in_{bits}bit", True)  # what PEFT reads to pick its bitsandbytes LoRA layer
     model = _peft(model, targets)
@@ -172,9 +228,8 @@ def test_bitsandbytes_quantized_base(bits):
 def test_trl_sft_trainer(tmp_path):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
-    from transformers import AutoModelForCausalLM
-
     from test_finetune import CONVERSATION, bpe_tokenizer
+    from transformers import AutoModelForCausalLM
 
     tok = bpe_tokenizer()
     config, targets = _config("llama")
@@ -182,9 +237,19 @@ def test_trl_sft_trainer(tmp_path):
     torch.manual_seed(0)
     model = _peft(AutoModelForCausalLM.from_config(config), targets)
     dataset = datasets.Dataset.from_list([{"messages": CONVERSATION}] * 4)
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
-                         logging_steps=1, report_to="none", save_strategy="no", bf16=False, fp16=False,
-                         max_length=64, dataloader_pin_memory=False)
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        bf16=False,
+        fp16=False,
+        max_length=64,
+        dataloader_pin_memory=False,
+    )
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok)
     gk.enable_grit(trainer, gk.GritConfig(warmup_steps=0, update_freq=1))
     trainer.train()
@@ -196,7 +261,7 @@ def test_trl_sft_trainer(tmp_path):
     assert [e["grit/preconditioning_active"] for e in trainer.state.log_history if "loss" in e] == [1, 1]
 
 
-# --------------------------------------------------------------------------------------------- skipped with a warning
+# ------------------------------------------------------------------------------- skipped with a warning
 class ConvNet(torch.nn.Module):
     """A Conv2d and a Linear, both LoRA targets."""
 
@@ -213,10 +278,15 @@ class ConvNet(torch.nn.Module):
 def test_conv2d_lora_is_skipped_with_a_warning():
     torch.manual_seed(0)
     model = _peft(ConvNet(), ["conv", "head"])
-    with pytest.warns(UserWarning, match=r"1 LoRA layer\(s\) unpreconditioned:\n  .*conv: Conv2d LoRA is not supported"):
+    with pytest.warns(
+        UserWarning, match=r"1 LoRA layer\(s\) unpreconditioned:\n  .*conv: Conv2d LoRA is not supported"
+    ):
         pre = gk.GritPreconditioner(model, gk.GritConfig(**GRIT))
     gen = torch.Generator().manual_seed(0)
-    batch = {"pixels": torch.randn(4, 3, 8, 8, generator=gen), "labels": torch.randint(0, 5, (4,), generator=gen)}
+    batch = {
+        "pixels": torch.randn(4, 3, 8, 8, generator=gen),
+        "labels": torch.randint(0, 5, (4,), generator=gen),
+    }
     pre, _ = grit_steps(model, [batch], pre=pre)
     assert [m.name.split(".")[-1] for m in pre.modules] == ["head"]
 
@@ -242,8 +312,12 @@ def test_dora_layers_are_skipped_with_a_warning_and_all_dora_is_refused():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT: "Already found a peft_config attribute" (intended: two injections)
-        inject_adapter_in_model(LoraConfig(r=4, target_modules=["q_proj"], use_dora=True, init_lora_weights=False), model)
+        warnings.simplefilter(
+            "ignore"
+        )  # PEFT: "Already found a peft_config attribute" (intended: two injections)
+        inject_adapter_in_model(
+            LoraConfig(r=4, target_modules=["q_proj"], use_dora=True, init_lora_weights=False), model
+        )
         inject_adapter_in_model(LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False), model)
     with pytest.warns(UserWarning, match=r"q_proj: DoRA / LoRA variants are not supported"):
         pre = gk.GritPreconditioner(model, gk.GritConfig(**GRIT))
