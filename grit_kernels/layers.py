@@ -51,16 +51,16 @@ class CaptureSlot:
         """Add ``sum h h^T``, ``sum delta delta^T`` and the row count over rows that carry gradient.
 
         Rows whose ``delta`` is zero -- padding, positions no loss term reaches -- are left out of ``H``
-        and of the count, so the factors do not depend on how a batch is padded. "Zero" means below
-        ``ZERO_ROW_TOLERANCE`` times the micro-batch's largest ``|delta|``: a gradient that is zero in
+        and of the count, so the factors do not depend on how a batch is padded. "Zero" means a norm
+        ``|delta_t|`` below ``ZERO_ROW_TOLERANCE`` times the micro-batch's largest: a gradient that is zero in
         exact arithmetic (query of position 0, whose softmax is over one key) comes out of the attention
         kernels as rounding noise ~1e-8 of the signal, and must be counted the same way whatever the
         batch split. Decided on the device (a mask), no host sync.
         """
         r = h.shape[-1]
         h, delta = h.reshape(-1, r), delta.reshape(-1, r)
-        row_max = delta.abs().amax(dim=1)
-        carries = row_max > ZERO_ROW_TOLERANCE * row_max.amax()
+        row_sq = (delta * delta).sum(dim=1)
+        carries = row_sq > ZERO_ROW_TOLERANCE**2 * row_sq.amax()
         ops.accumulate_gram_(self.forward_stat, h * carries[:, None], backend=self.backend)
         ops.accumulate_gram_(self.backward_stat, delta, backend=self.backend)
         self.rows.add_(carries.sum())
@@ -84,30 +84,42 @@ def batched_statistics(h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tens
     """
     n, k, r = h.shape
     h, delta = h.float(), delta.float()
-    row_max = delta.abs().amax(dim=2)  # [N, K]
-    carries = row_max > ZERO_ROW_TOLERANCE * row_max.amax(dim=0, keepdim=True)
-    both = torch.cat([h * carries[:, :, None], delta], dim=1).transpose(0, 1)  # [2K, N, r]
-    grams = torch.bmm(both.transpose(1, 2), both).view(2, k, r, r)
-    return grams, carries.sum(dim=0, dtype=torch.float32)
+    row_sq = (delta * delta).sum(dim=2)  # [N, K] (a sum over the small last dim: fast, unlike amax)
+    carries = row_sq > ZERO_ROW_TOLERANCE**2 * row_sq.amax(dim=0, keepdim=True)
+    masked = h * carries[:, :, None]
+    # [K, r, N] @ [K, N, r] on strided views: BLAS-compatible, no transposed copies
+    forward_gram = torch.bmm(masked.permute(1, 2, 0), h.permute(1, 0, 2))
+    backward_gram = torch.bmm(delta.permute(1, 2, 0), delta.permute(1, 0, 2))
+    return torch.stack([forward_gram, backward_gram]), carries.sum(dim=0, dtype=torch.float32)
 
 
 class StatsRecorder:
-    """Collects ``(h, delta)`` of many modules during one backward and adds their statistics to the
-    bank in one batched pass per ``(bank, rank, rows)`` group when that backward ends.
+    """Collects the rank-space statistics of many modules during one backward and adds them to the
+    bank with one op per ``(bank, rank)`` group when that backward ends.
 
-    The flush is queued on the running backward with the autograd engine's final-callback hook
-    (``Variable._execution_engine.queue_callback``), so it runs once per ``backward()`` call
-    (under reentrant activation checkpointing: once per recomputed segment). Called outside a
-    backward, :meth:`record` flushes at once.
+    On CUDA ``(h, delta)`` are kept and every mask and Gram is formed in one batched pass at the end
+    (a handful of launches per micro-batch). On CPU each recorded group's Grams are formed at once,
+    while its tensors are still in cache (a batched pass over cold memory costs more there), and only
+    the small ``[2, K, r, r]`` results wait for the end. The flush is queued on the running backward
+    with the autograd engine's final-callback hook (``Variable._execution_engine.queue_callback``),
+    so it runs once per ``backward()`` call (under reentrant activation checkpointing: once per
+    recomputed segment). Called outside a backward, :meth:`record` flushes at once.
     """
 
-    def __init__(self):
+    def __init__(self, eager_grams: bool | None = None):
         self._pending: list = []
         self._queued = False
+        self.eager_grams = eager_grams  #: form Grams at record time; None: on CPU only
 
     def record(self, bank: Any, indices: tuple[int, ...], h: torch.Tensor, delta: torch.Tensor) -> None:
         """Queue ``h, delta [N, len(indices) * r]`` (modules side by side, equal rank) of bank ``indices``."""
-        self._pending.append((bank, indices, h, delta))
+        n, k = h.shape[0], len(indices)
+        r = h.shape[1] // k
+        if self.eager_grams if self.eager_grams is not None else h.device.type == "cpu":
+            grams, rows = batched_statistics(h.reshape(n, k, r), delta.reshape(n, k, r))
+            self._pending.append((bank, indices, r, None, None, grams, rows))
+        else:
+            self._pending.append((bank, indices, r, h, delta, None, None))
         if not self._queued:
             try:
                 torch.autograd.Variable._execution_engine.queue_callback(self.flush)
@@ -119,16 +131,21 @@ class StatsRecorder:
         """Form and add every pending statistic (a no-op when nothing is pending)."""
         pending, self._pending, self._queued = self._pending, [], False
         groups: dict = {}
-        for bank, indices, h, delta in pending:
-            r = h.shape[1] // len(indices)
-            groups.setdefault((id(bank), r, h.shape[0], h.device), (bank, r, []))[2].append((indices, h, delta))
+        for item in pending:
+            bank, _indices, r, h = item[:4]
+            key = (id(bank), r, None if h is None else (h.shape[0], h.device))
+            groups.setdefault(key, (bank, r, []))[2].append(item)
         for bank, r, items in groups.values():
-            items.sort(key=lambda item: item[0][0])
-            indices = tuple(i for item in items for i in item[0])
-            n = items[0][1].shape[0]
-            h = torch.cat([item[1] for item in items], dim=1) if len(items) > 1 else items[0][1]
-            delta = torch.cat([item[2] for item in items], dim=1) if len(items) > 1 else items[0][2]
-            grams, rows = batched_statistics(h.reshape(n, -1, r), delta.reshape(n, -1, r))
+            items.sort(key=lambda item: item[1][0])
+            indices = tuple(i for item in items for i in item[1])
+            if items[0][3] is None:  # Grams already formed (CPU)
+                grams = torch.cat([item[5] for item in items], dim=1) if len(items) > 1 else items[0][5]
+                rows = torch.cat([item[6] for item in items]) if len(items) > 1 else items[0][6]
+            else:
+                n = items[0][3].shape[0]
+                h = torch.cat([item[3] for item in items], dim=1) if len(items) > 1 else items[0][3]
+                delta = torch.cat([item[4] for item in items], dim=1) if len(items) > 1 else items[0][4]
+                grams, rows = batched_statistics(h.reshape(n, -1, r), delta.reshape(n, -1, r))
             bank.add_statistics_(indices, grams, rows)
 
 

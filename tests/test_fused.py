@@ -268,3 +268,32 @@ def test_fused_matches_peft_with_per_module_scales_and_rslora():
     assert rel(f_loss, loss) < FP32_RTOL and rel(f_logits, logits) < FP32_RTOL
     for name, g in grads.items():
         assert rel(f_grads[name], g) < FP32_RTOL, name
+
+
+@pytest.mark.parametrize("eager_grams", [True, False], ids=["grams-at-record (CPU)", "one-pass-at-flush (CUDA)"])
+def test_recorder_matches_per_module_capture(eager_grams):
+    """Both recorder strategies give the per-module statistics of CaptureSlot.capture (float64 reference)."""
+    from grit_kernels.bank import FactorBank
+    from grit_kernels.layers import StatsRecorder
+
+    n, r, groups = 40, 4, [(0, 1, 2), (3,), (5, 6), (4,)]  # out of order, like a backward pass
+    bank = FactorBank([r] * 7)
+    recorder = StatsRecorder(eager_grams=eager_grams)
+    recorder._queued = True  # as inside a backward: everything waits for the flush at its end
+    expected = torch.zeros(2, 7, r, r, dtype=torch.float64)
+    expected_rows = torch.zeros(7, dtype=torch.float64)
+    for indices in groups:
+        h = torch.randn(n, len(indices) * r)
+        delta = torch.randn(n, len(indices) * r)
+        delta[: 5 + indices[0]] = 0  # rows without gradient (padding), a different number per group
+        delta[-1, :r] = 1e-12  # rounding noise in the first module of the group: no gradient either
+        recorder.record(bank, indices, h, delta)
+        for j, m in enumerate(indices):
+            hm, dm = h[:, j * r : (j + 1) * r].double(), delta[:, j * r : (j + 1) * r].double()
+            carries = dm.norm(dim=1) > 1e-6 * dm.norm(dim=1).max()
+            expected[0, m] += hm[carries].T @ hm[carries]
+            expected[1, m] += dm.T @ dm
+            expected_rows[m] += carries.sum()
+    recorder.flush()
+    assert torch.equal(bank.rows.double(), expected_rows)
+    assert rel(bank.stat_sum, expected) < 1e-6
