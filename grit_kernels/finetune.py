@@ -11,9 +11,10 @@ The order of work is chosen so that a mistake costs seconds, not a model load:
 
 Outputs in ``--output``: the final adapters in PEFT format (``adapter_config.json`` holding the
 *absolute* path of the base model, so ``AutoPeftModelForCausalLM.from_pretrained(output)`` works from
-any working directory without the hub), the tokenizer when the model has one, and with
-``--save-steps N`` Trainer checkpoints ``checkpoint-<step>/`` (adapters, inner optimizer, scheduler,
-RNG state and ``grit_preconditioner.pt``), from which ``--resume DIR|latest`` continues.
+any working directory without the hub), the tokenizer when the model has one, and every
+``--save-steps N`` steps (default 500; 0: none) a Trainer checkpoint ``checkpoint-<step>/`` (adapters,
+inner optimizer, scheduler, RNG state and ``grit_preconditioner.pt``), from which
+``--resume DIR|latest`` continues.
 """
 
 from __future__ import annotations
@@ -67,9 +68,10 @@ def add_arguments(ft: argparse.ArgumentParser) -> None:
     io.add_argument(
         "--save-steps",
         type=int,
-        default=0,
+        default=500,
         metavar="N",
-        help="write a checkpoint every N optimizer steps (default 0: only the final adapters)",
+        help="write a checkpoint every N optimizer steps (default 500, as the HF Trainer; 0: none, "
+        "only the final adapters)",
     )
     io.add_argument(
         "--save-total-limit", type=int, default=None, metavar="N", help="keep only the N newest checkpoints"

@@ -227,7 +227,7 @@ def test_finetune_bad_flag_exits_2_naming_it(model_dir, alpaca_file, no_model_lo
     "extra, expected",
     [
         (["--eval-steps", "5"], "--eval-steps needs held-out rows"),
-        (["--save-total-limit", "2"], "--save-total-limit needs --save-steps"),
+        (["--save-steps", "0", "--save-total-limit", "2"], "--save-total-limit needs --save-steps"),
         (["--resume", "latest"], "--resume latest: no checkpoint"),
         (["--resume", "NOWHERE"], "--resume NOWHERE: no such directory"),
         (["--report-to", "none,wandb"], "--report-to"),
