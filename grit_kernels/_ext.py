@@ -23,8 +23,11 @@ CUDA_SOURCE = SOURCE_DIR / "grit_cuda.cu"
 _state: dict[str, object] = {"loaded": False, "import_tried": False, "jit_tried": False, "error": None}
 
 
-def _registered() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::precondition_", "CPU")
+def _registered(key: str = "CPU") -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::precondition_", key)
+    except RuntimeError:  # the operator is not defined at all
+        return False
 
 
 def load(jit: bool | None = None) -> bool:
@@ -66,7 +69,7 @@ def cuda_available(jit: bool | None = None) -> bool:
     """Whether the CUDA kernels (backend ``cuda``) are loaded and a CUDA device is present."""
     if not torch.cuda.is_available() or not load(jit):
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::precondition_", "CUDA")
+    return _registered("CUDA")
 
 
 def load_error() -> str | None:

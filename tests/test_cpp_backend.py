@@ -176,10 +176,11 @@ def _train(backend: str, steps: int, seed: int):
     import grit_kernels as gk
     from grit_kernels.models import build_lora_model, tiny_llama_config
 
-    model = build_lora_model(tiny_llama_config(num_layers=2, hidden=32, vocab=64), r=8, seed=seed)
+    # init_lora_weights=False: B != 0, so the first step already has both factors and preconditions
+    model = build_lora_model(tiny_llama_config(num_layers=2, hidden=32, vocab=64), r=8, seed=seed, init_lora_weights=False)
     cfg = gk.GritConfig(backend=backend, warmup_steps=0, update_freq=2, kl_clip=1e-2)
     pre = gk.GritPreconditioner(model, cfg)
-    opt = gk.GritOptimizer(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2), pre)
+    opt = gk.GritOptimizer(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3), pre)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         ids = torch.randint(0, 64, (2, 12), generator=gen)
@@ -191,15 +192,18 @@ def _train(backend: str, steps: int, seed: int):
 
 @needs_cpp
 def test_preconditioner_steps_match_torch_backend(fresh_seed):
+    """A whole GritPreconditioner step (statistics, fold, inversion, preconditioning, KL-clip, SGD) from the
+    same state gives the same bank and adapters to rounding. (Over several steps the trajectories drift
+    apart by more: the row-selection threshold and the clip amplify rounding, so one step is compared.)"""
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    pre_cpp, params_cpp = _train("cpp", 3, seed)
-    pre_torch, params_torch = _train("torch", 3, seed)
+    pre_cpp, params_cpp = _train("cpp", 1, seed)
+    pre_torch, params_torch = _train("torch", 1, seed)
     assert pre_cpp.backend == "cpp" and pre_torch.backend == "torch"
-    assert torch.equal(pre_cpp.bank.status, pre_torch.bank.status)
-    assert rel_err(pre_cpp.bank.factor, pre_torch.bank.factor) < 1e-5
+    assert pre_cpp.bank.initialized.all() and torch.equal(pre_cpp.bank.status, pre_torch.bank.status)
+    assert rel_err(pre_cpp.bank.factor, pre_torch.bank.factor) < 1e-6
     assert rel_err(pre_cpp.bank.inverse, pre_torch.bank.inverse) < 1e-4
     for a, b in zip(params_cpp, params_torch):
-        assert rel_err(a, b) < 1e-4
+        assert rel_err(a, b) < 2e-5
 
 
 @needs_cpp
@@ -266,3 +270,25 @@ def test_setup_without_torch_in_build_env(tmp_path):
     res = _setup_py(tmp_path, {}, "--name", preamble="import sys; sys.modules['torch'] = None; ")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "torch not importable" in res.stderr and "--no-build-isolation" in res.stderr
+
+
+def test_without_the_extension_torch_is_used():
+    """Extension absent and no JIT: auto falls back to torch, an explicit 'cpp' says how to build it."""
+    code = """
+import sys; sys.modules['grit_kernels._C'] = None
+import torch
+from grit_kernels import _ext
+from grit_kernels.ops import resolve_backend
+assert not _ext.cpu_available() and _ext.load_error()
+assert resolve_backend('auto', torch.device('cpu')) == 'torch'
+try:
+    resolve_backend('cpp', torch.device('cpu'))
+except RuntimeError as exc:
+    assert 'GRIT_KERNELS_JIT=1' in str(exc), exc
+else:
+    raise AssertionError('cpp backend resolved without the extension')
+print('ok')
+"""
+    env = {k: v for k, v in os.environ.items() if k != "GRIT_KERNELS_JIT"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
