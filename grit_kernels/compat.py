@@ -374,7 +374,15 @@ class GRITLoRAConfig:
 
     def __post_init__(self):
         if self.target_modules is None:
-            self.target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+            self.target_modules = [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
 
     def to_grit_config(self, **overrides: Any) -> GritConfig:
         warnings.warn(DAMPING_WARNING, UserWarning, stacklevel=2)
@@ -387,7 +395,10 @@ class GRITLoRAConfig:
         )
         values.update(
             _projection_fields(
-                self.projection_budget_start, self.projection_budget_end, self.projection_schedule, self.enable_projection
+                self.projection_budget_start,
+                self.projection_budget_end,
+                self.projection_schedule,
+                self.enable_projection,
             )
         )
         if values["fisher"] != "kfac" and values.get("reprojection"):
@@ -404,8 +415,12 @@ class GRITLoRAConfig:
     def lora_config(self, **kwargs: Any):
         from peft import LoraConfig
 
-        values = dict(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                      target_modules=list(self.target_modules))
+        values = dict(
+            r=self.r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=list(self.target_modules),
+        )
         values.update(kwargs)
         return LoraConfig(**values)
 
@@ -417,8 +432,13 @@ class GRITLoRAConfig:
         def group():
             return ModalityGroup(r=self.r, lora_alpha=self.lora_alpha)
 
-        return VLMGritConfig(vision=group(), projector=group(), language=group(), grit=self.to_grit_config(),
-                             lora_dropout=self.lora_dropout)
+        return VLMGritConfig(
+            vision=group(),
+            projector=group(),
+            language=group(),
+            grit=self.to_grit_config(),
+            lora_dropout=self.lora_dropout,
+        )
 
 
 @dataclass
@@ -451,7 +471,9 @@ class GRITTrainingArguments(_GritTrainingArguments):
     def __post_init__(self):
         optims = {"sgd": "sgd", "adam": "adamw_torch", "adaptive": "adamw_torch"}
         if self.grit_optimizer_type not in optims:
-            raise ValueError(f"grit_optimizer_type must be one of {sorted(optims)}, got {self.grit_optimizer_type!r}")
+            raise ValueError(
+                f"grit_optimizer_type must be one of {sorted(optims)}, got {self.grit_optimizer_type!r}"
+            )
         self.optim = optims[self.grit_optimizer_type]
         self.grit = bool(self.enable_natural_gradient)
         self.grit_update_freq = int(self.fisher_update_freq)
@@ -464,7 +486,9 @@ class GRITTrainingArguments(_GritTrainingArguments):
         extra = dict(fisher=_fisher_name(self.fisher_approximation))
         extra.update(
             _projection_fields(
-                self.projection_budget_start, self.projection_budget_end, self.projection_schedule,
+                self.projection_budget_start,
+                self.projection_budget_end,
+                self.projection_schedule,
                 self.enable_projection,
             )
         )
@@ -474,7 +498,6 @@ class GRITTrainingArguments(_GritTrainingArguments):
         if extra.get("rank_schedule") is not None:
             extra["rank_schedule_steps"] = max(int(self.max_steps), 1) if self.max_steps > 0 else 1000
         return dataclasses.replace(super().to_grit_config(), **extra)
-
 
 
 def create_grit_trainer(
@@ -510,20 +533,30 @@ def create_grit_trainer(
         )
     pre = grit_adapter if getattr(training_args, "grit", True) else None
     if grit_adapter is not None and pre is None:
-        warnings.warn("create_grit_trainer: enable_natural_gradient=False, the GRIT adapter's preconditioner "
-                      "is removed (plain LoRA)", UserWarning, stacklevel=2)
+        warnings.warn(
+            "create_grit_trainer: enable_natural_gradient=False, the GRIT adapter's preconditioner "
+            "is removed (plain LoRA)",
+            UserWarning,
+            stacklevel=2,
+        )
         grit_adapter.remove()
-    return _GritTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                        grit_preconditioner=pre, **kwargs)
+    return _GritTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        grit_preconditioner=pre,
+        **kwargs,
+    )
 
 
 __all__ = [
+    "PAIRING_WARNING",
     "GRITConfig",
     "GRITLoRAConfig",
     "GRITManager",
     "GRITTrainingArguments",
     "GritCallback",
     "GritTrainer",
-    "PAIRING_WARNING",
     "create_grit_trainer",
 ]

@@ -139,7 +139,9 @@ class _Target:
 def _check_not_fused(targets: list[_Target]) -> None:
     fused = [t.key for t in targets if "_grit_fused" in t.layer.__dict__]
     if fused:
-        raise ValueError(f"resizing LoRA ranks needs unfused layers ({fused[0]} is fused): call gk.unfuse(model) first")
+        raise ValueError(
+            f"resizing LoRA ranks needs unfused layers ({fused[0]} is fused): call gk.unfuse(model) first"
+        )
 
 
 def _peft_key(name: str) -> str:
@@ -153,7 +155,11 @@ def _peft_key(name: str) -> str:
 def _targets(model: nn.Module, preconditioner) -> list[_Target]:
     from .layers import is_lora_layer
 
-    owners = [] if preconditioner is None else list(getattr(preconditioner, "groups", {}).values()) or [preconditioner]
+    owners = (
+        []
+        if preconditioner is None
+        else list(getattr(preconditioner, "groups", {}).values()) or [preconditioner]
+    )
     index = {id(m.layer): (owner, m.index) for owner in owners for m in owner.modules}
     out = []
     for name, layer in model.named_modules():
@@ -262,14 +268,17 @@ def _follow(preconditioner, changes: dict[int, tuple[Truncation, int]]) -> None:
     views = {"storage", "accumulators", "stat_sum", "rows", "factor", "inverse", "ranks"}
     for name, value in vars(old).items():  # status, flags, and per-module state other code may add
         mine = vars(new).get(name)
-        if name not in views and isinstance(value, torch.Tensor) and isinstance(mine, torch.Tensor):
-            if mine.shape == value.shape:
-                mine.copy_(value)
+        tensors = isinstance(value, torch.Tensor) and isinstance(mine, torch.Tensor)
+        if name not in views and tensors and mine.shape == value.shape:
+            mine.copy_(value)
     new.refresh_count = old.refresh_count
     preconditioner.bank = new
     preconditioner.modules = [
-        dataclasses.replace(m, lora_A=m.layer.lora_A[m.layer.active_adapters[0]].weight,
-                            lora_B=m.layer.lora_B[m.layer.active_adapters[0]].weight)
+        dataclasses.replace(
+            m,
+            lora_A=m.layer.lora_A[m.layer.active_adapters[0]].weight,
+            lora_B=m.layer.lora_B[m.layer.active_adapters[0]].weight,
+        )
         for m in preconditioner.modules
     ]
     for m in preconditioner.modules:
@@ -287,7 +296,9 @@ def _follow(preconditioner, changes: dict[int, tuple[Truncation, int]]) -> None:
             floor = cfg.damping_floor * scale_max
     if new.refresh_count > 0:
         kwargs = {"floor": floor} if floor is not None else {}
-        new.refresh_inverses(cfg.damping, cfg.eps_abs, cfg.retry_damping_factor, backend=preconditioner.backend, **kwargs)
+        new.refresh_inverses(
+            cfg.damping, cfg.eps_abs, cfg.retry_damping_factor, backend=preconditioner.backend, **kwargs
+        )
         new.refresh_count -= 1  # a re-basing, not a scheduled refresh
     fisher = getattr(preconditioner, "_fisher", None)
     if fisher is not None and hasattr(fisher, "on_resize"):
@@ -360,9 +371,13 @@ def compress_adapter(
         for t in targets:
             back = _factor(t.owner, t.index, BACKWARD) if sides == "two_sided" else None
             if sides == "two_sided" and back is None:
-                warnings.warn(f"compress_adapter: {t.key} has no backward factor yet; one-sided cut used", stacklevel=2)
+                warnings.warn(
+                    f"compress_adapter: {t.key} has no backward factor yet; one-sided cut used", stacklevel=2
+                )
             bases.append(
-                truncation_basis(t.lora_A, t.lora_B, _factor(t.owner, t.index, FORWARD), t.scaling, back, damping)
+                truncation_basis(
+                    t.lora_A, t.lora_B, _factor(t.owner, t.index, FORWARD), t.scaling, back, damping
+                )
             )
         caps = [t.lora_A.shape[0] for t in targets]
         if budget is not None:
@@ -381,7 +396,13 @@ def compress_adapter(
 
 
 def fisher_weighted_error(
-    lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, new_A, new_B, new_scaling: float, h_inputs: torch.Tensor
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    new_A,
+    new_B,
+    new_scaling: float,
+    h_inputs: torch.Tensor,
 ) -> float:
     """``sum_t ||s B A x_t - s' B' A' x_t||^2 / sum_t ||s B A x_t||^2`` over the rows ``h_inputs = x [N, d_in]``
     (float64): the measured relative output error of a truncation (for tests and the benchmark)."""
@@ -412,8 +433,10 @@ def scheduled_rank(initial_rank: int, step: int, config) -> int:
     ``t = (step - reprojection_start) / (rank_schedule_steps - reprojection_start)`` clamped to [0, 1]."""
     span = max(config.rank_schedule_steps - config.reprojection_start, 1)
     t = (step - config.reprojection_start) / span
-    frac = config.rank_start + (config.rank_end - config.rank_start) * schedule_fraction(config.rank_schedule, t)
-    return max(1, min(initial_rank, int(round(initial_rank * frac))))
+    frac = config.rank_start + (config.rank_end - config.rank_start) * schedule_fraction(
+        config.rank_schedule, t
+    )
+    return max(1, min(initial_rank, round(initial_rank * frac)))
 
 
 class RankAdapter:

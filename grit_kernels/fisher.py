@@ -162,7 +162,9 @@ class FullKFAC:
         since = pre.step_count - cfg.warmup_steps
         if since >= 0:
             if since % cfg.update_freq == 0:
-                pre.bank.refresh_inverses(cfg.damping, cfg.eps_abs, cfg.retry_damping_factor, backend=pre.backend)
+                pre.bank.refresh_inverses(
+                    cfg.damping, cfg.eps_abs, cfg.retry_damping_factor, backend=pre.backend
+                )
                 self._refresh(cfg.damping, cfg.eps_abs)
             self._precondition(lr)
         pre.step_count += 1

@@ -224,8 +224,10 @@ class GroupedGritPreconditioner(GritPreconditioner):
     def load_state_dict(self, state: dict) -> None:
         self._check_not_removed()
         if set(state.get("groups", {})) != set(self.groups):
-            raise ValueError(f"GroupedGritPreconditioner.load_state_dict: groups {sorted(state.get('groups', {}))} "
-                             f"do not match {sorted(self.groups)}")
+            raise ValueError(
+                f"GroupedGritPreconditioner.load_state_dict: groups {sorted(state.get('groups', {}))} "
+                f"do not match {sorted(self.groups)}"
+            )
         for g, p in self.groups.items():
             p.load_state_dict(state["groups"][g])
 
@@ -276,7 +278,9 @@ def create_vlm_grit_adapter(model_or_path, config: VLMGritConfig | None = None, 
     if not names:
         raise ValueError("create_vlm_grit_adapter: no nn.Linear layer found in any enabled modality group")
     group_of = {n: g for g in GROUPS for n in grouped[g]}
-    order = sorted(names, key=lambda n: (-len(n), n))  # PEFT matches pattern keys as suffixes, first match wins
+    order = sorted(
+        names, key=lambda n: (-len(n), n)
+    )  # PEFT matches pattern keys as suffixes, first match wins
     base_group = config.language if grouped["language"] else config.group(group_of[names[0]])
     lora = LoraConfig(
         r=base_group.r,

@@ -155,10 +155,23 @@ def test_grit_lora_config_maps_with_warnings_where_meanings_differ():
         cfg = GRITLoRAConfig(fisher_approximation="block_diagonal", enable_projection=False).to_grit_config()
     assert cfg.fisher == "kfac_full" and cfg.reprojection == "off"
     with pytest.warns(UserWarning, match="relative"):
-        cfg = GRITLoRAConfig(fisher_approximation="kfac", fisher_update_freq=7, natural_gradient_damping=1e-2,
-                             fisher_damping=1e-6, fisher_ema_decay=0.9, projection_budget_start=16,
-                             projection_budget_end=4, projection_schedule="cosine").to_grit_config()
-    assert (cfg.fisher, cfg.update_freq, cfg.damping, cfg.eps_abs, cfg.ema_decay) == ("kfac", 7, 1e-2, 1e-6, 0.9)
+        cfg = GRITLoRAConfig(
+            fisher_approximation="kfac",
+            fisher_update_freq=7,
+            natural_gradient_damping=1e-2,
+            fisher_damping=1e-6,
+            fisher_ema_decay=0.9,
+            projection_budget_start=16,
+            projection_budget_end=4,
+            projection_schedule="cosine",
+        ).to_grit_config()
+    assert (cfg.fisher, cfg.update_freq, cfg.damping, cfg.eps_abs, cfg.ema_decay) == (
+        "kfac",
+        7,
+        1e-2,
+        1e-6,
+        0.9,
+    )
     assert (cfg.reprojection, cfg.rank_schedule, cfg.rank_end) == ("one_sided", "cosine", 0.25)
     with pytest.warns(UserWarning, match="grows"):
         assert GRITLoRAConfig().to_grit_config().fisher == "diagonal"  # grit-vlm's default
@@ -179,15 +192,34 @@ def test_grit_vlm_documented_call_sequence(tmp_path):
     torch.manual_seed(0)
     vlm, batch, _ = tiny_llava()
     dataset = [{k: v[i] for k, v in batch.items()} for i in range(2)] * 2
-    config = GRITLoRAConfig(r=4, lora_alpha=8, lora_dropout=0.0, fisher_approximation="kfac", fisher_update_freq=2,
-                            enable_projection=False)
+    config = GRITLoRAConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        fisher_approximation="kfac",
+        fisher_update_freq=2,
+        enable_projection=False,
+    )
     with pytest.warns(UserWarning, match="relative"):
         model, adapter = gk.create_vlm_grit_adapter(vlm, config=config)
-    assert {m.lora_A.shape[0] for m in adapter.modules} == {4} and set(adapter.groups) == {"vision", "projector", "language"}
+    assert {m.lora_A.shape[0] for m in adapter.modules} == {4} and set(adapter.groups) == {
+        "vision",
+        "projector",
+        "language",
+    }
     args = GRITTrainingArguments(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, logging_steps=1, report_to="none",
-        use_cpu=True, save_strategy="no", fisher_update_freq=2, fisher_approximation="kfac",
-        enable_projection=False, grit_optimizer_type="adam", disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        fisher_update_freq=2,
+        fisher_approximation="kfac",
+        enable_projection=False,
+        grit_optimizer_type="adam",
+        disable_tqdm=True,
     )
     assert args.grit_update_freq == 2 and args.to_grit_config().fisher == "kfac"
     trainer = create_grit_trainer(model, adapter, train_dataset=dataset, training_args=args)
@@ -202,10 +234,21 @@ def test_create_grit_trainer_without_natural_gradient_is_plain_lora(tmp_path):
 
     model = small_model()
     pre = GritPreconditioner(model, GritConfig())
-    args = GRITTrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to="none", use_cpu=True,
-                                 enable_natural_gradient=False, enable_projection=False)
+    args = GRITTrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        report_to="none",
+        use_cpu=True,
+        enable_natural_gradient=False,
+        enable_projection=False,
+    )
     assert args.grit is False and args.optim == "sgd"
     with pytest.warns(UserWarning, match="plain LoRA"):
-        trainer = create_grit_trainer(model, pre, train_dataset=make_features(2), training_args=args,
-                                      data_collator=DynamicPaddingCollator(0))
+        trainer = create_grit_trainer(
+            model,
+            pre,
+            train_dataset=make_features(2),
+            training_args=args,
+            data_collator=DynamicPaddingCollator(0),
+        )
     assert trainer.grit_preconditioner is None and trainer.grit_config is None

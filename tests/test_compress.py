@@ -9,7 +9,12 @@ from torch import nn
 
 import grit_kernels as gk
 from grit_kernels.bank import BACKWARD, FORWARD
-from grit_kernels.compress import compress_adapter, fisher_weighted_error, lora_parameter_count, truncation_basis
+from grit_kernels.compress import (
+    compress_adapter,
+    fisher_weighted_error,
+    lora_parameter_count,
+    truncation_basis,
+)
 
 D_IN, D_OUT, RANK, ROWS = 12, 10, 6, 400
 
@@ -115,7 +120,10 @@ def test_exported_adapter_round_trips_through_peft(tmp_path, fresh_seed):
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(
-        base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+        base,
+        LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+        ),
     )
     full = lora_parameter_count(model)
     pre = gk.GritPreconditioner(model, gk.GritConfig(warmup_steps=0))
@@ -146,7 +154,9 @@ def test_preconditioner_follows_the_new_basis(fresh_seed, sides):
     """Carried factors (T H T^T, U^T D U) equal the factors measured afresh in the new basis; the step
     then runs at the new rank with an optimizer built before the cut (its state reset, params swapped)."""
     model = one_layer_lora(fresh_seed)
-    pre = gk.GritPreconditioner(model, gk.GritConfig(warmup_steps=0, ema_decay=0.0, update_freq=1, kl_clip=None))
+    pre = gk.GritPreconditioner(
+        model, gk.GritConfig(warmup_steps=0, ema_decay=0.0, update_freq=1, kl_clip=None)
+    )
     opt = gk.GritOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), pre)
     x, w = anisotropic_inputs(fresh_seed), torch.randn(D_OUT)
     (model(x) * w).sum().div(ROWS).backward()
@@ -177,7 +187,9 @@ def test_budget_allocates_rank_units_by_energy(fresh_seed):
     for name, module in model.named_modules():
         if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
             A, B = module.lora_A["default"].weight, module.lora_B["default"].weight
-            spectra[name.removeprefix("base_model.model.")] = truncation_basis(A, B, None, module.scaling["default"]).energies
+            spectra[name.removeprefix("base_model.model.")] = truncation_basis(
+                A, B, None, module.scaling["default"]
+            ).energies
     budget = 40
     uniform = sum(e[budget // len(spectra) :].sum() for e in spectra.values())
     ranks = compress_adapter(model, None, budget=budget, min_rank=2)
@@ -205,7 +217,9 @@ def train_steps(model, opt, ids, n):
 @pytest.mark.parametrize("sides", ["one_sided", "two_sided"])
 def test_reprojection_keeps_the_function(fresh_seed, sides):
     model = small_llama(num_layers=2, seed=fresh_seed % 1000, r=8)
-    cfg = gk.GritConfig(warmup_steps=0, update_freq=1, reprojection=sides, reprojection_freq=1000, reprojection_start=1000)
+    cfg = gk.GritConfig(
+        warmup_steps=0, update_freq=1, reprojection=sides, reprojection_freq=1000, reprojection_start=1000
+    )
     pre = gk.GritPreconditioner(model, cfg)
     opt = gk.GritOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), pre)
     ids = torch.randint(0, 512, (2, 12))
@@ -219,7 +233,9 @@ def test_reprojection_keeps_the_function(fresh_seed, sides):
     assert (after - before).norm() / before.norm() < 1e-5
     assert set(ranks.values()) == {8} and all(m.lora_A is not o for m, o in zip(pre.modules, old))
     params = {id(p) for g in opt.param_groups for p in g["params"]}
-    assert all(id(p) in params for p in pre.parameters()) and not any(p in opt.state for p in pre.parameters())
+    assert all(id(p) in params for p in pre.parameters()) and not any(
+        p in opt.state for p in pre.parameters()
+    )
     # the re-based forward factor is H' = T H T^T, close to the identity for the two-sided basis too
     train_steps(model, opt, ids, 1)
     assert all(torch.isfinite(p).all() for p in pre.parameters())
@@ -229,8 +245,16 @@ def test_reprojection_keeps_the_function(fresh_seed, sides):
 def test_rank_schedule_shrinks_real_parameters_during_training(schedule):
     model = small_llama(num_layers=1, r=8)
     cfg = gk.GritConfig(
-        warmup_steps=0, update_freq=1, reprojection="one_sided", reprojection_freq=1, reprojection_start=1,
-        rank_schedule=schedule, rank_start=1.0, rank_end=0.5, rank_schedule_steps=3, rank_energy=0.999,
+        warmup_steps=0,
+        update_freq=1,
+        reprojection="one_sided",
+        reprojection_freq=1,
+        reprojection_start=1,
+        rank_schedule=schedule,
+        rank_start=1.0,
+        rank_end=0.5,
+        rank_schedule_steps=3,
+        rank_energy=0.999,
     )
     pre = gk.GritPreconditioner(model, cfg)
     opt = gk.GritOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), pre)
@@ -243,8 +267,12 @@ def test_rank_schedule_shrinks_real_parameters_during_training(schedule):
         assert all(4 <= k <= 8 for k in ranks)
     else:
         assert ranks == [4] * 7
-    assert [k for _, k in pre.rank_adapter.history] == sorted((k for _, k in pre.rank_adapter.history), reverse=True)
-    assert sum(p.numel() for g in opt.param_groups for p in g["params"] if p.requires_grad) == lora_parameter_count(model)
+    assert [k for _, k in pre.rank_adapter.history] == sorted(
+        (k for _, k in pre.rank_adapter.history), reverse=True
+    )
+    assert sum(
+        p.numel() for g in opt.param_groups for p in g["params"] if p.requires_grad
+    ) == lora_parameter_count(model)
     assert lora_parameter_count(model) <= full
 
 
@@ -253,8 +281,14 @@ def test_schedule_values():
 
     assert [schedule_fraction("linear", t) for t in (0, 0.25, 1, 2)] == [0.0, 0.25, 1.0, 1.0]
     assert schedule_fraction("cosine", 0.5) == pytest.approx(0.5) and schedule_fraction("cosine", 0.25) < 0.25
-    cfg = gk.GritConfig(reprojection="one_sided", rank_schedule="linear", reprojection_start=10,
-                        rank_schedule_steps=20, rank_start=1.0, rank_end=0.25)
+    cfg = gk.GritConfig(
+        reprojection="one_sided",
+        rank_schedule="linear",
+        reprojection_start=10,
+        rank_schedule_steps=20,
+        rank_start=1.0,
+        rank_end=0.25,
+    )
     assert [scheduled_rank(16, s, cfg) for s in (0, 10, 15, 20, 99)] == [16, 16, 10, 4, 4]
     with pytest.raises(ValueError):
         gk.GritConfig(reprojection="off", rank_schedule="cosine")

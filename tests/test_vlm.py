@@ -11,8 +11,14 @@ import transformers
 import grit_kernels as gk
 from grit_kernels.vlm import ModalityGroup, VLMGritConfig, create_vlm_grit_adapter, modality_group
 
-TEXT = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-            num_key_value_heads=2)
+TEXT = dict(
+    vocab_size=256,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 IMAGE_TOKEN = 255
 
 
@@ -24,23 +30,46 @@ def _need(*names):
 
 
 def tiny_llava():
-    Config, Vision, Text, Model = _need("LlavaConfig", "CLIPVisionConfig", "LlamaConfig", "LlavaForConditionalGeneration")
-    vision = Vision(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=16,
-                    patch_size=8)
+    Config, Vision, Text, Model = _need(
+        "LlavaConfig", "CLIPVisionConfig", "LlamaConfig", "LlavaForConditionalGeneration"
+    )
+    vision = Vision(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        image_size=16,
+        patch_size=8,
+    )
     # vision_feature_layer=-1: with one vision layer the default (-2) would skip it
-    model = Model(Config(vision_config=vision, text_config=Text(**TEXT), image_token_index=IMAGE_TOKEN,
-                         vision_feature_layer=-1))
+    model = Model(
+        Config(
+            vision_config=vision,
+            text_config=Text(**TEXT),
+            image_token_index=IMAGE_TOKEN,
+            vision_feature_layer=-1,
+        )
+    )
     ids = torch.randint(0, 250, (2, 12))
     ids[:, 1:5] = IMAGE_TOKEN  # (16 / 8)^2 = 4 patch features per image
     return model, dict(input_ids=ids, pixel_values=torch.randn(2, 3, 16, 16), labels=ids), (6, 2, 7)
 
 
 def tiny_idefics3():
-    Config, Vision, Text, Model = _need("Idefics3Config", "Idefics3VisionConfig", "LlamaConfig",
-                                        "Idefics3ForConditionalGeneration")
-    vision = Vision(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=16,
-                    patch_size=8)
-    model = Model(Config(vision_config=vision, text_config=Text(**TEXT), image_token_id=IMAGE_TOKEN, scale_factor=2))
+    Config, Vision, Text, Model = _need(
+        "Idefics3Config", "Idefics3VisionConfig", "LlamaConfig", "Idefics3ForConditionalGeneration"
+    )
+    vision = Vision(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        image_size=16,
+        patch_size=8,
+    )
+    model = Model(
+        Config(vision_config=vision, text_config=Text(**TEXT), image_token_id=IMAGE_TOKEN, scale_factor=2)
+    )
     ids = torch.randint(0, 250, (2, 12))
     ids[:, 2] = IMAGE_TOKEN  # 4 patches, pixel shuffle by 2 -> 1 token per image
     return model, dict(input_ids=ids, pixel_values=torch.randn(2, 1, 3, 16, 16), labels=ids), (6, 1, 7)
@@ -49,18 +78,35 @@ def tiny_idefics3():
 def tiny_qwen2_vl():
     (Model,) = _need("Qwen2VLForConditionalGeneration")
     config = transformers.Qwen2VLConfig(
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=4,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        text_config=dict(**TEXT, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, bos_token_id=0,
-                         eos_token_id=1),
-        image_token_id=IMAGE_TOKEN, video_token_id=254, vision_start_token_id=253,
+        vision_config=dict(
+            depth=1,
+            embed_dim=32,
+            hidden_size=32,
+            num_heads=4,
+            mlp_ratio=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        ),
+        text_config=dict(
+            **TEXT, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, bos_token_id=0, eos_token_id=1
+        ),
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=254,
+        vision_start_token_id=253,
     )
     model = Model(config)
     ids = torch.randint(0, 250, (2, 12))
     ids[:, 1] = 253
     ids[:, 2:6] = IMAGE_TOKEN  # grid 1 x 4 x 4 patches merged 2 x 2 -> 4 tokens per image
-    batch = dict(input_ids=ids, pixel_values=torch.randn(32, 3 * 2 * 4 * 4), image_grid_thw=torch.tensor([[1, 4, 4]] * 2),
-                 mm_token_type_ids=(ids == IMAGE_TOKEN).long(), labels=ids)
+    batch = dict(
+        input_ids=ids,
+        pixel_values=torch.randn(32, 3 * 2 * 4 * 4),
+        image_grid_thw=torch.tensor([[1, 4, 4]] * 2),
+        mm_token_type_ids=(ids == IMAGE_TOKEN).long(),
+        labels=ids,
+    )
     return model, batch, (4, 2, 7)
 
 
@@ -98,7 +144,11 @@ def test_modality_groups_have_their_own_rank_alpha_damping_and_update_freq(arch)
     model, batch, counts = BUILDERS[arch]()
     peft_model, pre = create_vlm_grit_adapter(model, group_config())
     assert tuple(len(pre.group_modules[g]) for g in ("vision", "projector", "language")) == counts
-    expected = {"vision": (2, 8 / 2, 1e-2, 3), "projector": (4, 8 / 4, 1e-1, 2), "language": (8, 4 / 8, 1e-3, 10)}
+    expected = {
+        "vision": (2, 8 / 2, 1e-2, 3),
+        "projector": (4, 8 / 4, 1e-1, 2),
+        "language": (8, 4 / 8, 1e-3, 10),
+    }
     for group, sub in pre.groups.items():
         r, scaling, damping, update_freq = expected[group]
         assert (sub.config.damping, sub.config.update_freq) == (damping, update_freq)
@@ -178,7 +228,7 @@ def test_compress_adapter_follows_every_group():
         opt.step()
         opt.zero_grad()
     ranks = gk.compress_adapter(peft_model, pre, energy=0.9)
-    for group, sub in pre.groups.items():
+    for sub in pre.groups.values():
         assert sub.bank.module_ranks == [m.lora_A.shape[0] for m in sub.modules]
         assert all(ranks[m.name.removeprefix("base_model.model.")] == m.lora_A.shape[0] for m in sub.modules)
     opt = gk.GritOptimizer(torch.optim.AdamW(peft_model.parameters(), lr=1e-2), pre)
