@@ -4,11 +4,13 @@
     opt = gk.GritOptimizer(torch.optim.AdamW(peft_model.parameters(), lr=...), pre)
     ... loss.backward(); opt.step(); opt.zero_grad()
 
-Runs on CPU in seconds with the tiny 224-module Llama (random weights) and synthetic Alpaca data.
+Runs on CPU with the tiny 224-module Llama (random weights) and synthetic Alpaca data.
+Runtime: 40 s of CPU time with one thread (about that wall time on a quiet 2-core
+machine); 197 s wall measured on our 2-core VM while ~9 other jobs shared it. ``--quick``: seconds.
 Swap in your own model (``AutoModelForCausalLM.from_pretrained`` + ``peft.get_peft_model``) and data
 (``grit_kernels.data.load_alpaca_json``) and a real tokenizer.
 
-    python python/custom_loop.py [--steps 12] [--grad-accum 2]
+    python python/custom_loop.py [--steps 8] [--grad-accum 2]
 """
 
 import argparse
@@ -22,20 +24,23 @@ from grit_kernels.models import build_lora_model, tiny_llama_config
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--quick", action="store_true", help="smoke size: 2 layers, 2 steps (a few seconds)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.layers, args.steps = 2, 2
 
     torch.manual_seed(0)
     model = build_lora_model(tiny_llama_config(num_layers=args.layers), r=16)  # a PEFT LoRA model
     model.train()
 
     # the two lines
-    pre = gk.GritPreconditioner(model, gk.GritConfig(update_freq=10, damping=1e-3, warmup_steps=5))
+    pre = gk.GritPreconditioner(model, gk.GritConfig(update_freq=10, damping=1e-3, warmup_steps=3))
     opt = gk.GritOptimizer(torch.optim.AdamW(model.parameters(), lr=args.lr), pre)
     print(pre)
 
