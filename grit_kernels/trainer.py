@@ -314,7 +314,6 @@ class _GritTrainerMixin:
                 config = GritConfig()
         if config is not None and not isinstance(config, GritConfig):
             raise TypeError(f"grit_config must be a GritConfig, got {type(config).__name__}")
-        _check_train_dataset(getattr(self, "train_dataset", None))
         self.grit_config = config
         self.grit_preconditioner = preconditioner
         if config is None:
@@ -327,6 +326,7 @@ class _GritTrainerMixin:
                 "gradients). Use DDP."
             )
         check_not_fsdp(self.model)
+        _check_train_dataset(getattr(self, "train_dataset", None))
         if not any(isinstance(cb, GritCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(GritCallback(self))
 
