@@ -89,7 +89,7 @@ GRIT_CLONES void gram_tile(const T* __restrict x, int64_t rows, int r, int rw, T
 
 template <>
 GRIT_CLONES void gram_tile<float>(const float* __restrict x, int64_t rows, int r, int rw, float* __restrict acc) {
-  constexpr int IB = 8;
+  constexpr int IB = 16;
   for (int i0 = 0; i0 < r; i0 += IB) {
     const int ib = std::min(IB, r - i0);
     for (int j0 = 0; j0 < rw; j0 += 16) {
@@ -97,8 +97,12 @@ GRIT_CLONES void gram_tile<float>(const float* __restrict x, int64_t rows, int r
       for (int64_t t = 0; t < rows; ++t) {
         const float* xt = x + t * rw;
         const v16f xj = GRIT_LOAD(xt + j0);
-#pragma GCC unroll 8
-        for (int b = 0; b < IB; ++b) a[b] += (b < ib ? xt[i0 + b] : 0.0f) * xj;
+        if (ib == IB) {
+#pragma GCC unroll 16
+          for (int b = 0; b < IB; ++b) a[b] += xt[i0 + b] * xj;
+        } else {
+          for (int b = 0; b < ib; ++b) a[b] += xt[i0 + b] * xj;
+        }
       }
       for (int b = 0; b < ib; ++b) GRIT_STORE(acc + (i0 + b) * rw + j0, GRIT_LOAD(acc + (i0 + b) * rw + j0) + a[b]);
     }
@@ -115,9 +119,16 @@ void gram_impl(at::Tensor& out, const at::Tensor& x2, double weight) {
   std::vector<T> partial(static_cast<size_t>(chunks) * r * rw, T(0));
   const X* xp = x2.data_ptr<X>();
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<T> tile(static_cast<size_t>(kChunk) * rw, T(0));
+    std::vector<T> tile;
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t t0 = c * kChunk, rows = std::min(kChunk, n - t0);
+      if constexpr (std::is_same_v<X, T>) {
+        if (rw == r) {  // rows already in the compute type and tile layout: no copy
+          gram_tile<T>(xp + t0 * r, rows, r, rw, partial.data() + c * r * rw);
+          continue;
+        }
+      }
+      tile.resize(static_cast<size_t>(kChunk) * rw, T(0));  // padding columns stay 0
       for (int64_t t = 0; t < rows; ++t)
         for (int j = 0; j < r; ++j) tile[t * rw + j] = to_t(xp[(t0 + t) * r + j]);
       gram_tile<T>(tile.data(), rows, r, rw, partial.data() + c * r * rw);

@@ -30,19 +30,24 @@ def _torch(op: str):
 
 
 def accumulate_gram_(out: torch.Tensor, x: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
-    """``out[r, r] += weight * x2^T x2`` (``x2 = x.reshape(-1, r)``), fp32 (fp64 for fp64 ``out``)."""
-    if x.dtype not in _GRAD_DTYPES or out.dtype not in (torch.float32, torch.float64):
+    """``out[r, r] += weight * x2^T x2`` (``x2 = x.reshape(-1, r)``), fp32 (fp64 for fp64 ``out``).
+
+    On the CPU this runs the torch implementation (one MKL ``addmm``): measured faster than the C++
+    kernel (4096 x 16 fp32 rows: 22 us vs 32 us, bf16: 47 us vs 54 us, one thread), so the ``cpp``
+    backend never makes the statistics slower. The C++ kernel stays callable as
+    ``torch.ops.grit_kernels_cpp.accumulate_gram_`` (tested against the oracle).
+    """
+    if x.device.type == "cpu" or x.dtype not in _GRAD_DTYPES or out.dtype not in (torch.float32, torch.float64):
         return _torch("accumulate_gram_")(out, x, weight)
     _ops().accumulate_gram_(out, x, float(weight))
     return out
 
 
 def accumulate_grams_(outs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], weight: float = 1.0) -> None:
-    """``outs[i] += weight * xs[i]^T xs[i]`` for every ``i`` (one kernel call each)."""
-    ops = _ops()
+    """``outs[i] += weight * xs[i]^T xs[i]`` for every ``i`` (one :func:`accumulate_gram_` each)."""
     for out, x in zip(outs, xs):
         if x.numel():
-            ops.accumulate_gram_(out, x, float(weight))
+            accumulate_gram_(out, x, weight)
 
 
 def ema_fold_(factor, stat_sum, weight, decay: float, initialized) -> None:
