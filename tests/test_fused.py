@@ -108,9 +108,10 @@ def test_fused_bf16_base_within_bounds():
         assert rel(f_grads[name], g) < BF16_RTOL, name
 
 
-def grit_steps(model, steps=3, seed=0):
+def grit_steps(model, steps=3, seed=0, pre=None):
     model.train()
-    pre = gk.GritPreconditioner(model, gk.GritConfig(warmup_steps=0, update_freq=1))
+    if pre is None:
+        pre = gk.GritPreconditioner(model, gk.GritConfig(warmup_steps=0, update_freq=1))
     opt = gk.GritOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), pre)
     stats = []
     for s in range(steps):
@@ -133,9 +134,8 @@ def test_grit_factors_and_steps_equal_with_fuse(order, quantize_4bit):
         pre_fused, stats_fused = grit_steps(fused)
     else:
         pre_fused = gk.GritPreconditioner(fused, gk.GritConfig(warmup_steps=0, update_freq=1))
-        pre_fused.remove()
         gk.fuse(fused)
-        pre_fused, stats_fused = grit_steps(fused)
+        pre_fused, stats_fused = grit_steps(fused, pre=pre_fused)
     for (s_p, r_p), (s_f, r_f) in zip(stats_plain, stats_fused):
         assert torch.equal(r_f, r_p)
         assert rel(s_f, s_p) < FP32_RTOL
@@ -297,3 +297,16 @@ def test_recorder_matches_per_module_capture(eager_grams):
     recorder.flush()
     assert torch.equal(bank.rows.double(), expected_rows)
     assert rel(bank.stat_sum, expected) < 1e-6
+
+
+def test_disabled_adapter_and_switched_adapter_take_peft_path():
+    model = lora_model("llama")
+    model.eval()
+    inputs = batch()
+    with torch.no_grad(), model.disable_adapter():
+        base = model(**inputs).logits
+    gk.fuse(model)
+    with torch.no_grad():
+        with model.disable_adapter():
+            assert torch.equal(model(**inputs).logits, base)
+        assert rel(model(**inputs).logits, base) > 1e-3  # the adapter is back on

@@ -111,6 +111,11 @@ def _lora_factors(group: ProjectionGroup, lora: tuple, dtype: torch.dtype):
 def _group_forward(group: ProjectionGroup, x2: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float):
     dtype = x2.dtype
     w = group.weights.weight(group.name, dtype)
+    if w.device != x2.device:
+        raise RuntimeError(
+            f"fused block weights are on {w.device} but the input is on {x2.device}: the model was moved after "
+            "grit_kernels.fuse(); call grit_kernels.unfuse(model), move it, then fuse again"
+        )
     bias = group.weights.bias(group.name, dtype)
     y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
     h = torch.mm(x2, a.t())
