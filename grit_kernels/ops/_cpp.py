@@ -15,6 +15,11 @@ import torch
 from .. import _ext
 
 _GRAD_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+CUDA_MAX_RANK = 64  #: the CUDA kernels keep an R x R matrix per block in shared memory; larger R runs torch
+
+
+def _too_large_for_cuda(t: torch.Tensor, rank: int) -> bool:
+    return t.device.type == "cuda" and rank > CUDA_MAX_RANK
 
 
 def _ops():
@@ -37,7 +42,13 @@ def accumulate_gram_(out: torch.Tensor, x: torch.Tensor, weight: float = 1.0) ->
     backend never makes the statistics slower. The C++ kernel stays callable as
     ``torch.ops.grit_kernels_cpp.accumulate_gram_`` (tested against the oracle).
     """
-    if x.device.type == "cpu" or x.dtype not in _GRAD_DTYPES or out.dtype not in (torch.float32, torch.float64):
+    if (
+        x.device.type == "cpu"
+        or x.dtype not in _GRAD_DTYPES
+        or out.dtype not in (torch.float32, torch.float64)
+        or out.stride(-1) != 1
+        or _too_large_for_cuda(out, out.shape[-1])
+    ):
         return _torch("accumulate_gram_")(out, x, weight)
     _ops().accumulate_gram_(out, x, float(weight))
     return out
@@ -62,6 +73,8 @@ def damped_cholesky_inverse(
     mats, damping: float, eps_abs: float, ranks, previous, previous_valid, retry_factor: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See :func:`grit_kernels.ops.damped_cholesky_inverse`: same status codes and fallback chain."""
+    if _too_large_for_cuda(mats, mats.shape[-1]):
+        return _torch("damped_cholesky_inverse")(mats, damping, eps_abs, ranks, previous, previous_valid, retry_factor)
     if mats.dtype not in (torch.float32, torch.float64):
         inv, status = damped_cholesky_inverse(
             mats.float(), damping, eps_abs, ranks, previous, previous_valid, retry_factor
@@ -80,7 +93,7 @@ def damped_cholesky_inverse(
 def precondition_(grads_a, grads_b, inv_d, inv_h, compute_dot: bool = False) -> torch.Tensor | None:
     """See :func:`grit_kernels.ops.precondition_`: one call over every module, in place."""
     supported = all(g.dim() == 2 and g.stride(1) == 1 and g.dtype in _GRAD_DTYPES for g in (*grads_a, *grads_b))
-    if not supported or inv_d.dtype not in (torch.float32, torch.float64):
+    if not supported or inv_d.dtype not in (torch.float32, torch.float64) or _too_large_for_cuda(inv_d, inv_d.shape[-1]):
         return _torch("precondition_")(grads_a, grads_b, inv_d, inv_h, compute_dot)
     dot = _ops().precondition_(list(grads_a), list(grads_b), inv_d, inv_h, bool(compute_dot))
     return dot if compute_dot else None
