@@ -42,6 +42,7 @@ def use_installed_torch() -> None:
         return
     try:
         import torch  # noqa: F401
+
         return
     except ImportError:
         pass
@@ -49,7 +50,9 @@ def use_installed_torch() -> None:
         return
     probe = "import importlib.util as u, os; s = u.find_spec('torch'); print(os.path.dirname(os.path.dirname(s.origin)) if s else '')"
     try:
-        found = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, text=True, timeout=60)
+        found = subprocess.run(
+            [sys.executable, "-I", "-c", probe], capture_output=True, text=True, timeout=60, check=False
+        )
     except (OSError, subprocess.SubprocessError):
         return
     site = found.stdout.strip()
@@ -65,7 +68,7 @@ def extension_build():
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-    except Exception as exc:  # build isolation: no torch in the build environment
+    except Exception as exc:  # noqa: BLE001 -- build isolation: no (working) torch in the build environment
         notice(
             f"torch not importable in the build environment ({type(exc).__name__}) nor installed in the target "
             "one, compiled kernels not built (install torch first, or use pip install --no-build-isolation, "
@@ -91,7 +94,7 @@ def extension_build():
         def run(self):
             try:
                 super().run()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 -- any compiler failure leaves an installable package
                 notice(f"compiling {NAME} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
                 self.extensions = []
 

@@ -28,9 +28,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR.parent))
 sys.path.insert(0, str(BENCH_DIR))
 
-import bench_kernels as bk  # noqa: E402
+import bench_kernels as bk
 
-from grit_kernels import _ext  # noqa: E402
+from grit_kernels import _ext
 
 ARMS = ("cpp", "torch", "prior-art")
 
@@ -83,8 +83,15 @@ def run(bank_name: str, ops: list[str], threads: list[int], reps: int, tokens: i
         "cpu_count": os.cpu_count(),
         "host_load_average_1_5_15min": os.getloadavg(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "config": {"bank": bank_name, "ops": ops, "threads": threads, "reps": reps, "tokens": tokens,
-                   "grad_dtype": cfg.grad_dtype, "method": "time.perf_counter, arms interleaved per rep, median"},
+        "config": {
+            "bank": bank_name,
+            "ops": ops,
+            "threads": threads,
+            "reps": reps,
+            "tokens": tokens,
+            "grad_dtype": cfg.grad_dtype,
+            "method": "time.perf_counter, arms interleaved per rep, median",
+        },
         "results": results,
     }
 

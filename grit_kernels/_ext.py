@@ -49,10 +49,9 @@ def load(jit: bool | None = None) -> bool:
             from . import _C  # noqa: F401  (registers the ops)
         except ImportError as exc:
             _state["error"] = f"grit_kernels._C not built ({exc})"
-    if not _registered():
-        if jit and not _state["jit_tried"]:
-            _state["jit_tried"] = True
-            _jit_build()
+    if jit and not _state["jit_tried"] and not _registered():
+        _state["jit_tried"] = True
+        _jit_build()
     if _registered():
         _register_fakes()
         _state["loaded"] = True
@@ -96,7 +95,7 @@ def _jit_build() -> None:
             is_python_module=False,
             verbose=False,
         )
-    except Exception as exc:  # a broken toolchain must not break the package: the torch backend remains
+    except Exception as exc:  # noqa: BLE001 -- a broken toolchain must not break the package: torch remains
         _state["error"] = f"JIT build of {SOURCE_DIR} failed: {exc}"
         warnings.warn(f"grit_kernels: {_state['error']}; using the torch backend", stacklevel=3)
 

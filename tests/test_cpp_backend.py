@@ -13,15 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import rel_err
 
 from grit_kernels import _ext, ops
 from grit_kernels import reference as ref
 from grit_kernels.status import InverseStatus
 
-from conftest import rel_err
-
 REPO = Path(__file__).resolve().parent.parent
-needs_cpp = pytest.mark.skipif(not _ext.cpu_available(), reason=f"C++ extension not built: {_ext.load_error()}")
+needs_cpp = pytest.mark.skipif(
+    not _ext.cpu_available(), reason=f"C++ extension not built: {_ext.load_error()}"
+)
 BOUND = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-6, torch.float16: 2e-6}
 
 
@@ -40,7 +41,9 @@ def test_accumulate_gram(fresh_seed, x_dtype):
     out = bank[:r, :r]
     x = torch.randn(3, 411, r).to(x_dtype)  # 1233 rows: several 512-row chunks and a ragged one
     expected = ref.accumulate_gram(out.double(), x.double(), 0.25)
-    torch.ops.grit_kernels_cpp.accumulate_gram_(out, x, 0.25)  # the C++ kernel (backend "cpp" uses addmm on CPU)
+    torch.ops.grit_kernels_cpp.accumulate_gram_(
+        out, x, 0.25
+    )  # the C++ kernel (backend "cpp" uses addmm on CPU)
     assert rel_err(out, expected) < BOUND[x_dtype]
     assert torch.isnan(bank[r:]).all() and torch.isnan(bank[:, r:]).all()  # outside the slice untouched
 
@@ -99,7 +102,9 @@ def _inverse_cases(dtype):
 def test_damped_cholesky_inverse(fresh_seed, dtype):
     mats, ranks, previous, valid = _inverse_cases(dtype)
     inv, status = ops.damped_cholesky_inverse(mats, 1e-3, 1e-6, ranks, previous, valid, 100.0, backend="cpp")
-    exp_inv, exp_status = ref.damped_cholesky_inverse(mats.double(), 1e-3, 1e-6, ranks.tolist(), previous.double(), valid, 100.0)
+    exp_inv, exp_status = ref.damped_cholesky_inverse(
+        mats.double(), 1e-3, 1e-6, ranks.tolist(), previous.double(), valid, 100.0
+    )
     assert status.dtype == torch.int32 and status.tolist() == exp_status.tolist()
     codes = set(status.tolist())
     assert {int(s) for s in InverseStatus} <= codes
@@ -179,7 +184,9 @@ def _train(backend: str, steps: int, seed: int):
     from grit_kernels.models import build_lora_model, tiny_llama_config
 
     # init_lora_weights=False: B != 0, so the first step already has both factors and preconditions
-    model = build_lora_model(tiny_llama_config(num_layers=2, hidden=32, vocab=64), r=8, seed=seed, init_lora_weights=False)
+    model = build_lora_model(
+        tiny_llama_config(num_layers=2, hidden=32, vocab=64), r=8, seed=seed, init_lora_weights=False
+    )
     cfg = gk.GritConfig(backend=backend, warmup_steps=0, update_freq=2, kl_clip=1e-2)
     pre = gk.GritPreconditioner(model, cfg)
     opt = gk.GritOptimizer(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3), pre)
@@ -222,8 +229,16 @@ def test_ops_compile_without_graph_break(fresh_seed):
 
     def inputs():
         torch.manual_seed(1)
-        return (torch.zeros(8, 8), torch.randn(50, 8), torch.zeros(1, 8, 8), torch.ones(1), torch.zeros(1, dtype=torch.bool),
-                torch.full((1,), 8, dtype=torch.int32), torch.randn(8, 20), torch.randn(30, 8))
+        return (
+            torch.zeros(8, 8),
+            torch.randn(50, 8),
+            torch.zeros(1, 8, 8),
+            torch.ones(1),
+            torch.zeros(1, dtype=torch.bool),
+            torch.full((1,), 8, dtype=torch.int32),
+            torch.randn(8, 20),
+            torch.randn(30, 8),
+        )
 
     eager_in, compiled_in = inputs(), inputs()
     eager = step(*eager_in)
@@ -256,6 +271,7 @@ def _setup_py(tmp_path: Path, env: dict, *args: str, preamble: str = "") -> subp
         capture_output=True,
         text=True,
         timeout=300,
+        check=False,
     )
 
 
@@ -292,13 +308,22 @@ else:
 print('ok')
 """
     env = {k: v for k, v in os.environ.items() if k != "GRIT_KERNELS_JIT"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=REPO,
+        check=False,
+    )
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------ CUDA kernels
 needs_cuda_ext = pytest.mark.skipif(
-    not (torch.cuda.is_available() and _ext.cuda_available()), reason="CUDA kernels of csrc/ not built or no GPU"
+    not (torch.cuda.is_available() and _ext.cuda_available()),
+    reason="CUDA kernels of csrc/ not built or no GPU",
 )
 
 
@@ -312,7 +337,9 @@ def test_cuda_kernels_against_reference(fresh_seed, dtype):
     inv, status = ops.damped_cholesky_inverse(
         mats.to(dev), 1e-3, 1e-6, ranks.to(dev), previous.to(dev), valid.to(dev), 100.0, backend="cuda"
     )
-    exp_inv, exp_status = ref.damped_cholesky_inverse(mats.double(), 1e-3, 1e-6, ranks.tolist(), previous.double(), valid, 100.0)
+    exp_inv, exp_status = ref.damped_cholesky_inverse(
+        mats.double(), 1e-3, 1e-6, ranks.tolist(), previous.double(), valid, 100.0
+    )
     assert status.cpu().tolist() == exp_status.tolist()
     assert rel_err(inv, exp_inv) < (1e-10 if dtype == torch.float64 else 1e-4)
     big = _spd(5, 48, dtype=dtype)
@@ -340,7 +367,9 @@ def test_cuda_kernels_against_reference(fresh_seed, dtype):
     grads_b = [torch.randn(d, r, dtype=dtype, device=dev) for r, _, d in shapes]
     inv_d = torch.randn(len(shapes), 16, 16, dtype=dtype, device=dev)
     inv_h = torch.randn(len(shapes), 16, 16, dtype=dtype, device=dev)
-    new_a, new_b, exp_dot = ref.precondition([g.cpu() for g in grads_a], [g.cpu() for g in grads_b], inv_d.cpu(), inv_h.cpu())
+    new_a, new_b, exp_dot = ref.precondition(
+        [g.cpu() for g in grads_a], [g.cpu() for g in grads_b], inv_d.cpu(), inv_h.cpu()
+    )
     dot = ops.precondition_(grads_a, grads_b, inv_d, inv_h, compute_dot=True, backend="cuda")
     for got, exp in zip(grads_a + grads_b, new_a + new_b):
         assert rel_err(got, exp) < (1e-12 if dtype == torch.float64 else 1e-5)
@@ -354,7 +383,9 @@ def test_cuda_precondition_bf16_and_graph_capture(fresh_seed):
     grads_a = [torch.randn(16, 4096, device=dev).bfloat16() for _ in range(3)]
     grads_b = [torch.randn(1024, 16, device=dev).bfloat16() for _ in range(3)]
     inv = torch.randn(3, 16, 16, device=dev)
-    new_a, new_b, _ = ref.precondition([g.cpu() for g in grads_a], [g.cpu() for g in grads_b], inv.cpu(), inv.cpu())
+    new_a, new_b, _ = ref.precondition(
+        [g.cpu() for g in grads_a], [g.cpu() for g in grads_b], inv.cpu(), inv.cpu()
+    )
     ops.precondition_(grads_a, grads_b, inv, inv, backend="cuda")
     for got, exp in zip(grads_a + grads_b, new_a + new_b):
         assert rel_err(got, exp) < 1e-2

@@ -63,7 +63,11 @@ def accumulate_grams_(outs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], 
 
 def ema_fold_(factor, stat_sum, weight, decay: float, initialized) -> None:
     """See :func:`grit_kernels.ops.ema_fold_` (``factor`` and ``initialized`` updated in place)."""
-    if not (factor.is_contiguous() and initialized.is_contiguous() and factor.dtype in (torch.float32, torch.float64)):
+    if not (
+        factor.is_contiguous()
+        and initialized.is_contiguous()
+        and factor.dtype in (torch.float32, torch.float64)
+    ):
         return _torch("ema_fold_")(factor, stat_sum, weight, decay, initialized)
     _ops().ema_fold_(factor, stat_sum, weight, float(decay), initialized)
     return None
@@ -74,7 +78,9 @@ def damped_cholesky_inverse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See :func:`grit_kernels.ops.damped_cholesky_inverse`: same status codes and fallback chain."""
     if _too_large_for_cuda(mats, mats.shape[-1]):
-        return _torch("damped_cholesky_inverse")(mats, damping, eps_abs, ranks, previous, previous_valid, retry_factor)
+        return _torch("damped_cholesky_inverse")(
+            mats, damping, eps_abs, ranks, previous, previous_valid, retry_factor
+        )
     if mats.dtype not in (torch.float32, torch.float64):
         inv, status = damped_cholesky_inverse(
             mats.float(), damping, eps_abs, ranks, previous, previous_valid, retry_factor
@@ -86,14 +92,26 @@ def damped_cholesky_inverse(
     if previous is None or previous_valid is None:
         previous = previous_valid = None
     return _ops().damped_cholesky_inverse(
-        mats, float(damping), float(eps_abs), ranks.to(mats.device), previous, previous_valid, float(retry_factor)
+        mats,
+        float(damping),
+        float(eps_abs),
+        ranks.to(mats.device),
+        previous,
+        previous_valid,
+        float(retry_factor),
     )
 
 
 def precondition_(grads_a, grads_b, inv_d, inv_h, compute_dot: bool = False) -> torch.Tensor | None:
     """See :func:`grit_kernels.ops.precondition_`: one call over every module, in place."""
-    supported = all(g.dim() == 2 and g.stride(1) == 1 and g.dtype in _GRAD_DTYPES for g in (*grads_a, *grads_b))
-    if not supported or inv_d.dtype not in (torch.float32, torch.float64) or _too_large_for_cuda(inv_d, inv_d.shape[-1]):
+    supported = all(
+        g.dim() == 2 and g.stride(1) == 1 and g.dtype in _GRAD_DTYPES for g in (*grads_a, *grads_b)
+    )
+    if (
+        not supported
+        or inv_d.dtype not in (torch.float32, torch.float64)
+        or _too_large_for_cuda(inv_d, inv_d.shape[-1])
+    ):
         return _torch("precondition_")(grads_a, grads_b, inv_d, inv_h, compute_dot)
     dot = _ops().precondition_(list(grads_a), list(grads_b), inv_d, inv_h, bool(compute_dot))
     return dot if compute_dot else None
