@@ -58,8 +58,9 @@ LOSS_TARGET = 0.01
 PARAM_TARGET = 0.40
 
 
-def schedule_arm(schedule: str, steps: int, lrs) -> bc.Arm:
+def schedule_arm(schedule: str, steps: int, lrs, optimizer_state: str = "reset") -> bc.Arm:
     grit = dict(
+        reprojection_optimizer_state=optimizer_state,
         reprojection="one_sided",
         reprojection_freq=REPROJECT_EVERY,
         reprojection_start=min(REPROJECT_START, steps // 4),
@@ -175,6 +176,10 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--lrs", default="2e-3,4e-3,8e-3", help="lr grid for both families (first seed)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--optimizer-state", choices=("reset", "rotate"), default="reset",
+        help="Adam state of re-based tensors in the schedule arms (GritConfig.reprojection_optimizer_state)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 30 steps, one lr")
     args = parser.parse_args(argv)
     if args.quick:
@@ -233,7 +238,7 @@ def main(argv=None) -> int:
             runs.append(r)
             log(r)
         for schedule in SCHEDULES:
-            r, _ = train(base, data, schedule_arm(schedule, args.steps, (grit_lr,)), grit_lr, seed, rc8)
+            r, _ = train(base, data, schedule_arm(schedule, args.steps, (grit_lr,), args.optimizer_state), grit_lr, seed, rc8)
             r["arm"] = f"grit_{schedule}"
             runs.append(r)
             log(r)
@@ -276,6 +281,7 @@ def main(argv=None) -> int:
             "reproject_start": REPROJECT_START,
             "schedule_end_fraction": SCHEDULE_END_FRACTION,
             "rank_energy": RANK_ENERGY,
+            "optimizer_state": args.optimizer_state,
             "run": dataclasses.asdict(rc8),
             "threads": args.threads,
         },

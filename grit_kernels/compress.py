@@ -20,10 +20,12 @@ The preconditioner follows: its factors are carried into the new basis (``H' = T
 ``T = V_k^T S^-1``, ``D' = U^T D U`` with ``U = S V_k``), its bank is rebuilt at the new ranks and its
 inverses are refreshed, so training continues without a new warm-up.
 
-Optimizer state on a basis change: the state of every resized LoRA parameter is **reset** (Adam's
-moments are dropped and its step counter restarts for those tensors). Rotating ``exp_avg`` into the
-new basis is possible (it is linear), but ``exp_avg_sq`` is an elementwise statistic with no exact
-rotation; a reset is the honest choice. Resized tensors are new Parameters (autograd caches a leaf's
+Optimizer state on a basis change: by default the state of every re-based LoRA parameter is
+**reset** (Adam's moments are dropped and its step counter restarts for those tensors). ``"rotate"``
+(``GritConfig.reprojection_optimizer_state``, ``compress_adapter(optimizer_state=...)``) carries it
+instead: first moments map exactly like gradients (``dL/dA' = (S V_k)^T dL/dA``,
+``dL/dB' = dL/dB (V_k^T S^-1)^T``), ``exp_avg_sq`` -- an element-wise statistic with no exact rotation --
+by the element-wise squared maps (a diagonal approximation). Resized tensors are new Parameters (autograd caches a leaf's
 shape); an optimizer passed in gets them in place of the old ones in its ``param_groups`` (so LR
 schedulers and wrappers sharing the groups follow). Unfuse fused blocks (``gk.unfuse``) first.
 """
@@ -187,11 +189,13 @@ def _factor(preconditioner, index: int | None, which: int) -> torch.Tensor | Non
     return bank.factor[which, index, :r, :r]
 
 
-def _resize_layer(target: _Target, basis: Truncation, k: int) -> dict[nn.Parameter, nn.Parameter]:
+def _resize_layer(target: _Target, basis: Truncation, k: int) -> dict[nn.Parameter, tuple]:
     """Replace the module's A, B by new Parameters holding their rank-``k`` fold; keep ``s``.
 
-    Returns ``{old Parameter: new Parameter}`` (autograd caches a leaf's shape, so a resized tensor
-    must be a new Parameter)."""
+    Returns ``{old Parameter: (new Parameter, left, right)}`` (autograd caches a leaf's shape, so a
+    resized tensor must be a new Parameter); ``left @ g @ right`` maps a gradient-like tensor ``g`` of the
+    old Parameter into the new basis (``None`` = identity): ``dL/dA' = (S V_k)^T dL/dA``,
+    ``dL/dB' = dL/dB (V_k^T S^-1)^T``."""
     layer, adapter = target.layer, target.adapter
     A, B = target.lora_A, target.lora_B
     new_A = (basis.to_new[:k] @ A.detach().double()).to(A.dtype).contiguous()
@@ -206,21 +210,51 @@ def _resize_layer(target: _Target, basis: Truncation, k: int) -> dict[nn.Paramet
     rslora = bool(getattr(layer, "use_rslora", {}).get(adapter, False))
     layer.lora_alpha[adapter] = scaling * (math.sqrt(k) if rslora else k)  # keeps s = alpha / r (or / sqrt r)
     layer.scaling[adapter] = scaling
-    return {A: lin_A.weight, B: lin_B.weight}
+    grad_left_a = basis.from_new[:, :k].T.contiguous()  # [k, r]
+    grad_right_b = basis.to_new[:k].T.contiguous()  # [r, k]
+    return {A: (lin_A.weight, grad_left_a, None), B: (lin_B.weight, None, grad_right_b)}
 
 
-def swap_optimizer_parameters(optimizer, replaced: dict[nn.Parameter, nn.Parameter]) -> None:
+def _map_state(value: torch.Tensor, left, right, squared: bool) -> torch.Tensor:
+    out = value.double()
+    if left is not None:
+        out = (left * left if squared else left) @ out
+    if right is not None:
+        out = out @ (right * right if squared else right)
+    return out.to(value.dtype).contiguous()
+
+
+OPTIMIZER_STATES = ("reset", "rotate")
+
+
+def swap_optimizer_parameters(optimizer, replaced: dict[nn.Parameter, tuple], state: str = "reset") -> None:
     """Put the new Parameters where the old ones were in ``optimizer.param_groups`` (in place, so
-    wrappers sharing the groups follow) and drop the old ones' state (the documented reset)."""
+    wrappers sharing the groups follow), and handle their state:
+
+    * ``"reset"``: drop it (Adam restarts its moments and bias correction for those tensors);
+    * ``"rotate"``: carry it into the new basis. Tensors shaped like the parameter are mapped like its
+      gradient (``exp_avg``, momentum: ``left @ m @ right``, exact for a first moment); second moments
+      (keys containing ``"sq"``) with the element-wise squared maps (a diagonal approximation: there is no
+      exact rotation of an element-wise statistic); scalars such as ``step`` are kept.
+    """
+    if state not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer state handling must be one of {OPTIMIZER_STATES}, got {state!r}")
     if optimizer is None or not replaced:
         return
     for group in optimizer.param_groups:
         params = group["params"]
         for i, p in enumerate(params):
             if p in replaced:
-                params[i] = replaced[p]
-    for p in replaced:
-        optimizer.state.pop(p, None)
+                params[i] = replaced[p][0]
+    for p, (new, left, right) in replaced.items():
+        old_state = optimizer.state.pop(p, None)
+        if state == "rotate" and old_state:
+            optimizer.state[new] = {
+                key: _map_state(v, left, right, "sq" in key)
+                if isinstance(v, torch.Tensor) and v.shape == p.shape
+                else v
+                for key, v in old_state.items()
+            }
 
 
 def _update_peft_config(model: nn.Module, targets: list[_Target]) -> dict[str, int]:
@@ -333,6 +367,7 @@ def compress_adapter(
     sides: str = "one_sided",
     optimizer: torch.optim.Optimizer | None = None,
     damping: float = TRUNCATION_DAMPING,
+    optimizer_state: str = "reset",
 ) -> dict[str, int]:
     """Truncate every LoRA module of ``model`` to the rank that keeps ``energy`` of its Fisher-weighted
     output energy (see the module docstring for the cut). The adapter becomes really smaller.
@@ -349,8 +384,9 @@ def compress_adapter(
         budget: total rank units over all modules; allocated by energy (largest first) and overriding
             ``energy``.
         sides: ``"one_sided"`` (``S B^T B S``, the default) or ``"two_sided"`` (``S D S``).
-        optimizer: an optimizer already built over the model: the state of resized parameters is reset.
-            An optimizer built afterwards sees the smaller parameters.
+        optimizer: an optimizer already built over the model: it gets the new Parameters, their state
+            reset (``optimizer_state="reset"``) or carried into the new basis (``"rotate"``; see
+            :func:`swap_optimizer_parameters`). An optimizer built afterwards sees the smaller parameters.
         damping: relative damping of ``H`` for the square root (keeps singular ``H`` usable).
 
     Returns:
@@ -364,6 +400,8 @@ def compress_adapter(
         raise ValueError(f"compress_adapter: budget must be a positive integer, got {budget!r}")
     if sides not in SIDES:
         raise ValueError(f"compress_adapter: sides must be one of {SIDES}, got {sides!r}")
+    if optimizer_state not in OPTIMIZER_STATES:
+        raise ValueError(f"compress_adapter: optimizer_state must be one of {OPTIMIZER_STATES}, got {optimizer_state!r}")
     targets = _targets(model, preconditioner)
     _check_not_fused(targets)
     bases = []
@@ -391,7 +429,7 @@ def compress_adapter(
                 changes.setdefault(id(t.owner), (t.owner, {}))[1][t.index] = (b, k)
         for owner, owner_changes in changes.values():
             _follow(owner, owner_changes)
-        swap_optimizer_parameters(optimizer, replaced)
+        swap_optimizer_parameters(optimizer, replaced, optimizer_state)
     return _update_peft_config(model, targets)
 
 
@@ -451,8 +489,9 @@ class RankAdapter:
     * ``"adaptive"``: the smallest rank keeping ``rank_energy`` of the module's current spectrum, but not
       below the cosine-scheduled ``k_t`` (so the budget never shrinks faster than the schedule).
 
-    Ranks only shrink. The factor bank follows; the optimizer state of resized tensors is reset (module
-    docstring). ``history``: ``[(step, total rank)]`` of each adaptation.
+    Ranks only shrink; with a schedule, only modules whose rank is cut are re-based (the others, and
+    their optimizer state, are left alone). The factor bank follows; the optimizer state of re-based
+    tensors is reset or rotated (``reprojection_optimizer_state``, module docstring). ``history``: ``[(step, total rank)]`` of each adaptation.
 
     Built by :class:`~grit_kernels.GritPreconditioner` when ``config.reprojection != "off"``; driven by
     :class:`~grit_kernels.GritOptimizer` (``after_step``). Usable by hand: ``adapter.reproject(optimizer)``.
@@ -495,10 +534,12 @@ class RankAdapter:
                 back = _factor(pre, t.index, BACKWARD) if two else None
                 basis = truncation_basis(t.lora_A, t.lora_B, _factor(pre, t.index, FORWARD), t.scaling, back)
                 k = self.target_rank(t.index, basis, t.lora_A.shape[0], step)
+                if pre.config.rank_schedule is not None and k == t.lora_A.shape[0]:
+                    continue  # a schedule re-bases only the modules it cuts (their state is kept)
                 replaced.update(_resize_layer(t, basis, k))
                 changes[t.index] = (basis, k)
             _follow(pre, changes)
-            swap_optimizer_parameters(optimizer, replaced)
+            swap_optimizer_parameters(optimizer, replaced, pre.config.reprojection_optimizer_state)
         self.history.append((step, sum(t.lora_A.shape[0] for t in targets)))
         return _update_peft_config(self.model, _targets(self.model, pre))
 

@@ -74,6 +74,9 @@ class GritConfig:
         rank_schedule_steps: step at which ``k_t`` reaches ``rank_end`` (> ``reprojection_start``).
         rank_energy: energy kept by the ``"adaptive"`` schedule, in (0, 1].
         min_rank: no module is cut below this rank (>= 1).
+        reprojection_optimizer_state: what happens to the optimizer state of re-based tensors:
+            ``"reset"`` (dropped; Adam restarts its moments for them) or ``"rotate"`` (first moments
+            mapped into the new basis exactly, second moments by the element-wise squared map).
     """
 
     update_freq: int = 10
@@ -98,6 +101,7 @@ class GritConfig:
     rank_schedule_steps: int = 1000
     rank_energy: float = 0.99
     min_rank: int = 1
+    reprojection_optimizer_state: str = "reset"
 
     def __post_init__(self) -> None:
         self._check_int("update_freq", 1)
@@ -142,6 +146,11 @@ class GritConfig:
             )
         if self.rank_schedule is not None and self.reprojection == "off":
             raise ValueError("GritConfig.rank_schedule needs reprojection='one_sided' or 'two_sided'")
+        if self.reprojection_optimizer_state not in ("reset", "rotate"):
+            raise ValueError(
+                "GritConfig.reprojection_optimizer_state must be 'reset' or 'rotate', "
+                f"got {self.reprojection_optimizer_state!r}"
+            )
         if self.fisher != "kfac" and self.reprojection != "off":
             raise ValueError("GritConfig.reprojection needs fisher='kfac' (it re-bases the rank-space factors)")
 

@@ -296,3 +296,52 @@ def test_schedule_values():
         gk.GritConfig(reprojection="one_sided", rank_schedule="linear", rank_start=0.3, rank_end=0.6)
     with pytest.raises(ValueError):
         gk.GritConfig(reprojection="one_sided", rank_schedule="sqrt")
+
+
+def test_rotated_optimizer_state_keeps_first_moment_pairings(fresh_seed):
+    """``optimizer_state="rotate"``: exp_avg maps like a gradient, so <m', W'> = <m, W> under an exact
+    re-basing (energy 1.0, full rank); ``step`` is kept and exp_avg_sq stays non-negative."""
+    model = one_layer_lora(fresh_seed)
+    pre = gk.GritPreconditioner(model, gk.GritConfig(warmup_steps=0, update_freq=1, kl_clip=None))
+    opt = gk.GritOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), pre)
+    x, w = anisotropic_inputs(fresh_seed), torch.randn(D_OUT)
+    for _ in range(2):
+        (model(x) * w).sum().div(ROWS).backward()
+        opt.step()
+        opt.zero_grad()
+    A, B, _ = layer_weights(model)
+    pairs = [(opt.state[p]["exp_avg"].double() * p.detach().double()).sum() for p in (A, B)]
+    steps = [opt.state[p]["step"].clone() for p in (A, B)]
+    with pytest.raises(ValueError):
+        compress_adapter(model, pre, energy=1.0, optimizer=opt, optimizer_state="keep")
+    compress_adapter(model, pre, energy=1.0, optimizer=opt, optimizer_state="rotate")
+    new_A, new_B, _ = layer_weights(model)
+    assert new_A is not A and new_A.shape == A.shape
+    for p, pair, step in zip((new_A, new_B), pairs, steps, strict=True):
+        state = opt.state[p]
+        assert state["exp_avg"].shape == p.shape and torch.equal(state["step"], step)
+        assert (state["exp_avg_sq"] >= 0).all()
+        rotated = (state["exp_avg"].double() * p.detach().double()).sum()
+        assert abs(rotated - pair) <= 1e-4 * abs(pair) + 1e-9
+    (model(x) * w).sum().div(ROWS).backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in (new_A, new_B))
+
+
+def test_schedule_rebases_only_the_modules_it_cuts():
+    model = small_llama(num_layers=1, r=8)
+    cfg = gk.GritConfig(
+        warmup_steps=0, update_freq=1, reprojection="one_sided", reprojection_freq=1, reprojection_start=1,
+        rank_schedule="linear", rank_end=0.5, rank_schedule_steps=20, reprojection_optimizer_state="rotate",
+    )
+    pre = gk.GritPreconditioner(model, cfg)
+    opt = gk.GritOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), pre)
+    ids = torch.randint(0, 512, (2, 12))
+    train_steps(model, opt, ids, 1)  # step 1: t = 0, k = r: nothing is re-based
+    before = [m.lora_A for m in pre.modules]
+    train_steps(model, opt, ids, 1)  # step 2: k = round(8 * (1 - 0.5 / 19)) = 8 still
+    assert all(m.lora_A is b for m, b in zip(pre.modules, before, strict=True))
+    train_steps(model, opt, ids, 3)  # step 5: k = round(8 * (1 - 0.5 * 4 / 19)) = 7
+    assert all(m.lora_A.shape[0] == 7 and m.lora_A in opt.state for m in pre.modules)
+    with pytest.raises(ValueError):
+        gk.GritConfig(reprojection_optimizer_state="keep")
