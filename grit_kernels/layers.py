@@ -83,10 +83,11 @@ def batched_statistics(h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tens
         ``[1] = sum delta delta^T``) and ``rows [K]`` fp32.
     """
     n, k, r = h.shape
-    h, delta = h.float(), delta.float()
+    if h.dtype != torch.float32:
+        h, delta = h.float(), delta.float()
     row_sq = (delta * delta).sum(dim=2)  # [N, K] (a sum over the small last dim: fast, unlike amax)
-    carries = row_sq > ZERO_ROW_TOLERANCE**2 * row_sq.amax(dim=0, keepdim=True)
-    masked = h * carries[:, :, None]
+    carries = row_sq > row_sq.amax(dim=0, keepdim=True).mul_(ZERO_ROW_TOLERANCE**2)
+    masked = h * carries.unsqueeze(2)
     # [K, r, N] @ [K, N, r] on strided views: BLAS-compatible, no transposed copies
     forward_gram = torch.bmm(masked.permute(1, 2, 0), h.permute(1, 0, 2))
     backward_gram = torch.bmm(delta.permute(1, 2, 0), delta.permute(1, 0, 2))

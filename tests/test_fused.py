@@ -136,10 +136,12 @@ def test_grit_factors_and_steps_equal_with_fuse(order, quantize_4bit):
         pre_fused = gk.GritPreconditioner(fused, gk.GritConfig(warmup_steps=0, update_freq=1))
         gk.fuse(fused)
         pre_fused, stats_fused = grit_steps(fused, pre=pre_fused)
-    for (s_p, r_p), (s_f, r_f) in zip(stats_plain, stats_fused):
+    for step, ((s_p, r_p), (s_f, r_f)) in enumerate(zip(stats_plain, stats_fused)):
         assert torch.equal(r_f, r_p)
-        assert rel(s_f, s_p) < FP32_RTOL
-    assert rel(pre_fused.bank.factor, pre_plain.bank.factor) < FP32_RTOL
+        # step 0: same weights, fp32 rounding only; later steps: after AdamW updates, which turn
+        # rounding-level gradient differences into ~lr-relative weight differences
+        assert rel(s_f, s_p) < (FP32_RTOL if step == 0 else 1e-4), step
+    assert rel(pre_fused.bank.factor, pre_plain.bank.factor) < 1e-4
     assert rel(pre_fused.bank.inverse, pre_plain.bank.inverse) < 1e-4
     for name, p in lora_params(fused).items():
         assert not torch.equal(p, before[name]), f"{name} did not move"
