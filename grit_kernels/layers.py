@@ -83,7 +83,7 @@ def batched_statistics(h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tens
         ``[1] = sum delta delta^T``) and ``rows [K]`` fp32.
     """
     n, k, r = h.shape
-    if h.dtype != torch.float32:
+    if h.dtype != torch.float32 or delta.dtype != torch.float32:
         h, delta = h.float(), delta.float()
     row_sq = (delta * delta).sum(dim=2)  # [N, K] (a sum over the small last dim: fast, unlike amax)
     carries = row_sq > row_sq.amax(dim=0, keepdim=True).mul_(ZERO_ROW_TOLERANCE**2)
