@@ -312,3 +312,26 @@ def test_disabled_adapter_and_switched_adapter_take_peft_path():
         with model.disable_adapter():
             assert torch.equal(model(**inputs).logits, base)
         assert rel(model(**inputs).logits, base) > 1e-3  # the adapter is back on
+
+
+@pytest.mark.parametrize("quantize_4bit", [False, True], ids=["plain", "nf4"])
+def test_fused_under_bf16_autocast_within_bounds(quantize_4bit):
+    """fp32 weights under bf16 autocast (the CUDA recipe, on CPU): bf16-level agreement, fp32 LoRA grads."""
+    model = lora_model("llama", quantize_4bit=quantize_4bit)
+    inputs = batch()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(**inputs)
+        out.loss.backward()
+        return out.loss.detach().float(), {n: p.grad.clone() for n, p in lora_params(model).items()}
+
+    loss, grads = step()
+    gk.fuse(model)
+    pre = gk.GritPreconditioner(model, gk.GritConfig())
+    f_loss, f_grads = step()
+    assert rel(f_loss, loss) < BF16_RTOL
+    for name, g in grads.items():
+        assert f_grads[name].dtype == torch.float32 and rel(f_grads[name], g) < BF16_RTOL, name
+    assert (pre.bank.rows > 0).all() and torch.isfinite(pre.bank.stat_sum).all()
