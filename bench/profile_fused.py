@@ -21,17 +21,40 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_e2e  # noqa: E402
+import bench_e2e
 
 BUCKETS = (
     ("matmul", ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::linear", "aten::baddbmm")),
     ("attention", ("scaled_dot_product", "flash_attention")),
     ("fused-LoRA Functions (own time)", ("FusedProjections", "FusedSwiGLU")),
-    ("optimizer", ("Optimizer.", "aten::lerp", "aten::_foreach", "aten::addcdiv", "aten::addcmul", "aten::sqrt")),
-    ("copies / casts / cat", ("aten::copy_", "aten::_to_copy", "aten::cat", "aten::clone", "aten::contiguous")),
-    ("elementwise / norm / RoPE / loss", ("aten::mul", "aten::add", "aten::pow", "aten::mean", "aten::rsqrt",
-                                          "aten::silu", "aten::sigmoid", "aten::neg", "aten::div", "aten::sub",
-                                          "log_softmax", "nll_loss", "aten::sum", "aten::fill_", "aten::zero_")),
+    (
+        "optimizer",
+        ("Optimizer.", "aten::lerp", "aten::_foreach", "aten::addcdiv", "aten::addcmul", "aten::sqrt"),
+    ),
+    (
+        "copies / casts / cat",
+        ("aten::copy_", "aten::_to_copy", "aten::cat", "aten::clone", "aten::contiguous"),
+    ),
+    (
+        "elementwise / norm / RoPE / loss",
+        (
+            "aten::mul",
+            "aten::add",
+            "aten::pow",
+            "aten::mean",
+            "aten::rsqrt",
+            "aten::silu",
+            "aten::sigmoid",
+            "aten::neg",
+            "aten::div",
+            "aten::sub",
+            "log_softmax",
+            "nll_loss",
+            "aten::sum",
+            "aten::fill_",
+            "aten::zero_",
+        ),
+    ),
 )
 
 
@@ -86,23 +109,37 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = bench_e2e.E2EConfig(
-        batch_size=args.batch_size, max_length=args.max_length, layers=args.layers, steps=args.steps,
-        warmup=args.warmup, arms=tuple(args.arms.split(",")), qlora=args.qlora, progress=False, device="cpu",
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        layers=args.layers,
+        steps=args.steps,
+        warmup=args.warmup,
+        arms=tuple(args.arms.split(",")),
+        qlora=args.qlora,
+        progress=False,
+        device="cpu",
     ).resolve()
     steps = bench_e2e._step_batches(cfg)
     result = {"config": {k: v for k, v in vars(args).items()}, "arms": {}}
     for name in cfg.arms:
         result["arms"][name] = profile_arm(name, cfg, steps)
     names = list(result["arms"])
-    keys = sorted({k for a in result["arms"].values() for k in a["self_cpu_ms_per_step"]},
-                  key=lambda k: -result["arms"][names[0]]["self_cpu_ms_per_step"].get(k, 0))
+    keys = sorted(
+        {k for a in result["arms"].values() for k in a["self_cpu_ms_per_step"]},
+        key=lambda k: -result["arms"][names[0]]["self_cpu_ms_per_step"].get(k, 0),
+    )
     print(f"self CPU ms per step (profiled; {args.batch_size} x <= {args.max_length} tokens)")
     print(f"{'bucket':36s}" + "".join(f"{n:>13s}" for n in names))
     for k in keys + ["TOTAL"]:
-        vals = [a["total_ms_per_step"] if k == "TOTAL" else a["self_cpu_ms_per_step"].get(k, 0.0)
-                for a in result["arms"].values()]
+        vals = [
+            a["total_ms_per_step"] if k == "TOTAL" else a["self_cpu_ms_per_step"].get(k, 0.0)
+            for a in result["arms"].values()
+        ]
         print(f"{k:36s}" + "".join(f"{v:13.1f}" for v in vals))
-    print(f"{'aten ops per step':36s}" + "".join(f"{a['aten_ops_per_step']:13.0f}" for a in result["arms"].values()))
+    print(
+        f"{'aten ops per step':36s}"
+        + "".join(f"{a['aten_ops_per_step']:13.0f}" for a in result["arms"].values())
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -33,7 +33,7 @@ class CaptureSlot:
     batched pass at the end of backward; without them, :meth:`capture` runs at once (per module).
     """
 
-    __slots__ = ("forward_stat", "backward_stat", "rows", "backend", "bank", "index")
+    __slots__ = ("backend", "backward_stat", "bank", "forward_stat", "index", "rows")
 
     def __init__(
         self,
@@ -44,7 +44,12 @@ class CaptureSlot:
         bank: Any = None,
         index: int | None = None,
     ):
-        self.forward_stat, self.backward_stat, self.rows, self.backend = forward_stat, backward_stat, rows, backend
+        self.forward_stat, self.backward_stat, self.rows, self.backend = (
+            forward_stat,
+            backward_stat,
+            rows,
+            backend,
+        )
         self.bank, self.index = bank, index
 
     def capture(self, h: torch.Tensor, delta: torch.Tensor) -> None:
@@ -70,7 +75,9 @@ class CaptureSlot:
         if self.bank is None:
             self.capture(h, delta)
         else:
-            RECORDER.record(self.bank, (self.index,), h.reshape(-1, h.shape[-1]), delta.reshape(-1, h.shape[-1]))
+            RECORDER.record(
+                self.bank, (self.index,), h.reshape(-1, h.shape[-1]), delta.reshape(-1, h.shape[-1])
+            )
 
 
 def batched_statistics(h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +89,6 @@ def batched_statistics(h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tens
         ``grams [2, K, r, r]`` fp32 (``[0] = sum h h^T`` over rows that carry gradient,
         ``[1] = sum delta delta^T``) and ``rows [K]`` fp32.
     """
-    n, k, r = h.shape
     if h.dtype != torch.float32 or delta.dtype != torch.float32:
         h, delta = h.float(), delta.float()
     row_sq = (delta * delta).sum(dim=2)  # [N, K] (a sum over the small last dim: fast, unlike amax)

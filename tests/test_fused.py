@@ -14,7 +14,7 @@ BF16_RTOL = 3e-2  # bf16 base weights: PEFT runs LoRA in fp32, fused in bf16 (th
 def tiny_config(arch: str, num_layers: int = 2):
     from transformers import MistralConfig, Qwen2Config
 
-    common = dict(
+    common = dict(  # noqa: C408 (keyword form mirrors the HF config signature)
         vocab_size=512,
         hidden_size=64,
         intermediate_size=128,
@@ -52,7 +52,7 @@ def batch(seed=0, rows=2, length=12):
     mask = torch.ones_like(ids)
     mask[1, -3:] = 0  # one padded row
     labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
-    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def run(model, inputs):
@@ -190,7 +190,9 @@ def test_report_counts_and_reasons():
     qv = lora_model("llama", targets=("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"))
     report = gk.fuse(qv)
     assert report.fused_modules == 6 and report.fused_blocks == []
-    assert all("k_proj has no LoRA adapter" in r for n, r in report.unfused.items() if n.endswith("self_attn"))
+    assert all(
+        "k_proj has no LoRA adapter" in r for n, r in report.unfused.items() if n.endswith("self_attn")
+    )
     assert "2 x k_proj has no LoRA adapter" in str(report)
 
     dora = lora_model("llama", use_dora=True)
@@ -272,7 +274,9 @@ def test_fused_matches_peft_with_per_module_scales_and_rslora():
         assert rel(f_grads[name], g) < FP32_RTOL, name
 
 
-@pytest.mark.parametrize("eager_grams", [True, False], ids=["grams-at-record (CPU)", "one-pass-at-flush (CUDA)"])
+@pytest.mark.parametrize(
+    "eager_grams", [True, False], ids=["grams-at-record (CPU)", "one-pass-at-flush (CUDA)"]
+)
 def test_recorder_matches_per_module_capture(eager_grams):
     """Both recorder strategies give the per-module statistics of CaptureSlot.capture (float64 reference)."""
     from grit_kernels.bank import FactorBank

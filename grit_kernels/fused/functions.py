@@ -53,7 +53,9 @@ class ProjectionGroup:
     def lora_weights(self) -> list[torch.Tensor]:
         """``[A_1, ..., A_K, B_1, ..., B_K]`` (the autograd inputs of the Functions)."""
         a = self.adapter
-        return [layer.lora_A[a].weight for layer in self.layers] + [layer.lora_B[a].weight for layer in self.layers]
+        return [layer.lora_A[a].weight for layer in self.layers] + [
+            layer.lora_B[a].weight for layer in self.layers
+        ]
 
     def scales(self) -> list[float]:
         return [layer.scaling[self.adapter] for layer in self.layers]
@@ -68,7 +70,10 @@ class ProjectionGroup:
 
     def record_statistics(self, h: torch.Tensor, delta: torch.Tensor) -> None:
         """Hand ``h, delta [N, K r]`` to the recorder for the modules a preconditioner patched."""
-        slots = [getattr(layer.__dict__.get("_grit_state"), "get", lambda _k: None)("slot") for layer in self.layers]
+        slots = [
+            getattr(layer.__dict__.get("_grit_state"), "get", lambda _k: None)("slot")
+            for layer in self.layers
+        ]
         if all(s is None for s in slots):
             return
         bank = slots[0].bank if slots[0] is not None else None
@@ -216,7 +221,9 @@ class FusedSwiGLU(torch.autograd.Function):
         g_gate, g_up = g_gate_up.chunk(2, dim=1)
         torch.mul(g_act, silu, out=g_up)
         torch.ops.aten.silu_backward.grad_input(g_act.mul_(up), gate, grad_input=g_gate)
-        gx, grads_gu = _group_backward(gate_up, g_gate_up, x2, h_gu, a_gu, b_gu, s_gu, lora[:4], needs[0], needs[3:7])
+        gx, grads_gu = _group_backward(
+            gate_up, g_gate_up, x2, h_gu, a_gu, b_gu, s_gu, lora[:4], needs[0], needs[3:7]
+        )
         if gx is not None:
             gx = _as(gx.view(*grad_y.shape[:-1], gx.shape[-1]), ctx.input_dtype)
         return (gx, None, None, *grads_gu, *grads_d)

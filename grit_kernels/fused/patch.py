@@ -205,7 +205,9 @@ def fuse(model: nn.Module) -> FusionReport:
             attn_reason = "q/k/v LoRA ranks differ"
         mlp_reason = _part_reason(mlp, MLP_PROJECTIONS)
         if mlp_reason is None and not _is_silu(getattr(mlp, "act_fn", None)):
-            mlp_reason = f"activation {type(getattr(mlp, 'act_fn', None)).__name__} (fused MLP is SwiGLU: SiLU only)"
+            mlp_reason = (
+                f"activation {type(getattr(mlp, 'act_fn', None)).__name__} (fused MLP is SwiGLU: SiLU only)"
+            )
         if mlp_reason is None and not _same_rank([mlp.gate_proj, mlp.up_proj]):
             mlp_reason = "gate/up LoRA ranks differ"
         parts = {}
@@ -216,16 +218,16 @@ def fuse(model: nn.Module) -> FusionReport:
             parts["gate_up"] = [mlp.gate_proj, mlp.up_proj]
             parts["down"] = [mlp.down_proj]
         if parts:
-            reason = weights_unsupported_reason([layer.base_layer for layers in parts.values() for layer in layers])
+            reason = weights_unsupported_reason(
+                [layer.base_layer for layers in parts.values() for layer in layers]
+            )
             if reason is not None:
                 attn_reason = attn_reason or reason
                 mlp_reason = mlp_reason or reason
                 parts = {}
         if parts:
             weights = BlockWeights({k: [layer.base_layer for layer in v] for k, v in parts.items()})
-            groups = {
-                k: ProjectionGroup(k, v, v[0].active_adapters[0], weights) for k, v in parts.items()
-            }
+            groups = {k: ProjectionGroup(k, v, v[0].active_adapters[0], weights) for k, v in parts.items()}
             if "qkv" in groups:
                 stashes = [_StashedOutput() for _ in range(3)]
                 for layer, stash in zip(parts["qkv"], stashes):

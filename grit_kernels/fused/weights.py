@@ -68,7 +68,8 @@ class BlockWeights:
         bases = [b for layers in self.groups.values() for b in layers]
         self.quantized = is_4bit(bases[0])
         self.shapes = {
-            name: (sum(b.out_features for b in layers), layers[0].in_features) for name, layers in self.groups.items()
+            name: (sum(b.out_features for b in layers), layers[0].in_features)
+            for name, layers in self.groups.items()
         }
         self.biases = {name: [b.bias for b in layers] for name, layers in self.groups.items()}
         if self.quantized:
