@@ -33,4 +33,6 @@ def silence_known_noise() -> None:
     logger = logging.getLogger(_BNB_LOGGER)
     if not any(isinstance(f, _DropMessage) for f in logger.filters):
         logger.addFilter(_DropMessage(_BNB_TEXT))
-    warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r".*`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )

@@ -55,7 +55,9 @@ def main(argv=None):
         args.layers, args.steps = 2, 2
 
     tok = data.ByteTokenizer()
-    features = data.tokenize_alpaca(data.generate_alpaca_sample(8 * args.steps + 64, seed=0), tok, max_length=256)
+    features = data.tokenize_alpaca(
+        data.generate_alpaca_sample(8 * args.steps + 64, seed=0), tok, max_length=256
+    )
     collate = data.DynamicPaddingCollator(tok.pad_token_id)
     val = [collate(features[i : i + 8]) for i in range(0, 32, 8)]
     train_batches = [collate(features[32 + 4 * s : 36 + 4 * s]) for s in range(args.steps)]
@@ -63,7 +65,9 @@ def main(argv=None):
     results = {}
     for kind in ("adamw", "grit"):
         results[kind] = train(kind, args, train_batches, val)
-        print(f"{kind:6s} held-out loss {results[kind][0]:.4f}   median step {1000 * results[kind][1]:.1f} ms")
+        print(
+            f"{kind:6s} held-out loss {results[kind][0]:.4f}   median step {1000 * results[kind][1]:.1f} ms"
+        )
     ratio = results["grit"][1] / results["adamw"][1]
     print(f"GRIT / AdamW step time: {ratio:.3f} (single run, not interleaved; see `grit-kernels bench e2e`)")
     return results

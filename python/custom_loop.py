@@ -46,7 +46,9 @@ def main(argv=None):
 
     tok = data.ByteTokenizer()
     need = args.steps * args.grad_accum * args.batch_size
-    features = data.tokenize_alpaca(data.generate_alpaca_sample(2 * need, seed=0), tok, args.max_length)[:need]
+    features = data.tokenize_alpaca(data.generate_alpaca_sample(2 * need, seed=0), tok, args.max_length)[
+        :need
+    ]
     loader = torch.utils.data.DataLoader(
         features, batch_size=args.batch_size, collate_fn=data.DynamicPaddingCollator(tok.pad_token_id)
     )

@@ -16,7 +16,9 @@ EXAMPLES = sorted(p.stem for p in (REPO / "python").glob("*.py"))
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"grit_example_quick_{name}", REPO / "python" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        f"grit_example_quick_{name}", REPO / "python" / f"{name}.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -26,7 +28,9 @@ def _load(name: str):
 def test_example_states_a_measured_runtime(name):
     doc = _load(name).__doc__ or ""
     line = next((ln for ln in doc.splitlines() if ln.startswith("Runtime:")), "")
-    assert any(ch.isdigit() for ch in line), f"python/{name}.py: no 'Runtime: <measured time>' line in its docstring"
+    assert any(ch.isdigit() for ch in line), (
+        f"python/{name}.py: no 'Runtime: <measured time>' line in its docstring"
+    )
 
 
 @pytest.mark.parametrize("name", EXAMPLES)

@@ -44,15 +44,19 @@ def test_readme_python_snippet_runs(line, code, skip, tmp_path, monkeypatch):
     if skip:
         pytest.skip(skip)
     monkeypatch.chdir(tmp_path)  # snippets write files (opt.pt, out/): never into the checkout
-    exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
+    exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})  # noqa: S102 (the point)
 
 
 def test_ci_runs_exactly_the_readme_test_command():
     text = README.read_text()
     quick = text[text.index("## Quick start") :]
     block = quick[quick.index("```bash") + len("```bash") : quick.index("```", quick.index("```bash") + 7)]
-    commands = [ln.strip() for ln in block.strip().splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    commands = [
+        ln.strip() for ln in block.strip().splitlines() if ln.strip() and not ln.strip().startswith("#")
+    ]
     assert len(commands) == 2, commands  # one command runs the main job, one runs the tests
     ci = (REPO / ".ci" / "run").read_text().splitlines()
-    assert commands[1] in [ln.strip() for ln in ci], f".ci/run does not run the README test command {commands[1]!r}"
+    assert commands[1] in [ln.strip() for ln in ci], (
+        f".ci/run does not run the README test command {commands[1]!r}"
+    )
     assert "grit-kernels bench e2e" in commands[0]
