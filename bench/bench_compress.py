@@ -177,6 +177,10 @@ def main(argv=None) -> int:
     parser.add_argument("--lrs", default="2e-3,4e-3,8e-3", help="lr grid for both families (first seed)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
+        "--heldout-windows", type=int, default=32,
+        help="held-out windows of 128 bytes (pinned here: compress.json used 32, compress-rotate.json 24)",
+    )
+    parser.add_argument(
         "--optimizer-state", choices=("reset", "rotate"), default="reset",
         help="Adam state of re-based tensors in the schedule arms (GritConfig.reprojection_optimizer_state)",
     )
@@ -191,7 +195,7 @@ def main(argv=None) -> int:
     rc4 = dataclasses.replace(rc8, r=4, alpha=8.0)
     started = time.perf_counter()
     base, base_info = bc.build_base(progress=True)
-    data = bc.load_finetune_data(seq_len=rc8.seq_len)
+    data = bc.load_finetune_data(seq_len=rc8.seq_len, max_heldout_windows=args.heldout_windows)
     heldout = bc.heldout_batches(data)
     runs: list[dict] = []
 
@@ -282,6 +286,7 @@ def main(argv=None) -> int:
             "schedule_end_fraction": SCHEDULE_END_FRACTION,
             "rank_energy": RANK_ENERGY,
             "optimizer_state": args.optimizer_state,
+            "heldout_windows": int(data["heldout"].shape[0]),
             "run": dataclasses.asdict(rc8),
             "threads": args.threads,
         },
