@@ -7,7 +7,8 @@
 #     FLOOR_PINS="peft==0.14.0" bash .ci/check_floors.sh   # try a lower candidate (overrides one pin)
 #
 # Last verified: torch 2.13.0, transformers 4.56.0, peft 0.15.0, accelerate 1.10.1, bitsandbytes
-# 0.46.0: the default tests below, 55 passed in 200 s on the shared 2-core CPU VM.
+# 0.46.0: the default tests below, 56 passed; the whole script took 483 s (89 s of tests) on the
+# 2-core CPU VM while other jobs shared it (load 4-7).
 #
 # Why not in .ci/run: it downloads old releases from the package index and builds a second 1.3 GB
 # venv (minutes of pip on a 2-core CPU; over 10 min measured while the machine was shared) plus
