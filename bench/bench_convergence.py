@@ -184,7 +184,7 @@ def _pretrain(model, cfg: BaseConfig, corpus: bytes, progress: bool) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- fine-tuning data
-def load_finetune_data(seq_len: int = 128, max_heldout_windows: int = 32) -> dict:
+def load_finetune_data(seq_len: int = 128, max_heldout_windows: int = 24) -> dict:
     """Documentation prose shipped with Python (``pydoc_data.topics``), split by topic.
 
     Returns ``{"train": uint8 [n_train_bytes], "heldout": long [n, seq_len], "train_topics",
@@ -245,11 +245,11 @@ class Arm:
 
 
 ARMS: dict[str, Arm] = {
-    "adamw": Arm("adamw", None, (1e-3, 2e-3, 4e-3, 8e-3), "AdamW-LoRA"),
-    "loraplus": Arm("loraplus", None, (2.5e-4, 5e-4, 1e-3, 2e-3), "LoRA+ (ratio 16)"),
-    "sgd": Arm("sgd", None, (0.05, 0.1, 0.2, 0.4), "SGD-LoRA (momentum 0.9)"),
-    "grit_adamw": Arm("adamw", {}, (1e-3, 2e-3, 4e-3, 8e-3), "GRIT + AdamW (defaults)"),
-    "grit_sgd": Arm("sgd", {}, (0.05, 0.1, 0.2, 0.4), "GRIT + SGD (defaults)"),
+    "adamw": Arm("adamw", None, (4e-3, 8e-3, 1.6e-2, 3.2e-2), "AdamW-LoRA"),
+    "loraplus": Arm("loraplus", None, (1e-3, 2e-3, 4e-3, 8e-3), "LoRA+ (ratio 16)"),
+    "sgd": Arm("sgd", None, (0.25, 0.5, 1.0, 2.0), "SGD-LoRA (momentum 0.9)"),
+    "grit_adamw": Arm("adamw", {}, (4e-3, 8e-3, 1.6e-2, 3.2e-2), "GRIT + AdamW (defaults)"),
+    "grit_sgd": Arm("sgd", {}, (0.25, 0.5, 1.0, 2.0), "GRIT + SGD (defaults)"),
 }
 DEFAULT_ARMS = ("adamw", "loraplus", "sgd", "grit_adamw", "grit_sgd")
 
@@ -258,7 +258,7 @@ DEFAULT_ARMS = ("adamw", "loraplus", "sgd", "grit_adamw", "grit_sgd")
 class RunConfig:
     """Fine-tuning protocol (fixed before comparing variants)."""
 
-    steps: int = 200
+    steps: int = 100
     batch_size: int = 8
     seq_len: int = 128
     warmup: int = 10
@@ -268,7 +268,7 @@ class RunConfig:
     momentum: float = 0.9
     loraplus_ratio: float = 16.0
     seeds: tuple[int, ...] = (0, 1, 2)
-    heldout_windows: int = 32
+    heldout_windows: int = 24
     threads: int = 1
     base: BaseConfig = field(default_factory=BaseConfig)
 
@@ -469,7 +469,8 @@ def _interp(curve, t: float) -> float:
 def summarise(runs: list[dict], arms: dict[str, Arm], rc: RunConfig) -> dict:
     """Per arm: mean final loss per lr, best lr (lowest mean final held-out loss), its curve statistics."""
     out = {}
-    checkpoints = sorted({rc.steps // 2, rc.steps})
+    evals = [s for s, _, _ in runs[0]["curve"]] if runs else [rc.steps]
+    checkpoints = sorted({min(evals, key=lambda s: (abs(s - rc.steps / 2), s)), rc.steps})  # mid-run and final
     for name in arms:
         mine = [r for r in runs if r["arm"] == name]
         if not mine:
@@ -614,12 +615,48 @@ def _parse_variant(text: str) -> tuple[str, Arm]:
     return name, Arm(inner, json.loads(overrides or "{}"), grid, f"GRIT + {inner} {overrides}")
 
 
+def _finish(result: dict, arms: dict[str, Arm], rc: RunConfig, out: Path, name: str) -> None:
+    from grit_kernels import GritConfig
+
+    result.setdefault("grit_defaults", GritConfig().to_dict())  # what "{}" (defaults) meant for GRIT arms
+    result["summary"] = summarise(result["runs"], arms, rc)
+    grit_arms = [n for n in arms if arms[n].grit is not None]
+    result["verdict"] = verdict(result["summary"], "grit_adamw" if "grit_adamw" in arms else (grit_arms or ["-"])[0])
+    result["verdicts"] = {n: verdict(result["summary"], n) for n in grit_arms}
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    table = markdown_table(result)
+    (out / f"{name}.md").write_text(table)
+    png = plot(result, out / f"{name}.png")
+    print("\n" + table)
+    print(f"[convergence] {result['wall_s'] / 60:.1f} min; wrote {path}, {out / f'{name}.md'}" + (f", {png}" if png else ""))
+
+
+def resummarise(path: Path, out: Path, name: str | None = None) -> int:
+    """Recompute summary, table and plot of a saved result from its raw runs (no training)."""
+    result = json.loads(path.read_text())
+    cfg = dict(result["config"])
+    cfg["base"] = BaseConfig(**cfg["base"])
+    cfg["seeds"] = tuple(cfg["seeds"])
+    rc = RunConfig(**cfg)
+    arms = {n: Arm(a["inner"], a["grit"], tuple(a["lrs"]), a["label"]) for n, a in result["arms"].items()}
+    from grit_kernels import GritConfig
+
+    result.setdefault("resummarised", []).append(_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    if "grit_defaults" not in result:  # older files: the defaults of the code at run time are not recorded
+        result["grit_defaults"] = None
+        result["grit_defaults_at_resummary"] = GritConfig().to_dict()
+    out.mkdir(parents=True, exist_ok=True)
+    _finish(result, arms, rc, out, name or path.stem)
+    return 0
+
+
 def main(argv=None, prog: str | None = None) -> int:
     from bench_e2e import device_info, git_commit, versions
 
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 seed, 2 lrs per arm, 60 steps, small base (<= 3 min)")
+    p.add_argument("--quick", action="store_true", help="1 seed, 2 lrs per arm, 40 steps, small base (<= 3 min)")
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated, from {sorted(ARMS)}")
     p.add_argument("--variant", action="append", default=[],
                    help='extra GRIT arm: name=adamw|sgd|loraplus:{"eps_abs": 1e-3}[:lr1,lr2,...] (repeatable)')
@@ -633,6 +670,7 @@ def main(argv=None, prog: str | None = None) -> int:
     p.add_argument("--name", default=None, help="output file stem (default convergence[_quick])")
     p.add_argument("--full-sweep", action="store_true", help="every lr on every seed (default: sweep on seed 0)")
     p.add_argument("--max-extensions", type=int, default=2, help="grid extensions per arm when the best lr is at an edge")
+    p.add_argument("--from-json", default=None, help="re-summarise a saved result's raw runs (no training)")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # test-only: seconds end to end
     args = p.parse_args(argv)
 
@@ -651,7 +689,7 @@ def main(argv=None, prog: str | None = None) -> int:
 
     rc = RunConfig(threads=args.threads)
     if args.quick:
-        rc = dataclasses.replace(rc, steps=60, eval_every=10, seeds=(0,),
+        rc = dataclasses.replace(rc, steps=40, eval_every=10, seeds=(0,),
                                  base=BaseConfig(pretrain_steps=200, corpus_bytes=1_000_000))
         arms = {n: dataclasses.replace(a, lrs=a.lrs[1:3]) for n, a in arms.items()}
         args.max_extensions = 0
@@ -668,6 +706,8 @@ def main(argv=None, prog: str | None = None) -> int:
     if args.eval_every:
         rc = dataclasses.replace(rc, eval_every=args.eval_every)
     torch.set_num_threads(rc.threads)
+    if args.from_json:
+        return resummarise(Path(args.from_json), Path(args.out), args.name)
     name = args.name or ("convergence_quick" if args.quick else "convergence")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -706,7 +746,6 @@ def main(argv=None, prog: str | None = None) -> int:
         runs = run_interleaved(plan, base, data, rc, start_losses=start_loss)
     else:
         runs = run_protocol(arms, base, data, rc, start_loss, max_extensions=args.max_extensions)
-    summary = summarise(runs, arms, rc)
     result = {
         "benchmark": "convergence",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -724,18 +763,8 @@ def main(argv=None, prog: str | None = None) -> int:
         "start_loss": start_loss,
         "expected_s": expected,
         "runs": runs,
-        "summary": summary,
     }
-    grit_arms = [n for n in arms if arms[n].grit is not None]
-    result["verdict"] = verdict(summary, "grit_adamw" if "grit_adamw" in arms else (grit_arms or ["-"])[0])
-    result["verdicts"] = {n: verdict(summary, n) for n in grit_arms}
-    path = out / f"{name}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    table = markdown_table(result)
-    (out / f"{name}.md").write_text(table)
-    png = plot(result, out / f"{name}.png")
-    print("\n" + table)
-    print(f"[convergence] {result['wall_s'] / 60:.1f} min; wrote {path}, {out / f'{name}.md'}" + (f", {png}" if png else ""))
+    _finish(result, arms, rc, out, name)
     return 0
 
 

@@ -21,8 +21,11 @@ class GritConfig:
     """Configuration of :class:`grit_kernels.GritPreconditioner`.
 
     Attributes:
-        update_freq: invert the factors every ``update_freq`` optimizer steps (>= 1). Statistics are
-            folded into the EMA at every step; only the (cheap) inversion is amortised.
+        update_freq: invert the factors every ``update_freq`` optimizer steps (>= 1; default 1: every
+            step, one batched r x r inversion, cheap at r <= 64). Statistics are folded into the EMA at
+            every step. Until the first scheduled refresh after warm-up the inverses are refreshed every
+            step, so the first step that has statistics (PEFT's B = 0 gives none at step 0) is
+            preconditioned.
         damping: relative damping. Each r x r factor ``C`` is inverted as ``C + lam*I`` with
             ``lam = damping * trace(C) / r + eps_abs``. Relative damping keeps the update invariant to
             reparametrisations ``(A, B) -> (cA, B/c)``. Range [0, 1e6].
@@ -34,17 +37,31 @@ class GritConfig:
             by this (> 1). Then keep the previous inverse, else fall back to ``I/lam``.
         warmup_steps: optimizer steps during which gradients pass through unpreconditioned while the
             factors are already being estimated. PEFT initialises ``B = 0`` so the backward factor is
-            ~0 at first; a short warm-up keeps early steps bounded. Range [0, inf).
-        kl_clip: trust region on the preconditioned step (K-FAC KL-clip). After preconditioning all
-            gradients are scaled by ``nu = min(1, sqrt(kl_clip / (lr^2 * sum(g_pre . g))))``, computed
-            on the device. ``None`` disables it. It is reparametrisation invariant and has almost no
-            effect with Adam-type optimizers (which are invariant to a global gradient scale).
+            ~0 at first. Range [0, inf).
+        kl_clip: trust region on the step, in units of the Fisher quadratic form (~2 x the per-token
+            KL). With :class:`GritOptimizer` it bounds the step the inner optimizer actually took --
+            after its momentum, with each parameter group's own lr (LoRA+ groups):
+            ``Delta <- min(1, sqrt(kl_clip / sum(<D Delta_A, Delta_A> + <Delta_B H, Delta_B>))) Delta``,
+            on the device. Calling ``GritPreconditioner.step(lr=...)`` directly instead estimates it
+            from the gradient (``lr^2 * sum(g_pre . g)``, one lr, no momentum). ``None`` disables it.
+            Default 0.1: measured (bench/results/cpu/convergence_screen*.json) as inactive for AdamW at
+            its best lr and a safety net for SGD; 1e-2 and 1e-3 on the step taken cost 0.02-0.1 nats of
+            held-out loss with AdamW.
         backend: ``"auto"`` (the fastest available backend measured for the device: Triton on CUDA, the
             C++ kernels on CPU when built, else torch), ``"torch"``, ``"triton"``, ``"cpp"`` (C++ CPU
             kernels of ``csrc/``) or ``"cuda"`` (CUDA C++ kernels of ``csrc/``).
         target_modules: optional names or name suffixes of LoRA layers to precondition (for example
             ``["q_proj", "v_proj"]``); ``None`` preconditions every supported LoRA layer.
         exclude_modules: names or name suffixes of LoRA layers to leave unpreconditioned.
+        graft: take each LoRA tensor's step direction from GRIT and its norm from the raw gradient
+            (``g <- P g * |g| / |P g|``, per tensor, on the device), as Distributed Shampoo grafts onto
+            another optimizer. Default ``True``. Why: with PEFT's ``B = 0`` the backward factor grows
+            like ``|B|^2`` while grad_A grows like ``|B|``, so the plain natural-gradient grad_A grows
+            like ``1/|B|`` (``|A|`` x 3e4 in 30 SGD steps, tests/test_stability.py) and its scale jumps
+            as the factors refresh; grafting keeps the inner optimizer's scale (SGD from PEFT init is
+            bounded) at no measured cost with AdamW. Trade-off: the per-tensor norm is not invariant
+            to reparametrisations ``(A, B) -> (QA, BQ^-1)``; the direction is. ``False`` gives the
+            exactly invariant natural-gradient step (the invariance tests use it).
         nonfinite_grads: what :class:`GritOptimizer` does when a LoRA gradient is NaN/Inf, or all of
             them are exactly zero (no supervised token): ``"skip"`` (skip the step, discard its
             statistics, warn; costs one device->host scalar read per step, like ``GradScaler``), ``"raise"`` (raise ``FloatingPointError``), or
@@ -79,17 +96,18 @@ class GritConfig:
             mapped into the new basis exactly, second moments by the element-wise squared map).
     """
 
-    update_freq: int = 10
+    update_freq: int = 1
     damping: float = 1e-3
     eps_abs: float = 1e-12
     ema_decay: float = 0.95
     retry_damping_factor: float = 100.0
     warmup_steps: int = 10
-    kl_clip: float | None = 1e-3
+    kl_clip: float | None = 0.1
     backend: str = "auto"
     target_modules: Sequence[str] | None = None
     exclude_modules: Sequence[str] = ()
     nonfinite_grads: str = "skip"
+    graft: bool = True
     fisher: str = "kfac"
     kfac_full_max_bytes: int = 2**30
     reprojection: str = "off"
@@ -114,6 +132,8 @@ class GritConfig:
             self._check_range("kl_clip", 0.0, math.inf, lo_open=True)
         if self.damping == 0.0 and self.eps_abs == 0.0:
             raise ValueError("GritConfig: damping and eps_abs cannot both be 0 (the factors may be singular)")
+        if not isinstance(self.graft, bool):
+            raise ValueError(f"GritConfig.graft must be True or False, got {self.graft!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"GritConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.nonfinite_grads not in NONFINITE_POLICIES:

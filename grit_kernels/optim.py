@@ -53,8 +53,6 @@ class GritOptimizer(torch.optim.Optimizer):
         self.preconditioner = preconditioner
         self.grad_scaler = grad_scaler
         self.skipped_steps = 0
-        lora_ids = {id(p) for p in preconditioner.parameters()}
-        self._lora_groups = [g for g in optimizer.param_groups if any(id(p) in lora_ids for p in g["params"])]
         # share, do not copy: schedulers and checkpoints act on the inner optimizer
         self.defaults = optimizer.defaults
         self._optimizer_step_pre_hooks = {}
@@ -75,12 +73,6 @@ class GritOptimizer(torch.optim.Optimizer):
     @state.setter
     def state(self, value):
         self.optimizer.state = value
-
-    def _lr(self):
-        lrs = [g["lr"] for g in self._lora_groups]
-        if any(isinstance(lr, torch.Tensor) for lr in lrs):
-            return torch.stack([torch.as_tensor(lr, dtype=torch.float32) for lr in lrs]).max()
-        return max(lrs)
 
     def _gradient_problem(self) -> str | None:
         """One device->host read: why this step must not be taken, or None."""
@@ -117,8 +109,13 @@ class GritOptimizer(torch.optim.Optimizer):
                 stacklevel=2,
             )
             return loss
-        self.preconditioner.step(lr=self._lr(), loss_scale=self._loss_scale())
+        pre = self.preconditioner
+        clip = pre.config.kl_clip is not None  # on the step taken: after momentum, with each group's lr
+        before = pre.snapshot_adapters() if clip else None
+        pre.step(loss_scale=self._loss_scale())
         self.optimizer.step()
+        if clip:
+            pre.clip_update_(before)
         if getattr(self.preconditioner, "rank_adapter", None) is not None:  # config.reprojection
             self.preconditioner.rank_adapter.after_step(self.optimizer)
         return loss

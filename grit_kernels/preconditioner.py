@@ -101,6 +101,7 @@ class GritPreconditioner:
             slot = CaptureSlot(*self.bank.stat_views(m.index), backend=self.backend, bank=self.bank, index=m.index)
             patch_lora_layer(m.layer, slot)
         self.step_count = 0
+        self._has_statistics: torch.Tensor | None = None  #: device bool, set at each refresh after warm-up
         self._removed = False
         # config.fisher "diagonal" / "kfac_full" take over step() (grit_kernels.fisher); "kfac": None
         self._fisher = make_fisher(self)
@@ -118,8 +119,10 @@ class GritPreconditioner:
 
     @property
     def preconditioning_active(self) -> bool:
-        """Whether the next ``step()`` preconditions (False during warm-up)."""
-        return self.step_count >= self.config.warmup_steps
+        """Whether the last ``step()`` changed gradients: past warm-up, with inverses built from statistics
+        (False before any statistics exist, e.g. at PEFT's B = 0). Reads one device flag (a host sync
+        when called; call it at logging steps)."""
+        return self._has_statistics is not None and bool(self._has_statistics)
 
     # ------------------------------------------------------------------ the step
     def step(
@@ -146,8 +149,11 @@ class GritPreconditioner:
         self.bank.fold(cfg.ema_decay, loss_scale=loss_scale, backend=self.backend)
         since = self.step_count - cfg.warmup_steps
         if since >= 0:
-            if since % cfg.update_freq == 0:
+            # until the first scheduled refresh after warm-up, refresh every step: factors get their first
+            # statistics when B != 0 (PEFT starts at B = 0), and the step that has them is preconditioned
+            if since % cfg.update_freq == 0 or since < cfg.update_freq:
                 self.bank.refresh_inverses(cfg.damping, cfg.eps_abs, cfg.retry_damping_factor, backend=self.backend)
+                self._has_statistics = self.bank.initialized.any()
             self._precondition_grads(lr)
         self.step_count += 1
 
@@ -164,12 +170,47 @@ class GritPreconditioner:
         index = [m.index for m in modules] if len(modules) != len(self.modules) else None
         grads_a = [m.lora_A.grad for m in modules]
         grads_b = [m.lora_B.grad for m in modules]
+        grads = grads_a + grads_b
         clip = self.config.kl_clip is not None and lr is not None
-        dot = ops.precondition_(grads_a, grads_b, inv_d, inv_h, compute_dot=clip, backend=self.backend, modules=index)
+        graft = self.config.graft
+        if graft:  # the raw gradients' norms (and, for the gradient KL-clip, the raw gradients)
+            raw = torch._foreach_mul(grads, 1.0) if clip else None
+            raw_norms = torch._foreach_norm(grads)
+        dot = ops.precondition_(
+            grads_a, grads_b, inv_d, inv_h, compute_dot=clip and not graft, backend=self.backend, modules=index
+        )
+        if graft:  # GRIT's direction with the raw gradient's norm, per tensor
+            tiny = torch.finfo(torch.float32).tiny
+            ratio = torch._foreach_div(raw_norms, torch._foreach_clamp_min(torch._foreach_norm(grads), tiny))
+            torch._foreach_mul_(grads, ratio)
+            if clip:
+                dot = torch.stack([(g * r).sum() for g, r in zip(grads, raw)]).sum().float()
         if clip:
             quad = (dot.abs() * lr**2).clamp_min(torch.finfo(torch.float32).tiny)  # lr: float or 0-dim tensor
             nu = torch.sqrt(self.config.kl_clip / quad).clamp(max=1.0)
             torch._foreach_mul_(grads_a + grads_b, nu)
+
+    def snapshot_adapters(self) -> list[torch.Tensor]:
+        """Copies of every lora_A, lora_B (bank order) before the inner optimizer step."""
+        return torch._foreach_mul([p.detach() for p in self.parameters()], 1.0)
+
+    def clip_update_(self, before: list[torch.Tensor]) -> None:
+        """KL-clip the step the inner optimizer just took (after its momentum, with its per-group lrs).
+
+        ``Delta = p - before``; ``q = sum_m <D_m Delta_A, Delta_A> + <Delta_B H_m, Delta_B>`` (the Fisher
+        quadratic form, ~2 x the per-token KL of the step); ``p <- before + min(1, sqrt(kl_clip / q)) Delta``.
+        """
+        params = [p.detach() for p in self.parameters()]
+        delta = torch._foreach_sub(params, before)
+        work = torch._foreach_sub(params, before)
+        quad = ops.precondition_(
+            work[0::2], work[1::2], self.bank.factor[BACKWARD], self.bank.factor[FORWARD], compute_dot=True,
+            backend=self.backend,
+        )
+        nu = torch.sqrt(self.config.kl_clip / quad.abs().clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)
+        torch._foreach_mul_(delta, nu)
+        torch._foreach_add_(before, delta)
+        torch._foreach_copy_(params, before)
 
     # ------------------------------------------------------------------ observability
     def curvature_summary(self) -> dict[str, torch.Tensor]:

@@ -37,7 +37,8 @@ def sgd_run(kl_clip, steps=12):
     """SGD + GRIT from PEFT's init (B = 0). Returns losses and the largest per-step change of any
     layer's effective weight s*B*A relative to the layer's base weight norm."""
     model = build_lora_model(tiny_llama_config(num_layers=4), r=8, seed=1)
-    pre = GritPreconditioner(model, GritConfig(warmup_steps=2, update_freq=1, kl_clip=kl_clip))
+    # graft=False: the raw natural-gradient step, the one the clip has to bound (grafting bounds it by itself)
+    pre = GritPreconditioner(model, GritConfig(warmup_steps=2, update_freq=1, kl_clip=kl_clip, graft=False))
     opt = GritOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), pre)
     ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
 
