@@ -250,6 +250,7 @@ ARMS: dict[str, Arm] = {
     "sgd": Arm("sgd", None, (0.25, 0.5, 1.0, 2.0), "SGD-LoRA (momentum 0.9)"),
     "grit_adamw": Arm("adamw", {}, (4e-3, 8e-3, 1.6e-2, 3.2e-2), "GRIT + AdamW (defaults)"),
     "grit_sgd": Arm("sgd", {}, (0.25, 0.5, 1.0, 2.0), "GRIT + SGD (defaults)"),
+    "grit_loraplus": Arm("loraplus", {}, (1e-3, 2e-3, 4e-3, 8e-3), "GRIT + LoRA+ (defaults)"),
 }
 DEFAULT_ARMS = ("adamw", "loraplus", "sgd", "grit_adamw", "grit_sgd")
 
