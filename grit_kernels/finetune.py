@@ -138,9 +138,27 @@ def add_arguments(ft: argparse.ArgumentParser) -> None:
     lora.add_argument("--qlora", action="store_true", help="load the base model in 4-bit NF4 (bitsandbytes)")
 
     grit = ft.add_argument_group("GRIT")
-    grit.add_argument("--update-freq", type=int, default=10, help="invert the factors every N steps (>= 1)")
-    grit.add_argument("--damping", type=float, default=1e-3, help="relative damping, in [0, 1e6]")
-    grit.add_argument("--grit-warmup-steps", type=int, default=10, help="steps before preconditioning starts")
+    from .config import GritConfig
+
+    defaults = GritConfig()  # the library's defaults; the other knobs keep them too
+    grit.add_argument(
+        "--update-freq",
+        type=int,
+        default=defaults.update_freq,
+        help="invert the factors every N steps (>= 1; default %(default)s)",
+    )
+    grit.add_argument(
+        "--damping",
+        type=float,
+        default=defaults.damping,
+        help="relative damping, in [0, 1e6] (default %(default)s)",
+    )
+    grit.add_argument(
+        "--grit-warmup-steps",
+        type=int,
+        default=defaults.warmup_steps,
+        help="steps before preconditioning starts (default %(default)s)",
+    )
     grit.add_argument("--no-grit", action="store_true", help="plain AdamW LoRA (for an A/B run)")
 
 
