@@ -111,6 +111,10 @@ class StatsRecorder:
     with the autograd engine's final-callback hook (``Variable._execution_engine.queue_callback``),
     so it runs once per ``backward()`` call (under reentrant activation checkpointing: once per
     recomputed segment). Called outside a backward, :meth:`record` flushes at once.
+
+    Under ``torch.compile`` (dynamo traces the backward of :class:`RankStatsCapture` and of the fused
+    Functions into the compiled backward graph) there is no Python state to keep: :meth:`record`
+    forms the Grams with the same ops and adds them into bank views in place, inside that graph.
     """
 
     def __init__(self, eager_grams: bool | None = None):
@@ -122,6 +126,10 @@ class StatsRecorder:
         """Queue ``h, delta [N, len(indices) * r]`` (modules side by side, equal rank) of bank ``indices``."""
         n, k = h.shape[0], len(indices)
         r = h.shape[1] // k
+        if torch.compiler.is_compiling():  # traced (torch.compile): no Python state, add at once
+            grams, rows = batched_statistics(h.reshape(n, k, r), delta.reshape(n, k, r))
+            _add_traceable(bank, indices, grams, rows)
+            return
         if self.eager_grams if self.eager_grams is not None else h.device.type == "cpu":
             grams, rows = batched_statistics(h.reshape(n, k, r), delta.reshape(n, k, r))
             self._pending.append((bank, indices, r, None, None, grams, rows))
@@ -154,6 +162,22 @@ class StatsRecorder:
                 delta = torch.cat([item[4] for item in items], dim=1) if len(items) > 1 else items[0][4]
                 grams, rows = batched_statistics(h.reshape(n, -1, r), delta.reshape(n, -1, r))
             bank.add_statistics_(indices, grams, rows)
+
+
+def _add_traceable(bank: Any, indices: tuple[int, ...], grams: torch.Tensor, rows: torch.Tensor) -> None:
+    """``bank.add_statistics_`` with in-place ops on bank views only (no index cache), for dynamo.
+
+    Contiguous ascending ``indices`` (a fused group, or one module) take one slice each; anything else
+    one slice per module (unrolled once at trace time).
+    """
+    r, first = grams.shape[-1], indices[0]
+    if tuple(indices) == tuple(range(first, first + len(indices))):
+        bank.stat_sum[:, first : first + len(indices), :r, :r].add_(grams)
+        bank.rows[first : first + len(indices)].add_(rows)
+        return
+    for j, i in enumerate(indices):
+        bank.stat_sum[:, i, :r, :r].add_(grams[:, j])
+        bank.rows[i : i + 1].add_(rows[j : j + 1])
 
 
 RECORDER = StatsRecorder()  #: the process-wide recorder used by patched and fused LoRA layers

@@ -6,7 +6,9 @@ import copy
 import pytest
 import torch
 from conftest import rel_err
-from helpers import two_layer_lora
+from helpers import small_llama, two_layer_lora
+from torch._dynamo.backends.debugging import ExplainWithBackend
+from torch._dynamo.utils import counters
 
 import grit_kernels as gk
 from grit_kernels import ops
@@ -24,23 +26,54 @@ def test_custom_ops_pass_opcheck(fresh_seed):
     r, n = 4, 3
     checks = {
         "accumulate_gram_": (torch.zeros(r, r), torch.randn(9, r), 0.5, "torch"),
-        "accumulate_grams_": ([torch.zeros(r, r), torch.zeros(2, 2)], [torch.randn(9, r), torch.randn(5, 2)], 0.5, "torch"),
-        "ema_fold_": (_spd(n, r), _spd(n, r), torch.rand(n) + 0.1, 0.9, torch.tensor([True, False, True]), "torch"),
-        "damped_cholesky_inverse": (
-            _spd(n, r), 1e-3, 1e-12, torch.tensor([4, 2, 3], dtype=torch.int32), torch.eye(r).repeat(n, 1, 1),
-            torch.tensor([True, False, True]), 100.0, "torch",
+        "accumulate_grams_": (
+            [torch.zeros(r, r), torch.zeros(2, 2)],
+            [torch.randn(9, r), torch.randn(5, 2)],
+            0.5,
+            "torch",
         ),
-        "precondition_": ([torch.randn(r, 6), torch.randn(r, 5)], [torch.randn(7, r), torch.randn(3, r)], _spd(2, r), _spd(2, r), True, "torch"),
+        "ema_fold_": (
+            _spd(n, r),
+            _spd(n, r),
+            torch.rand(n) + 0.1,
+            0.9,
+            torch.tensor([True, False, True]),
+            "torch",
+        ),
+        "damped_cholesky_inverse": (
+            _spd(n, r),
+            1e-3,
+            1e-12,
+            torch.tensor([4, 2, 3], dtype=torch.int32),
+            torch.eye(r).repeat(n, 1, 1),
+            torch.tensor([True, False, True]),
+            100.0,
+            "torch",
+        ),
+        "precondition_": (
+            [torch.randn(r, 6), torch.randn(r, 5)],
+            [torch.randn(7, r), torch.randn(3, r)],
+            _spd(2, r),
+            _spd(2, r),
+            True,
+            "torch",
+        ),
     }
     for name, args in checks.items():
-        torch.library.opcheck(getattr(LIB, name), args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+        torch.library.opcheck(
+            getattr(LIB, name),
+            args,
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
+        )
 
 
 def _train(model, steps, compiled):
-    cfg = gk.GritConfig(backend="torch", warmup_steps=1, update_freq=2, nonfinite_grads="ignore", kl_clip=1e-2)
+    cfg = gk.GritConfig(
+        backend="torch", warmup_steps=1, update_freq=2, nonfinite_grads="ignore", kl_clip=1e-2
+    )
     pre = gk.GritPreconditioner(model, cfg)
     inner = torch.optim.SGD(model.parameters(), lr=0.05)
-    forward = torch.compile(model, backend="aot_eager") if compiled else model
+    forward = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
     # our whole step -- EMA fold, batched inversion, grouped preconditioning, KL-clip -- in one graph:
     # fullgraph=True fails on any graph break
     grit_step = torch.compile(pre.step, backend="aot_eager", fullgraph=True) if compiled else pre.step
@@ -60,7 +93,7 @@ def test_compiled_training_step_matches_eager(fresh_seed):
     model = two_layer_lora(r=4, seed=fresh_seed % 1000)
     twin = copy.deepcopy(model)
     eager, compiled = _train(model, 4, compiled=False), _train(twin, 4, compiled=True)
-    assert compiled.step_count == 4 and compiled.bank.refresh_count == eager.bank.refresh_count == 2
+    assert compiled.step_count == 4 and compiled.bank.refresh_count == eager.bank.refresh_count >= 2
     assert rel_err(compiled.bank.factor, eager.bank.factor) < 1e-5
     assert max(rel_err(a, b) for a, b in zip(compiled.parameters(), eager.parameters())) < 1e-5
 
@@ -92,3 +125,51 @@ def test_ops_trace_without_graph_breaks(fresh_seed):
     assert torch.equal(status_c, status_e) and rel_err(inv_c, inv_e) < 1e-6 and rel_err(dot_c, dot_e) < 1e-6
     assert rel_err(factor, f_ref) < 1e-6 and torch.equal(init, i_ref)
     assert max(rel_err(a, b) for a, b in zip(grads_a + grads_b, got_a + got_b)) < 1e-6
+
+
+def _train_llama(model, steps, compiled, fused):
+    cfg = gk.GritConfig(
+        backend="torch", warmup_steps=1, update_freq=2, nonfinite_grads="ignore", kl_clip=1e-2
+    )
+    pre = gk.GritPreconditioner(model, cfg)
+    if fused:
+        assert len(gk.fuse(model).fused_blocks) == 2
+    opt = gk.GritOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), pre)
+    # fullgraph=True: any graph break -- in our capture (layers.py, fused/) or elsewhere -- raises
+    forward = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+    # torch.optim's own step graph-breaks on purpose (Optimizer._use_grad): record the breaks instead
+    step = torch.compile(opt.step, backend=compiled) if compiled else opt.step
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        ids = torch.randint(0, 64, (2, 9), generator=gen)
+        labels = ids.clone()
+        labels[0, :4] = -100  # rows without gradient: the capture's row mask must agree with eager
+        forward(input_ids=ids, labels=labels).loss.backward()
+        step()
+        opt.zero_grad()
+    return pre
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("fused", [False, True], ids=["patched", "fused"])
+def test_compiled_llama_training_step_has_no_graph_break(fresh_seed, fused):
+    """A compiled PEFT LoRA Llama traces as one graph with the statistics capture inside its backward
+    (plain patched layers and fused blocks); a compiled GritOptimizer.step breaks only in torch.optim;
+    both give the eager factors and adapters."""
+    torch._dynamo.reset()
+    model = small_llama(num_layers=2, seed=fresh_seed % 1000)
+    twin = copy.deepcopy(model)
+    explain = ExplainWithBackend("aot_eager")
+    counters.clear()
+    eager, compiled = _train_llama(model, 3, None, fused), _train_llama(twin, 3, explain, fused)
+    # every kind of break dynamo counted has a located instance (no frame silently skipped), and the
+    # frame each happens in is not ours (today: only torch.optim's deliberate breaks around its step)
+    assert set(counters["graph_break"]) <= {b.reason for b in explain.break_reasons}
+    where = [f"{b.user_stack[-1].filename}:{b.user_stack[-1].lineno}" for b in explain.break_reasons]
+    assert not [w for w in where if "grit_kernels" in w], where
+    assert compiled.step_count == 3 and compiled.bank.refresh_count == eager.bank.refresh_count >= 2
+    assert torch.equal(compiled.bank.initialized, eager.bank.initialized) and bool(
+        eager.bank.initialized.all()
+    )
+    assert rel_err(compiled.bank.factor, eager.bank.factor) < 1e-5
+    assert max(rel_err(a, b) for a, b in zip(compiled.parameters(), eager.parameters())) < 1e-5

@@ -217,10 +217,13 @@ class FusedSwiGLU(torch.autograd.Function):
         silu = F.silu(gate)
         act = silu * up  # recomputed, not stored
         g_act, grads_d = _group_backward(down, g, act, h_d, a_d, b_d, s_d, lora[4:], True, needs[7:9])
-        g_gate_up = torch.empty_like(y_gu)
-        g_gate, g_up = g_gate_up.chunk(2, dim=1)
-        torch.mul(g_act, silu, out=g_up)
-        torch.ops.aten.silu_backward.grad_input(g_act.mul_(up), gate, grad_input=g_gate)
+        if torch.compiler.is_compiling():  # dynamo rejects out= into strided views; the compiler fuses anyway
+            g_gate_up = torch.cat([torch.ops.aten.silu_backward(g_act * up, gate), g_act * silu], dim=1)
+        else:  # eager: both halves written in place, no concatenation copy
+            g_gate_up = torch.empty_like(y_gu)
+            g_gate, g_up = g_gate_up.chunk(2, dim=1)
+            torch.mul(g_act, silu, out=g_up)
+            torch.ops.aten.silu_backward.grad_input(g_act.mul_(up), gate, grad_input=g_gate)
         gx, grads_gu = _group_backward(
             gate_up, g_gate_up, x2, h_gu, a_gu, b_gu, s_gu, lora[:4], needs[0], needs[3:7]
         )
