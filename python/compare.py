@@ -3,8 +3,8 @@
 A small version of ``bench/bench_finetune_cpu.py`` (which sweeps learning rates) and of
 ``grit-kernels bench e2e`` (which measures step time carefully). 20 steps are far too few to tell
 which optimizer trains better: it shows the API of an A/B run, not a result.
-Runtime: 34 s of CPU time with one thread (about that wall time on a quiet 2-core
-machine); 160 s wall measured on our 2-core VM while ~9 other jobs shared it. ``--quick``: seconds.
+Runtime: 24 s wall on our 2-core CPU VM with about one other job running (one intra-op
+thread); 160 s while ~9 other jobs shared it. ``--quick``: seconds.
 
     python python/compare.py [--steps 20] [--layers 8]
 """

@@ -5,8 +5,8 @@
     ... loss.backward(); opt.step(); opt.zero_grad()
 
 Runs on CPU with the tiny 224-module Llama (random weights) and synthetic Alpaca data.
-Runtime: 40 s of CPU time with one thread (about that wall time on a quiet 2-core
-machine); 197 s wall measured on our 2-core VM while ~9 other jobs shared it. ``--quick``: seconds.
+Runtime: 28 s wall on our 2-core CPU VM with about one other job running (one intra-op
+thread); 197 s while ~9 other jobs shared it. ``--quick``: seconds.
 Swap in your own model (``AutoModelForCausalLM.from_pretrained`` + ``peft.get_peft_model``) and data
 (``grit_kernels.data.load_alpaca_json``) and a real tokenizer.
 

@@ -8,8 +8,8 @@ checkpoint::
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16))
     model = get_peft_model(prepare_model_for_kbit_training(model), LoraConfig(r=16, ...))
 
-Runtime: 30 s of CPU time with one thread (about that wall time on a quiet 2-core
-machine); 171 s wall measured on our 2-core VM while ~9 other jobs shared it. ``--quick``: seconds.
+Runtime: 24 s wall on our 2-core CPU VM with about one other job running (one intra-op
+thread); 171 s while ~9 other jobs shared it. ``--quick``: seconds.
 
     python python/qlora.py [--steps 6]
 """

@@ -3,8 +3,8 @@
 Every ``TrainingArguments`` option works; ``grit_*`` fields set GRIT's knobs and ``grit=False`` gives
 plain AdamW for an A/B run. Adapters are saved in PEFT format. Runs on CPU with the tiny
 224-module Llama (random weights) and synthetic Alpaca data.
-Runtime: 51 s of CPU time with one thread (about that wall time on a quiet 2-core
-machine); 236 s wall measured on our 2-core VM while ~9 other jobs shared it. ``--quick``: seconds.
+Runtime: 32 s wall on our 2-core CPU VM with about one other job running (one intra-op
+thread); 236 s while ~9 other jobs shared it. ``--quick``: seconds.
 
     python python/trainer.py [--max-steps 8] [--output runs/trainer-example]
 """
