@@ -1,6 +1,6 @@
 """The example scripts in python/ run: each in its ``--quick`` mode (2 layers, 2 steps), in-process.
 
-Their default sizes take 40-60 s of CPU each (measured; stated in each docstring and the README),
+Their default sizes take 24-32 s each on the 2-core VM (measured; stated in each docstring and the README),
 too long for the suite, so the defaults are timed by hand, not here. Examples that save write into
 a temporary working directory.
 """
