@@ -94,6 +94,9 @@ class GritTrainingArguments(TrainingArguments):
     grit_nonfinite_grads: str = field(
         default=_DEFAULTS.nonfinite_grads, metadata={"help": "skip | raise | ignore: NaN/Inf LoRA gradients."}
     )
+    grit_graft: bool = field(
+        default=_DEFAULTS.graft, metadata={"help": "GRIT's direction with the raw gradient's norm, per tensor."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -114,6 +117,7 @@ class GritTrainingArguments(TrainingArguments):
             target_modules=self.grit_target_modules,
             exclude_modules=self.grit_exclude_modules or (),
             nonfinite_grads=self.grit_nonfinite_grads,
+            graft=self.grit_graft,
         )
         try:
             return GritConfig(**values)
