@@ -34,7 +34,8 @@ def weights(model):
 
 
 def config(fisher, **kw):
-    return gk.GritConfig(fisher=fisher, warmup_steps=0, update_freq=1, kl_clip=None, backend="torch", **kw)
+    # graft=False: the exact preconditioned gradients (grafting rescales each tensor to the raw norm)
+    return gk.GritConfig(fisher=fisher, warmup_steps=0, update_freq=1, kl_clip=None, backend="torch", graft=False, **kw)
 
 
 def backward_linear_loss(model, x, w):
