@@ -54,6 +54,10 @@ def test_tiny_run_writes_json_table_and_plot(tmp_path, capsys):
     table = (tmp_path / "convergence.md").read_text()
     assert "LoRA+" in table and "best lr" in table
     assert (tmp_path / "convergence.png").stat().st_size > 0
+    # re-summarising the raw runs (no training) gives the same summary
+    again = tmp_path / "again"
+    assert cli.main(["bench", "convergence", "--from-json", str(tmp_path / "convergence.json"), "--out", str(again)]) == 0
+    assert json.loads((again / "convergence.json").read_text())["summary"] == result["summary"]
 
 
 def test_lora_init_fixed_by_seed(bench, tmp_path):
