@@ -502,6 +502,23 @@ class RankAdapter:
         self.initial_ranks = {m.index: m.lora_A.shape[0] for m in preconditioner.modules}
         self.history: list[tuple[int, int]] = []
 
+    def state_dict(self) -> dict:
+        """The schedule's position: ``initial_ranks`` (``r0`` per module, bank order; the schedule's
+        reference even after cuts) and ``history``. The step itself is the preconditioner's ``step_count``."""
+        n = len(self.preconditioner.modules)
+        return {"initial_ranks": [self.initial_ranks[i] for i in range(n)], "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        ranks = [int(r) for r in state["initial_ranks"]]
+        current = [m.lora_A.shape[0] for m in self.preconditioner.modules]
+        if len(ranks) != len(current) or any(r < c for r, c in zip(ranks, current)):
+            raise ValueError(
+                f"RankAdapter.load_state_dict: saved initial ranks {ranks[:8]}... ({len(ranks)} modules) do not fit "
+                f"this model's current ranks {current[:8]}... ({len(current)} modules); ranks only shrink"
+            )
+        self.initial_ranks = dict(enumerate(ranks))
+        self.history = [(int(s), int(r)) for s, r in state["history"]]
+
     def due(self, step: int) -> bool:
         cfg = self.preconditioner.config
         return step >= cfg.reprojection_start and (step - cfg.reprojection_start) % cfg.reprojection_freq == 0

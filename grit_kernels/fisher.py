@@ -16,8 +16,9 @@ rank-space bank (folded every step, so logging and ``curvature_summary`` stay me
   rank-space K-FAC. A reference for small models: per-module Python loops and forward/tensor hooks,
   refused above ``kfac_full_max_bytes``. Single process (no DDP reduction of ``X`` and ``G``).
 
-Neither option's extra state is part of ``GritPreconditioner.state_dict()`` (the rank-space bank is);
-a resumed run re-estimates it.
+Both options' state (the diagonal moments; the ``d x d`` sums, factors and inverses) is part of
+``GritPreconditioner.state_dict()`` under ``"fisher_state"``, with the kind under ``"fisher"``: a resumed
+run continues bit-for-bit.
 """
 
 from __future__ import annotations
@@ -85,6 +86,27 @@ class DiagonalFisher:
     def on_resize(self, indices) -> None:
         """Ranks changed: the per-entry moments no longer match; start them afresh."""
         self.second_moment = None
+
+    def state_dict(self) -> dict:
+        """``{"second_moment": [tensor per LoRA parameter] | None}`` (clones)."""
+        moments = None if self.second_moment is None else [v.clone() for v in self.second_moment]
+        return {"second_moment": moments}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the moments onto this model's device (shapes must match the LoRA parameters)."""
+        moments = state["second_moment"]
+        if moments is None:
+            self.second_moment = None
+            return
+        params = self.pre.parameters()
+        shapes = [tuple(p.shape) for p in params]
+        saved = [tuple(v.shape) for v in moments]
+        if saved != shapes:
+            raise ValueError(
+                f"DiagonalFisher.load_state_dict: saved moment shapes {saved[:4]}... ({len(saved)} tensors) do not "
+                f"match this model's LoRA parameters {shapes[:4]}... ({len(shapes)})"
+            )
+        self.second_moment = [v.to(device=p.device, dtype=torch.float32, copy=True) for v, p in zip(moments, params)]
 
 
 class FullKFAC:
@@ -222,6 +244,30 @@ class FullKFAC:
             grads += [ga, gb]
         if raws:
             _kl_clip_(grads, raws, pre.config.kl_clip, lr)
+
+    _STATE_LISTS = ("input_sum", "output_sum", "input_factor", "output_factor", "input_inverse", "output_inverse")
+
+    def state_dict(self) -> dict:
+        """The ``d x d`` sums, EMA factors and inverses (lists in bank order), ``rows`` and ``initialized``."""
+        state = {name: [t.clone() for t in getattr(self, name)] for name in self._STATE_LISTS}
+        state.update(rows=self.rows.clone(), initialized=self.initialized)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Copy a saved state onto this model's device (every factor's shape must match)."""
+        for name in self._STATE_LISTS:
+            mine, saved = getattr(self, name), state[name]
+            shapes = [tuple(t.shape) for t in saved]
+            if shapes != [tuple(t.shape) for t in mine]:
+                raise ValueError(
+                    f"FullKFAC.load_state_dict: saved {name} shapes {shapes[:4]}... ({len(shapes)} modules) do not "
+                    f"match this model's {[tuple(t.shape) for t in mine][:4]}... ({len(mine)})"
+                )
+        for name in self._STATE_LISTS:
+            for t, v in zip(getattr(self, name), state[name]):
+                t.copy_(v)
+        self.rows.copy_(state["rows"])
+        self.initialized = bool(state["initialized"])
 
     def remove(self) -> None:
         for h in self._handles:

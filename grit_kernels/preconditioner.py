@@ -238,21 +238,39 @@ class GritPreconditioner:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {
+        """Everything a resumed run needs: config, step count, the bank, the Fisher kind and (for
+        ``fisher != "kfac"``) its state, and the rank adapter's schedule position (when reprojecting)."""
+        state = {
             "config": self.config.to_dict(),
             "step_count": self.step_count,
             "module_names": [m.name for m in self.modules],
             "bank": self.bank.state_dict(),
+            "fisher": self.config.fisher,
         }
+        if self._fisher is not None:
+            state["fisher_state"] = self._fisher.state_dict()
+        if self.rank_adapter is not None:
+            state["rank_adapter"] = self.rank_adapter.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a saved state onto this preconditioner's device (the model must have the same modules)."""
         self._check_not_removed()
+        kind = state.get("fisher", "kfac")  # states saved before the key existed are rank-space K-FAC
+        if kind != self.config.fisher:
+            raise ValueError(
+                f"GritPreconditioner.load_state_dict: the state was saved with fisher={kind!r}, this preconditioner "
+                f"has fisher={self.config.fisher!r}; build it with GritConfig(fisher={kind!r}) to resume"
+            )
         names = [m.name for m in self.modules]
         if list(state["module_names"]) != names:
             missing = set(state["module_names"]) ^ set(names)
             raise ValueError(f"GritPreconditioner.load_state_dict: module mismatch, e.g. {sorted(missing)[:5]}")
         self.bank.load_state_dict(state["bank"])
+        if self._fisher is not None:
+            self._fisher.load_state_dict(state["fisher_state"])
+        if self.rank_adapter is not None and "rank_adapter" in state:
+            self.rank_adapter.load_state_dict(state["rank_adapter"])
         self.step_count = int(state["step_count"])
 
     def remove(self) -> None:
