@@ -97,6 +97,43 @@ class GritTrainingArguments(TrainingArguments):
     grit_graft: bool = field(
         default=_DEFAULTS.graft, metadata={"help": "GRIT's direction with the raw gradient's norm, per tensor."}
     )
+    grit_fisher: str = field(
+        default=_DEFAULTS.fisher, metadata={"help": "kfac | diagonal | kfac_full: the curvature model."}
+    )
+    grit_kfac_full_max_bytes: int = field(
+        default=_DEFAULTS.kfac_full_max_bytes, metadata={"help": "Memory limit of fisher=kfac_full's d x d factors."}
+    )
+    grit_reprojection: str = field(
+        default=_DEFAULTS.reprojection,
+        metadata={"help": "off | one_sided | two_sided: periodic re-basing onto the Fisher eigenbasis."},
+    )
+    grit_reprojection_freq: int = field(
+        default=_DEFAULTS.reprojection_freq, metadata={"help": "Reproject every N optimizer steps."}
+    )
+    grit_reprojection_start: int = field(
+        default=_DEFAULTS.reprojection_start, metadata={"help": "First optimizer step that may reproject."}
+    )
+    grit_rank_schedule: str | None = field(
+        default=_DEFAULTS.rank_schedule,
+        metadata={"help": "None | linear | cosine | adaptive: rank budget schedule (needs grit_reprojection)."},
+    )
+    grit_rank_start: float = field(
+        default=_DEFAULTS.rank_start, metadata={"help": "Scheduled rank at the start, fraction of the initial rank."}
+    )
+    grit_rank_end: float = field(
+        default=_DEFAULTS.rank_end, metadata={"help": "Scheduled rank at the end, fraction of the initial rank."}
+    )
+    grit_rank_schedule_steps: int = field(
+        default=_DEFAULTS.rank_schedule_steps, metadata={"help": "Step at which the schedule reaches rank_end."}
+    )
+    grit_rank_energy: float = field(
+        default=_DEFAULTS.rank_energy, metadata={"help": "Spectral energy kept by the adaptive schedule."}
+    )
+    grit_min_rank: int = field(default=_DEFAULTS.min_rank, metadata={"help": "No module is cut below this rank."})
+    grit_reprojection_optimizer_state: str = field(
+        default=_DEFAULTS.reprojection_optimizer_state,
+        metadata={"help": "reset | rotate: optimizer state of re-based tensors."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -118,12 +155,24 @@ class GritTrainingArguments(TrainingArguments):
             exclude_modules=self.grit_exclude_modules or (),
             nonfinite_grads=self.grit_nonfinite_grads,
             graft=self.grit_graft,
+            fisher=self.grit_fisher,
+            kfac_full_max_bytes=self.grit_kfac_full_max_bytes,
+            reprojection=self.grit_reprojection,
+            reprojection_freq=self.grit_reprojection_freq,
+            reprojection_start=self.grit_reprojection_start,
+            rank_schedule=self.grit_rank_schedule,
+            rank_start=self.grit_rank_start,
+            rank_end=self.grit_rank_end,
+            rank_schedule_steps=self.grit_rank_schedule_steps,
+            rank_energy=self.grit_rank_energy,
+            min_rank=self.grit_min_rank,
+            reprojection_optimizer_state=self.grit_reprojection_optimizer_state,
         )
         try:
             return GritConfig(**values)
         except ValueError as e:
             message = str(e)
-            for name in values:
+            for name in sorted(values, key=len, reverse=True):  # rank_schedule_steps before rank_schedule
                 message = message.replace(f"GritConfig.{name}", f"GritTrainingArguments.grit_{name}")
             raise ValueError(message) from None
 

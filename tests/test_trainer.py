@@ -144,6 +144,80 @@ def test_training_arguments_map_onto_grit_config(tmp_path):
     assert parsed.to_grit_config().update_freq == 5 and parsed.grit_target_modules == ["q_proj", "k_proj"]
 
 
+FISHER_AND_RANK_ARGS = dict(
+    fisher="kfac",
+    kfac_full_max_bytes=12345,
+    reprojection="two_sided",
+    reprojection_freq=7,
+    reprojection_start=3,
+    rank_schedule="cosine",
+    rank_start=0.9,
+    rank_end=0.3,
+    rank_schedule_steps=40,
+    rank_energy=0.95,
+    min_rank=2,
+    reprojection_optimizer_state="rotate",
+)
+
+
+def test_fisher_and_rank_schedule_arguments_map_and_name_the_field(tmp_path):
+    cfg = make_args(tmp_path, **{f"grit_{k}": v for k, v in FISHER_AND_RANK_ARGS.items()}).to_grit_config()
+    assert {k: getattr(cfg, k) for k in FISHER_AND_RANK_ARGS} == FISHER_AND_RANK_ARGS
+    assert make_args(tmp_path, grit_fisher="kfac_full").to_grit_config().fisher == "kfac_full"
+    bad = {
+        "fisher": "block_diagonal",
+        "kfac_full_max_bytes": 0,
+        "reprojection": "three_sided",
+        "reprojection_freq": 0,
+        "reprojection_start": -1,
+        "rank_schedule": "step",
+        "rank_energy": 1.5,
+        "min_rank": 0,
+        "reprojection_optimizer_state": "keep",
+    }
+    for name, value in bad.items():
+        extra = {"grit_reprojection": "one_sided"} if name not in ("reprojection", "fisher") else {}
+        with pytest.raises(ValueError, match=rf"GritTrainingArguments\.grit_{name}\b"):
+            make_args(tmp_path, **{f"grit_{name}": value}, **extra)
+    schedule = dict(grit_reprojection="one_sided", grit_rank_schedule="linear")
+    with pytest.raises(ValueError, match=r"GritTrainingArguments\.grit_rank_schedule_steps\b"):
+        make_args(tmp_path, **schedule, grit_reprojection_start=5, grit_rank_schedule_steps=5)
+    with pytest.raises(ValueError, match=r"GritTrainingArguments\.grit_rank_end\b"):
+        make_args(tmp_path, **schedule, grit_rank_start=0.5, grit_rank_end=0.8)
+    with pytest.raises(ValueError, match=r"GritTrainingArguments\.grit_rank_schedule needs"):
+        make_args(tmp_path, grit_rank_schedule="linear")
+    (parsed,) = HfArgumentParser(GritTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--grit_fisher", "diagonal", "--grit_rank_end", "0.25"]
+    )
+    assert (parsed.to_grit_config().fisher, parsed.to_grit_config().rank_end) == ("diagonal", 0.25)
+
+
+def test_trainer_trains_with_diagonal_fisher(tmp_path):
+    model = small_model()
+    before = lora_params(model)
+    trainer = run(model, make_args(tmp_path, grit_fisher="diagonal"), make_features(6))
+    pre = trainer.grit_preconditioner
+    assert pre.config.fisher == "diagonal" and pre.step_count == 3
+    moments = pre.state_dict()["fisher_state"]["second_moment"]
+    assert len(moments) == len(pre.parameters()) and all(torch.isfinite(v).all() and (v > 0).any() for v in moments)
+    after = lora_params(model)
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert any(not torch.equal(before[n], after[n]) for n in before if "lora_A" in n)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses(trainer).values()) and len(losses(trainer)) == 3
+
+
+
+def test_trainer_rank_schedule_arguments_cut_ranks(tmp_path):
+    schedule = dict(grit_reprojection="one_sided", grit_reprojection_freq=2, grit_reprojection_start=2,
+                    grit_rank_schedule="linear", grit_rank_end=0.5, grit_rank_schedule_steps=4)
+    trainer = run(small_model(), make_args(tmp_path, max_steps=4, **schedule), make_features(8))
+    pre = trainer.grit_preconditioner
+    assert pre.bank.module_ranks == [2] * pre.num_modules  # r=4 cut to rank_end * 4 at step 4
+    assert pre.rank_adapter.history == [(2, 4 * pre.num_modules), (4, 2 * pre.num_modules)]
+    assert all(p.shape[0] == 2 for n, p in trainer.model.named_parameters() if "lora_A" in n)
+    assert len(losses(trainer)) == 4 and all(torch.isfinite(torch.tensor(v)) for v in losses(trainer).values())
+
+
 # ------------------------------------------------------------------------------------------ 224 modules
 def _train_224(tmp_path, quantize_4bit, resume_step=None, max_steps=8):
     model = build_lora_model(tiny_llama_config(), quantize_4bit=quantize_4bit, seed=0)
