@@ -62,6 +62,8 @@ from pathlib import Path
 
 import torch
 
+from grit_kernels.config import BACKENDS
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 ARMS = ("peft-adamw", "fused-adamw", "fused-grit", "peft-grit", "grit-prior", "unsloth")
@@ -953,7 +955,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--order", choices=("interleave", "sequential"), help="CPU: interleave, CUDA: sequential")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"), help="GRIT backend")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="GRIT backend (auto: the fastest measured for the device)")
     m = p.add_mutually_exclusive_group()
     m.add_argument("--memory", dest="memory", action="store_true", default=None, help="CPU: probe peak RSS per arm")
     m.add_argument("--no-memory", dest="memory", action="store_false")

@@ -16,9 +16,9 @@ from torch import nn
 
 from . import ops
 from .bank import BACKWARD, FORWARD, FactorBank
+from .compress import RankAdapter
 from .config import GritConfig
 from .distributed import all_reduce_statistics, check_not_fsdp
-from .compress import RankAdapter
 from .fisher import make_fisher
 from .layers import CaptureSlot, is_lora_layer, patch_lora_layer, unpatch_lora_layer, unsupported_reason
 
@@ -272,6 +272,9 @@ class GritPreconditioner:
         if self.rank_adapter is not None and "rank_adapter" in state:
             self.rank_adapter.load_state_dict(state["rank_adapter"])
         self.step_count = int(state["step_count"])
+        # derived, not saved: the restored inverses came from statistics iff a refresh ran after warm-up
+        past_warmup = self.step_count > self.config.warmup_steps and self.bank.refresh_count > 0
+        self._has_statistics = self.bank.initialized.any() if past_warmup else None
 
     def remove(self) -> None:
         """Restore plain PEFT layers; the preconditioner cannot be used afterwards."""

@@ -199,3 +199,16 @@ def test_trainer_example_runs(tmp_path):
     module = _load(REPO / "python" / "trainer.py", "grit_example_trainer_run")
     metrics = module.main(["--max-steps", "2", "--layers", "1", "--output", str(tmp_path / "out")])
     assert metrics["eval_loss"] > 0 and (tmp_path / "out" / "adapter_config.json").is_file()
+
+
+def test_demo_trains_grit_next_to_adamw_on_the_same_batches(capsys):
+    assert cli.main(["demo", "--steps", "3", "--layers", "1", "--batch-size", "2", "--max-length", "256"]) == 0
+    out = capsys.readouterr().out
+    grit = [line for line in out.splitlines() if line.startswith("grit :")]
+    adamw = [line for line in out.splitlines() if line.startswith("adamw:")]
+    assert len(grit) == 1 and len(adamw) == 1
+    # same init, same first batch: the first losses agree; the step-time ratio is printed
+    assert grit[0].split("->")[0].split()[-1] == adamw[0].split("->")[0].split()[-1]
+    assert "GRIT/AdamW step time" in out
+    assert cli.main(["demo", "--steps", "1", "--layers", "1", "--no-baseline"]) == 0
+    assert "adamw:" not in capsys.readouterr().out

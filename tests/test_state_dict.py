@@ -69,6 +69,10 @@ def test_preconditioner_state_round_trip_and_mismatch():
     pre_b.load_state_dict(state)
     assert torch.equal(pre_b.bank.storage, pre.bank.storage) and pre_b.step_count == pre.step_count
     assert pre_b.bank.storage.data_ptr() != state["bank"]["storage"].data_ptr()  # copied onto our device
+    assert pre.preconditioning_active and pre_b.preconditioning_active  # derived from the restored bank
+    _, pre_fresh, _ = make()
+    pre_fresh.load_state_dict(make()[1].state_dict())  # a state saved before any step: nothing preconditioned yet
+    assert not pre_fresh.preconditioning_active
 
     other = small_llama(num_layers=1, seed=7)
     pre_c = GritPreconditioner(other, GritConfig())
