@@ -30,6 +30,26 @@ def two_layer_lora(r=3, seed=0, **lora_kwargs):
     return get_peft_model(base, cfg)
 
 
+class OneLayer(nn.Module):
+    """A single ``fc`` linear layer: the smallest model PEFT can wrap."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def one_layer_lora(seed, d_in, d_out, rank):
+    """``OneLayer`` with LoRA of rank ``rank`` (alpha 2r) on ``fc``, A and B both random."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["fc"], init_lora_weights=False)
+    return get_peft_model(OneLayer(d_in, d_out), cfg)
+
+
 def small_llama(num_layers=2, seed=0, random_b=True, **kwargs):
     """A few-layer tiny Llama with LoRA on all 7 projections (B random unless ``random_b=False``)."""
     if random_b:

@@ -1,31 +1,18 @@
 """GritConfig(fisher=...): "kfac_full" against explicitly built Kronecker K-FAC and its reduction to
 "kfac"; "diagonal" against a float64 reference."""
 
+import helpers
 import pytest
 import torch
 from helpers import small_llama
-from torch import nn
 
 import grit_kernels as gk
 
 D_IN, D_OUT, RANK, ROWS = 5, 4, 3, 64
 
 
-class OneLayer(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(D_IN, D_OUT)
-
-    def forward(self, x):
-        return self.fc(x)
-
-
 def one_layer_lora(seed):
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    cfg = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["fc"], init_lora_weights=False)
-    return get_peft_model(OneLayer(), cfg)
+    return helpers.one_layer_lora(seed, D_IN, D_OUT, RANK)
 
 
 def weights(model):
