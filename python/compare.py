@@ -1,6 +1,6 @@
 """AdamW-LoRA vs GRIT on the same model, data and seed: held-out loss and step time.
 
-A small version of ``bench/bench_finetune_cpu.py`` (which sweeps learning rates) and of
+A small version of ``grit-kernels bench convergence`` (pretrained base, lr sweeps, seeds) and of
 ``grit-kernels bench e2e`` (which measures step time carefully). 20 steps are far too few to tell
 which optimizer trains better: it shows the API of an A/B run, not a result.
 Runtime: 24 s wall on our 2-core CPU VM with about one other job running (one intra-op
