@@ -591,11 +591,11 @@ for dt in ("*fp32", "*bf16"):  # grouped Gram, rank tiles of r in {8, 16, 32, 64
 build(fold._ema_fold_kernel, dict(factor_ptr="*fp32", stat_ptr="*fp32", weight_ptr="*fp32", init_ptr="*u8", R=i32,
       sf0=i32, sf1=i32, sf2=i32, ss0=i32, ss1=i32, ss2=i32, stride_w=i32, stride_init=i32, decay=f32,
       one_minus_decay=f32), dict(CHUNK=4096, N_CHUNKS=2), spill_free=True)
-for rp, has in [(16, True), (32, False), (64, True)]:  # RP = 64 spills (documented in inverse._num_warps)
+for rp, has in [(16, True), (32, False), (64, True), (64, False)]:  # RP = 64: L and L^-1 in global scratch
     build(inverse._inverse_kernel, dict(mats_ptr="*fp32", out_ptr="*fp32", status_ptr="*i32", ranks_ptr="*i32",
-          prev_ptr="*fp32", prev_valid_ptr="*u8", R=i32, sm0=i32, sm1=i32, sm2=i32, so0=i32, so1=i32, so2=i32,
+          prev_ptr="*fp32", prev_valid_ptr="*u8", scratch_ptr="*fp32", R=i32, sm0=i32, sm1=i32, sm2=i32, so0=i32, so1=i32, so2=i32,
           sp0=i32, sp1=i32, sp2=i32, stride_rank=i32, stride_pv=i32, damping=f32, eps_abs=f32, retry_factor=f32),
-          dict(RP=rp, HAS_RANKS=has, HAS_PREV=has), num_warps=inverse._num_warps(rp), spill_free=rp <= 32)
+          dict(RP=rp, HAS_RANKS=has, HAS_PREV=has, SCRATCH=rp >= 64), num_warps=inverse._num_warps(rp), spill_free=True)
 pre_types = dict(ptr_table="*i64", meta_table="*i64", tile_table="*i64", inv_d_ptr="*fp32", inv_h_ptr="*fp32",
                  partial_ptr="*fp32", sd0=i32, sd1=i32, sd2=i32, sh0=i32, sh1=i32, sh2=i32)
 for (rp, size), (block, warps) in sorted(precondition.CONFIGS.items()):  # every (rank tile, dtype) in use

@@ -10,6 +10,13 @@ the identity). Per attempt with damping ``lam``:
 2. forward substitution for ``L^-1``, one row per iteration,
 3. ``C^-1 = L^-T L^-1`` with ``tl.dot(..., input_precision="ieee")`` (no TF32), symmetrised.
 
+At ``RP = 64`` (``SCRATCH``) the register tiles would spill, so ``L`` and ``L^-1`` go through a
+per-matrix fp32 global scratch ``[n, 2, 64, 64]`` (32 KiB a matrix, L2-resident, allocated by the
+wrapper; still one launch): step 1 stores ``L`` column by column and keeps only the trailing matrix in
+registers, step 2 reads ``L`` back row by row and stores each row of ``L^-1``, and step 3 sums the
+outer products of the rows of ``L^-1`` (same values as the ``tl.dot``, in a different summation
+order). ``tl.debug_barrier`` orders each phase's stores before the next phase's loads.
+
 Square roots and divisions are the IEEE-rounded ``tl.sqrt_rn`` / ``tl.div_rn`` (Triton's ``/`` and
 ``tl.sqrt`` are approximate on the GPU).
 
@@ -87,6 +94,66 @@ def _damped_inverse(c, lam, r, idx_r, idx_c):
 
 
 @triton.jit
+def _damped_inverse_scratch(c, lam, r, idx_r, idx_c, scratch, RP: tl.constexpr):
+    """:func:`_damped_inverse` with ``L`` kept in global scratch instead of a register tile.
+
+    ``scratch``: this matrix's ``[RP, RP]`` fp32 row-major buffer (L2-resident); column ``j`` of ``L``
+    is stored at iteration ``j`` of the factorisation, and row ``i`` read back (entries ``k <= i``) by
+    the substitution, so only one ``[RP, RP]`` tile is live in each phase. Same operations in the same
+    order as :func:`_damped_inverse`, hence the same results.
+    """
+    row = idx_r[:, None]
+    col = idx_c[None, :]
+    active_diag = (row == col) & (row < r)
+    m = c + tl.where(active_diag, lam, 0.0)
+    eye_pad = tl.where((row == col) & (row >= r), 1.0, 0.0)
+
+    tl.debug_barrier()  # a previous attempt's reads of the scratch are done
+    ok = lam == lam
+    for j in range(0, r):
+        col_j = tl.sum(tl.where(col == j, m, 0.0), axis=1)
+        row_j = tl.sum(tl.where(row == j, m, 0.0), axis=0)
+        d = tl.sum(tl.where(idx_r == j, col_j, 0.0), axis=0)
+        pivot_ok = (d > 0.0) & (d <= FLT_MAX)
+        ok = ok & pivot_ok
+        s = tl.sqrt_rn(tl.where(pivot_ok, d, 1.0))
+        l_by_row = tl.where(idx_r > j, tl.div_rn(col_j, tl.zeros_like(col_j) + s), tl.where(idx_r == j, s, 0.0))
+        l_by_col = tl.where(idx_c > j, tl.div_rn(row_j, tl.zeros_like(row_j) + s), tl.where(idx_c == j, s, 0.0))
+        tl.store(scratch + idx_r * RP + j, l_by_row)  # L[:, j]
+        m = tl.where((row > j) & (col > j), m - l_by_row[:, None] * l_by_col[None, :], m)
+    tl.debug_barrier()  # L complete and visible to every thread of the program
+
+    li = eye_pad
+    for i in range(0, r):
+        l_row_i = tl.load(scratch + i * RP + idx_r, mask=idx_r <= i, other=0.0)  # L[i, k], indexed by k
+        l_ii = tl.load(scratch + i * RP + i)
+        v = tl.sum(l_row_i[:, None] * li, axis=0)
+        e_i = tl.where(idx_c == i, 1.0, 0.0)
+        li_i = tl.div_rn(e_i - v, tl.zeros_like(v) + l_ii)
+        li = tl.where(row == i, li_i[None, :], li)
+        tl.store(scratch + RP * RP + i * RP + idx_c, li_i)  # row i of L^-1
+    tl.debug_barrier()
+
+    # C^-1 = L^-T L^-1 = sum_k outer(L^-1[k, :], L^-1[k, :]), rows read back from the scratch.
+    inv = eye_pad
+    for k in range(0, r):
+        a_r = tl.load(scratch + RP * RP + k * RP + idx_r)
+        a_c = tl.load(scratch + RP * RP + k * RP + idx_c)
+        inv += a_r[:, None] * a_c[None, :]
+    ok = ok & _all_finite(inv)
+    return inv, ok
+
+
+@triton.jit
+def _attempt(c, lam, r, idx_r, idx_c, scratch, RP: tl.constexpr, SCRATCH: tl.constexpr):
+    if SCRATCH:
+        inv, ok = _damped_inverse_scratch(c, lam, r, idx_r, idx_c, scratch, RP)
+    else:
+        inv, ok = _damped_inverse(c, lam, r, idx_r, idx_c)
+    return inv, ok
+
+
+@triton.jit
 def _inverse_kernel(
     mats_ptr,
     out_ptr,
@@ -94,6 +161,7 @@ def _inverse_kernel(
     ranks_ptr,
     prev_ptr,
     prev_valid_ptr,
+    scratch_ptr,
     R,
     sm0,
     sm1,
@@ -112,6 +180,7 @@ def _inverse_kernel(
     RP: tl.constexpr,
     HAS_RANKS: tl.constexpr,
     HAS_PREV: tl.constexpr,
+    SCRATCH: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     if HAS_RANKS:
@@ -138,14 +207,15 @@ def _inverse_kernel(
     lam = damping * trace / r.to(tl.float32) + eps_abs
     lam_finite = tl.abs(lam) <= FLT_MAX
 
+    scratch = scratch_ptr + i * (2 * RP * RP)  # [L | L^-1] per matrix, used where SCRATCH
     lam1 = tl.where(lam_finite, lam, 1.0)
-    result, ok = _damped_inverse(c, lam1, r, idx_r, idx_c)
+    result, ok = _attempt(c, lam1, r, idx_r, idx_c, scratch, RP, SCRATCH)
     ok = ok & c_finite & lam_finite
     status = tl.where(ok, OK, SCALED_IDENTITY)
     if ok == 0:  # a branch on the device: the retry costs nothing where the first attempt worked
         lam2 = lam * retry_factor
         lam2_finite = tl.abs(lam2) <= FLT_MAX
-        retried, ok2 = _damped_inverse(c, tl.where(lam2_finite, lam2, 1.0), r, idx_r, idx_c)
+        retried, ok2 = _attempt(c, tl.where(lam2_finite, lam2, 1.0), r, idx_r, idx_c, scratch, RP, SCRATCH)
         ok2 = ok2 & c_finite & lam2_finite
         usable = lam_finite & (lam > 0.0)
         fallback = eye_block / tl.where(usable, lam, 1.0) + eye_pad
@@ -166,9 +236,9 @@ def _inverse_kernel(
 
 def _num_warps(rp: int) -> int:
     # ptxas register reports for sm_90 (cuobjdump -res-usage; not timed on a GPU yet), triton 3.6 / 3.9:
-    # RP=16 at 1 warp 118 / 101 registers, RP=32 at 4 warps 153 / 139, no spills. RP=64 spills at any
-    # warp count (stack bytes at 8 / 16 / 32 warps: 360 / 64 / 72 on 3.6, 488 / 88 / 72 on 3.9); 16 is
-    # the least. Known limitation: rank-64 banks invert with a small spill.
+    # RP=16 at 1 warp 118 / 101 registers, RP=32 at 4 warps 153 / 139, no spills. RP=64 with the scratch
+    # formulation at 16 warps: 128 / 112-113 registers, no stack (the all-register version spilled at any
+    # warp count: 64 / 88 stack bytes at 16 warps; scratch for L only, with tl.dot: 3.6 still 56 bytes).
     return {16: 1, 32: 4}.get(rp, 16)
 
 
@@ -211,6 +281,8 @@ def damped_cholesky_inverse(
     else:
         ranks_arg, stride_rank = ranks.to(device), ranks.stride(0)
     rp = max(16, triton.next_power_of_2(R))
+    use_scratch = rp >= 64  # L and L^-1 through global scratch: the register tiles would spill
+    scratch = torch.empty((n if use_scratch else 1, 2, rp, rp), dtype=torch.float32, device=device)
     _inverse_kernel[(n,)](
         mats,
         out,
@@ -218,6 +290,7 @@ def damped_cholesky_inverse(
         ranks_arg,
         previous,
         prev_valid,
+        scratch,
         R,
         *mats.stride(),
         *out.stride(),
@@ -230,6 +303,7 @@ def damped_cholesky_inverse(
         RP=rp,
         HAS_RANKS=ranks is not None,
         HAS_PREV=has_prev,
+        SCRATCH=use_scratch,
         num_warps=_num_warps(rp),
     )
     return out, status
