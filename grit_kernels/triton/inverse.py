@@ -95,12 +95,14 @@ def _damped_inverse(c, lam, r, idx_r, idx_c):
 
 @triton.jit
 def _damped_inverse_scratch(c, lam, r, idx_r, idx_c, scratch, RP: tl.constexpr):
-    """:func:`_damped_inverse` with ``L`` kept in global scratch instead of a register tile.
+    """:func:`_damped_inverse` with ``L`` and ``L^-1`` passed through global scratch, not register tiles.
 
-    ``scratch``: this matrix's ``[RP, RP]`` fp32 row-major buffer (L2-resident); column ``j`` of ``L``
-    is stored at iteration ``j`` of the factorisation, and row ``i`` read back (entries ``k <= i``) by
-    the substitution, so only one ``[RP, RP]`` tile is live in each phase. Same operations in the same
-    order as :func:`_damped_inverse`, hence the same results.
+    ``scratch``: this matrix's ``[2, RP, RP]`` fp32 row-major buffer (L2-resident; contents on entry
+    are never read). Column ``j`` of ``L`` is stored at iteration ``j`` of the factorisation and row
+    ``i`` read back (entries ``k <= i``) by the substitution, which stores each row of ``L^-1`` into
+    the second half; the product is then a sum of outer products of those rows. Only one
+    ``[RP, RP]`` tile is live per phase besides ``c``. ``L`` and ``L^-1`` are bitwise those of
+    :func:`_damped_inverse`; the product differs from the ``tl.dot`` only by its summation order.
     """
     row = idx_r[:, None]
     col = idx_c[None, :]
