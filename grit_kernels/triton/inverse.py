@@ -101,8 +101,9 @@ def _damped_inverse_scratch(c, lam, r, idx_r, idx_c, scratch, RP: tl.constexpr):
     are never read). Column ``j`` of ``L`` is stored at iteration ``j`` of the factorisation and row
     ``i`` read back (entries ``k <= i``) by the substitution, which stores each row of ``L^-1`` into
     the second half; the product is then a sum of outer products of those rows. Only one
-    ``[RP, RP]`` tile is live per phase besides ``c``. ``L`` and ``L^-1`` are bitwise those of
-    :func:`_damped_inverse`; the product differs from the ``tl.dot`` only by its summation order.
+    ``[RP, RP]`` tile is live per phase besides ``c``. ``L`` and ``L^-1`` come from the same operations
+    in the same order as in :func:`_damped_inverse`; the product differs from the ``tl.dot`` only in
+    its summation order (interpreter, r = 40 / 64: relative difference <= 6e-8).
     """
     row = idx_r[:, None]
     col = idx_c[None, :]
