@@ -100,7 +100,7 @@ class E2EConfig:
     dtype: str | None = None  # float32 | bfloat16 | float16
     batch_size: int | None = None
     grad_accum: int | None = None
-    seq: str = "dynamic"  # dynamic: pad to the longest in the micro-batch; max: pad to max_length; packed
+    seq: str = "packed"  # packed: padding-free rows; dynamic: pad to the longest row; max: pad to max_length
     max_length: int | None = None
     steps: int | None = None  # measured optimizer steps per arm (quick 6, --full 20)
     warmup: int | None = None  # unmeasured steps per arm (quick 2, --full 5); GRIT warm-up is set to this
@@ -946,7 +946,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="base weight / autocast dtype")
     p.add_argument("--batch-size", type=int, help="samples per micro-batch (CPU 4, CUDA 2)")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (CPU 1, CUDA 4)")
-    p.add_argument("--seq", choices=SEQ_POLICIES, default="dynamic", help="padding policy (default dynamic)")
+    p.add_argument(
+        "--seq",
+        choices=SEQ_POLICIES,
+        default="packed",
+        help="padding policy (default packed: padding-free rows, per-token losses equal to the unpadded run)",
+    )
     p.add_argument("--max-length", type=int, help="truncation / pad length (CPU 512, CUDA 2048)")
     p.add_argument("--full", action="store_true", help="reference size: 5 warm-up + 20 measured steps, CPU memory probe")
     p.add_argument("--steps", type=int, help="measured optimizer steps per arm (default 6; --full 20)")

@@ -105,6 +105,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--qlora", action="store_true")
+    p.add_argument(
+        "--seq", choices=bench_e2e.SEQ_POLICIES, default="packed", help="padding policy (bench e2e's --seq)"
+    )  # bench/results/cpu/profile-fused.json predates this flag: it ran with "dynamic"
     p.add_argument("--out", default="grit-results/profile-fused.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -116,6 +119,7 @@ def main(argv=None) -> int:
         warmup=args.warmup,
         arms=tuple(args.arms.split(",")),
         qlora=args.qlora,
+        seq=args.seq,
         progress=False,
         device="cpu",
     ).resolve()

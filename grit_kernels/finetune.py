@@ -103,7 +103,12 @@ def add_arguments(ft: argparse.ArgumentParser) -> None:
     train.add_argument("--grad-accum", type=int, default=1)
     train.add_argument("--max-length", type=int, default=1024)
     train.add_argument(
-        "--packing", action="store_true", help="padding-free packing instead of dynamic padding"
+        "--packing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="padding-free packing: each micro-batch is one row, sequences isolated by position_ids; "
+        "per-token losses equal the unpadded run (default); --no-packing: dynamic padding to the "
+        "longest row (multiple of 8)",
     )
     train.add_argument("--gradient-checkpointing", action="store_true")
     train.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -459,6 +464,7 @@ def load_model(args: argparse.Namespace, mode: str):
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
+    torch.manual_seed(args.seed)  # the LoRA init (lora_A) follows --seed, not the process's RNG history
     model = get_peft_model(model, lora)
     for config in model.peft_config.values():
         config.base_model_name_or_path = base_path

@@ -32,7 +32,7 @@ def test_bench_e2e_writes_json_with_every_key(tmp_path, capsys):
     for key in ("benchmark", "date", "device", "versions", "config", "model", "arms", "tokens", "summary", "table"):
         assert key in result, key
     assert result["device"]["type"] == "cpu" and result["device"]["slug"] == "cpu"
-    assert result["versions"]["torch"] and result["config"]["steps"] == 3 and result["config"]["seq"] == "dynamic"
+    assert result["versions"]["torch"] and result["config"]["steps"] == 3 and result["config"]["seq"] == "packed"
     assert result["model"]["lora_modules"] == 14
     assert set(result["arms"]) == {"peft-adamw", "fused-adamw", "fused-grit", "peft-grit", "grit-prior", "unsloth"}
     assert result["arms"]["unsloth"]["status"] == "skipped" and result["arms"]["unsloth"]["reason"]
@@ -48,7 +48,7 @@ def test_bench_e2e_writes_json_with_every_key(tmp_path, capsys):
     assert result["summary"]["grit_over_adamw"] == result["arms"]["peft-grit"]["ratio_to_adamw"]
     assert result["summary"]["fused_grit_over_peft_adamw"] == result["arms"]["fused-grit"]["ratio_to_adamw"]
     assert "fused-grit / peft-adamw" in printed
-    assert 0 <= result["tokens"]["padding_fraction"] < 1
+    assert result["tokens"]["padding_fraction"] == 0  # packed by default: no padding tokens
 
 
 def test_bench_e2e_bad_option_exits_2(capsys):

@@ -347,6 +347,32 @@ def test_finetune_checkpoints_and_resume_continue_exactly(model_dir, alpaca_file
     )
 
 
+def test_finetune_packs_by_default_and_matches_no_packing(
+    model_dir, alpaca_file, tmp_path, monkeypatch, capsys
+):
+    """The default data path is padding-free packing; two GRIT steps (the second preconditioned) give the
+    same adapters as --no-packing (dynamic padding): same samples, same per-token losses and gradients."""
+    from grit_kernels import data
+
+    collators = []
+    for cls in (data.PackedCollator, data.DynamicPaddingCollator):
+
+        def record(self, *args, _init=cls.__init__, **kwargs):
+            collators.append(type(self).__name__)
+            _init(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__init__", record)
+    base = ["finetune", "--model", str(model_dir), "--data", str(alpaca_file), *COMMON, "--max-steps", "2"]
+    assert cli.main([*base, "--output", str(tmp_path / "packed")]) == 0
+    assert cli.main([*base, "--output", str(tmp_path / "padded"), "--no-packing"]) == 0
+    assert collators == ["PackedCollator", "DynamicPaddingCollator"]
+    capsys.readouterr()
+    packed, padded = _adapter(tmp_path / "packed"), _adapter(tmp_path / "padded")
+    assert packed.keys() == padded.keys() and len(packed) == 14
+    for name in packed:
+        torch.testing.assert_close(packed[name], padded[name], rtol=1e-4, atol=1e-6)
+
+
 def test_finetune_chat_bf16_absolute_base_path(tmp_path, monkeypatch, capsys):
     """Chat data through the model's chat template, --bf16 on the CPU, and an adapter directory that
     AutoPeftModelForCausalLM loads from another working directory with the hub switched off."""
