@@ -330,7 +330,7 @@ def test_inverse_fp16_input(fresh_seed):
     check_inverse_conditioning(8, 1e-2, [1e1, 1e2], in_dtype=torch.float16)
 
 
-@pytest.mark.parametrize("R", [1, 8, 16])
+@pytest.mark.parametrize("R", [1, 8, 16, 64])
 def test_inverse_fallback_chain(fresh_seed, R):
     check_inverse_fallbacks(R)
 
