@@ -105,9 +105,10 @@ def add_arguments(ft: argparse.ArgumentParser) -> None:
     train.add_argument(
         "--packing",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="padding-free packing: each micro-batch is one row, sequences isolated by position_ids; "
-        "per-token losses equal the unpadded run (default); --no-packing: dynamic padding to the "
+        default=None,
+        help="padding-free packing: each micro-batch is one row, sequences isolated by position_ids, "
+        "per-token losses equal to the unpadded run (default when the model keeps packed sequences "
+        "apart, checked after loading; else dynamic padding); --no-packing: dynamic padding to the "
         "longest row (multiple of 8)",
     )
     train.add_argument("--gradient-checkpointing", action="store_true")
@@ -549,11 +550,6 @@ def run(args: argparse.Namespace) -> int:
     train = [features[i] for i in order[n_val:]]
     if not train:
         raise CliError(f"--val-fraction {args.val_fraction}: leaves no training rows of {len(features)}")
-    collate = (
-        data.PackedCollator()
-        if args.packing
-        else data.DynamicPaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8)
-    )
     check_target_modules(args)
     mode = precision(args)
     targs = training_arguments(args, mode, has_eval=bool(val))
@@ -561,12 +557,25 @@ def run(args: argparse.Namespace) -> int:
     from .trainer import GritTrainer
 
     model = load_model(args, mode)
+    packing = args.packing
+    if packing is not False and not data.packing_isolates(model):
+        why = f"{args.model} does not keep packed sequences apart (attention would cross samples)"
+        if packing:
+            raise CliError(f"--packing: {why}; use --no-packing")
+        print(f"note: {why}: using dynamic padding")
+        packing = False
+    collate = (
+        data.PackedCollator()
+        if packing is not False
+        else data.DynamicPaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8)
+    )
     trainer = GritTrainer(
         model=model, args=targs, train_dataset=train, eval_dataset=val or None, data_collator=collate
     )
     print(
         f"fine-tuning {args.model} on {len(train)} {data_format} records ({len(val)} held out), "
-        f"{'plain AdamW' if args.no_grit else 'GRIT'}, LoRA r={args.r}"
+        f"{'plain AdamW' if args.no_grit else 'GRIT'}, LoRA r={args.r}, "
+        f"{'packed' if packing is not False else 'padded'} batches"
         f"{', QLoRA NF4' if args.qlora else ''}, "
         f"{mode}" + (f", resuming from {checkpoint}" if checkpoint else "")
     )

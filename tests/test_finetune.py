@@ -352,25 +352,51 @@ def test_finetune_packs_by_default_and_matches_no_packing(
 ):
     """The default data path is padding-free packing; two GRIT steps (the second preconditioned) give the
     same adapters as --no-packing (dynamic padding): same samples, same per-token losses and gradients."""
-    from grit_kernels import data
+    from grit_kernels.trainer import GritTrainer
 
-    collators = []
-    for cls in (data.PackedCollator, data.DynamicPaddingCollator):
+    collators, init = [], GritTrainer.__init__
 
-        def record(self, *args, _init=cls.__init__, **kwargs):
-            collators.append(type(self).__name__)
-            _init(self, *args, **kwargs)
+    def record(self, *args, **kwargs):
+        collators.append(type(kwargs["data_collator"]).__name__)
+        init(self, *args, **kwargs)
 
-        monkeypatch.setattr(cls, "__init__", record)
+    monkeypatch.setattr(GritTrainer, "__init__", record)
     base = ["finetune", "--model", str(model_dir), "--data", str(alpaca_file), *COMMON, "--max-steps", "2"]
     assert cli.main([*base, "--output", str(tmp_path / "packed")]) == 0
     assert cli.main([*base, "--output", str(tmp_path / "padded"), "--no-packing"]) == 0
     assert collators == ["PackedCollator", "DynamicPaddingCollator"]
-    capsys.readouterr()
+    out = capsys.readouterr().out
+    assert out.count("packed batches") == 1 and out.count("padded batches") == 1
     packed, padded = _adapter(tmp_path / "packed"), _adapter(tmp_path / "padded")
     assert packed.keys() == padded.keys() and len(packed) == 14
     for name in packed:
         torch.testing.assert_close(packed[name], padded[name], rtol=1e-4, atol=1e-6)
+
+
+def test_finetune_falls_back_to_padding_where_packing_would_leak(alpaca_file, tmp_path, capsys):
+    """OPT does not isolate packed sequences: the default falls back to dynamic padding with a note, and
+    an explicit --packing is a one-line error (exit 2)."""
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    torch.manual_seed(0)
+    config = OPTConfig(
+        vocab_size=300,
+        hidden_size=32,
+        num_hidden_layers=1,
+        ffn_dim=64,
+        num_attention_heads=2,
+        max_position_embeddings=512,
+        word_embed_proj_dim=32,
+    )
+    path = tmp_path / "opt"
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    base = ["finetune", "--model", str(path), "--data", str(alpaca_file), *COMMON, "--max-steps", "1"]
+    assert cli.main([*base, "--output", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "does not keep packed sequences apart" in out and "padded batches" in out
+    assert cli.main([*base, "--output", str(tmp_path / "out2"), "--packing"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the weight-loading progress bar
+    assert err.startswith("grit-kernels finetune: error: --packing:") and "use --no-packing" in err, err
 
 
 def test_finetune_chat_bf16_absolute_base_path(tmp_path, monkeypatch, capsys):

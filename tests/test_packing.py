@@ -8,7 +8,7 @@ import torch
 from helpers import small_llama
 
 import grit_kernels as gk
-from grit_kernels.data import IGNORE_INDEX, DynamicPaddingCollator, PackedCollator
+from grit_kernels.data import IGNORE_INDEX, DynamicPaddingCollator, PackedCollator, packing_isolates
 
 RTOL = 1e-5  # fp32: same math, attention over a different (masked) key range -> rounding only
 LENGTHS = (9, 4, 13, 6)
@@ -147,3 +147,28 @@ def test_the_check_detects_leaking_attention():
         ce_p, _ = token_losses(logits[start : start + n], torch.tensor(f["labels"]))
         assert rel(ce_p[m_a], ce_a[m_a]) > 1e-3
         start += n
+
+
+def test_packing_isolates_tells_llama_from_opt():
+    """The probe finetune uses to choose its default: Llama (and the fused model) detects packed rows
+    from position_ids; OPT derives positions and masks from attention_mask only, so packing leaks there."""
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    llama = small_llama(num_layers=1, seed=0).train()
+    assert packing_isolates(llama) and llama.training
+    gk.fuse(llama)
+    assert packing_isolates(llama)
+    torch.manual_seed(0)
+    opt_config = OPTConfig(
+        vocab_size=300,
+        hidden_size=32,
+        num_hidden_layers=1,
+        ffn_dim=64,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+    )
+    opt = AutoModelForCausalLM.from_config(opt_config).eval()
+    assert not packing_isolates(opt) and not opt.training
+    with pytest.raises(ValueError, match="two lengths >= 2"):
+        packing_isolates(opt, lengths=(1, 3))
