@@ -96,8 +96,10 @@ def _usable(backend: str, device: torch.device, jit: bool | None) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+@functools.cache
 def kernel(backend: str, op: str):
-    """The implementation of ``op`` for the resolved ``backend`` (see :data:`KERNELS`)."""
+    """The implementation of ``op`` for the resolved ``backend`` (see :data:`KERNELS`; looked up once per pair:
+    this runs on every op call)."""
     try:
         target = KERNELS[backend][op]
     except KeyError:
