@@ -29,18 +29,21 @@ def _need(*names):
     return [getattr(transformers, n) for n in names]
 
 
+VISION = {  # one 16x16 image = (16 / 8)^2 = 4 patch features
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "image_size": 16,
+    "patch_size": 8,
+}
+
+
 def tiny_llava():
     Config, Vision, Text, Model = _need(
         "LlavaConfig", "CLIPVisionConfig", "LlamaConfig", "LlavaForConditionalGeneration"
     )
-    vision = Vision(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        image_size=16,
-        patch_size=8,
-    )
+    vision = Vision(**VISION)
     # vision_feature_layer=-1: with one vision layer the default (-2) would skip it
     model = Model(
         Config(
@@ -59,14 +62,7 @@ def tiny_idefics3():
     Config, Vision, Text, Model = _need(
         "Idefics3Config", "Idefics3VisionConfig", "LlamaConfig", "Idefics3ForConditionalGeneration"
     )
-    vision = Vision(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        image_size=16,
-        patch_size=8,
-    )
+    vision = Vision(**VISION)
     model = Model(
         Config(vision_config=vision, text_config=Text(**TEXT), image_token_id=IMAGE_TOKEN, scale_factor=2)
     )
