@@ -46,13 +46,21 @@ def invariance_case(fresh_seed, make_q, damping):
     return max(rel_err(g, r) for g, r in zip(got, ref))
 
 
+def fp32_bank_bound(r, damping):
+    """Exact in real arithmetic; the bank and its inverses are fp32 (docs/design.md §2), so the update is
+    off by at most cond(C + lam I) * eps32, and cond <= 1 + r / damping with lam = damping * tr(C) / r.
+    (Observed over 200 seeds: median 8e-7, max 1.1e-5; the swapped pairing is off by > 10.)"""
+    return (1 + r / damping) * torch.finfo(torch.float32).eps
+
+
 def test_invariant_to_scaling(fresh_seed):
-    assert invariance_case(fresh_seed, lambda r: 7.3 * torch.eye(r, dtype=torch.float64), 1e-3) < 1e-5
+    err = invariance_case(fresh_seed, lambda r: 7.3 * torch.eye(r, dtype=torch.float64), 1e-3)
+    assert err < fp32_bank_bound(3, 1e-3)
 
 
 def test_invariant_to_rotation(fresh_seed):
     rotation = lambda r: torch.linalg.qr(torch.randn(r, r, dtype=torch.float64))[0]
-    assert invariance_case(fresh_seed, rotation, 1e-3) < 1e-5
+    assert invariance_case(fresh_seed, rotation, 1e-3) < fp32_bank_bound(3, 1e-3)
 
 
 def test_invariant_to_general_invertible_q_as_damping_vanishes(fresh_seed):
