@@ -253,6 +253,9 @@ ARMS: dict[str, Arm] = {
     "grit_loraplus": Arm("loraplus", {}, (1e-3, 2e-3, 4e-3, 8e-3), "GRIT + LoRA+ (defaults)"),
 }
 DEFAULT_ARMS = ("adamw", "loraplus", "sgd", "grit_adamw", "grit_sgd")
+#: --variant inner kinds that run :class:`grit_kernels.EigenAdamW` (Adam in the factors' eigenbasis) instead of
+#: preconditioning the gradient; its own kwargs go under the JSON key "optimizer": {"basis_freq": 10, ...}
+EIGEN_INNERS = ("eigen_adam", "eigen_loraplus")
 
 
 @dataclass
@@ -300,6 +303,19 @@ def make_optimizer(model, arm: Arm, lr: float, rc: RunConfig):
     import grit_kernels as gk
 
     params = [p for p in model.parameters() if p.requires_grad]
+    if arm.inner in EIGEN_INNERS:  # EigenAdamW: GritConfig overrides, plus its own kwargs under "optimizer"
+        grit = dict(arm.grit or {})
+        kwargs = dict(grit.pop("optimizer", {}), weight_decay=0.0)
+        pre = gk.GritPreconditioner(model, gk.GritConfig(**grit))
+        if arm.inner == "eigen_adam":
+            inner = gk.EigenAdamW(params, pre, lr=lr, **kwargs)
+        else:  # LoRA+'s groups (lora_B at ratio x lr) around EigenAdamW
+            from peft.optimizers import create_loraplus_optimizer
+
+            inner = create_loraplus_optimizer(
+                model, gk.EigenAdamW, lr=lr, loraplus_lr_ratio=rc.loraplus_ratio, preconditioner=pre, **kwargs
+            )
+        return gk.GritOptimizer(inner, pre), inner
     if arm.inner == "adamw":
         inner = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     elif arm.inner == "sgd":
@@ -605,15 +621,18 @@ def plot(result: dict, path: Path):
 
 # ----------------------------------------------------------------------------------------- CLI
 def _parse_variant(text: str) -> tuple[str, Arm]:
-    """``name=inner:{json GritConfig overrides}[:lr1,lr2,...]``"""
+    """``name=inner:{json GritConfig overrides}[:lr1,lr2,...]``; inner ``adamw|sgd|loraplus`` (GritOptimizer
+    around it) or ``eigen_adam|eigen_loraplus`` (EigenAdamW; its kwargs under the JSON key ``"optimizer"``)."""
     name, _, rest = text.partition("=")
     inner, _, rest = rest.partition(":")
     if rest.rstrip().endswith("}"):
         overrides, lrs = rest, ""
     else:
         overrides, _, lrs = rest.rpartition(":")
-    grid = tuple(float(v) for v in lrs.split(",")) if lrs else ARMS["grit_" + ("sgd" if inner == "sgd" else "adamw")].lrs
-    return name, Arm(inner, json.loads(overrides or "{}"), grid, f"GRIT + {inner} {overrides}")
+    default = {"sgd": "grit_sgd", "eigen_loraplus": "grit_loraplus"}.get(inner, "grit_adamw")
+    grid = tuple(float(v) for v in lrs.split(",")) if lrs else ARMS[default].lrs
+    label = f"EigenAdamW ({inner}) {overrides}" if inner in EIGEN_INNERS else f"GRIT + {inner} {overrides}"
+    return name, Arm(inner, json.loads(overrides or "{}"), grid, label)
 
 
 def _finish(result: dict, arms: dict[str, Arm], rc: RunConfig, out: Path, name: str) -> None:
@@ -660,7 +679,8 @@ def main(argv=None, prog: str | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="1 seed, 2 lrs per arm, 40 steps, small base (<= 3 min)")
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated, from {sorted(ARMS)}")
     p.add_argument("--variant", action="append", default=[],
-                   help='extra GRIT arm: name=adamw|sgd|loraplus:{"eps_abs": 1e-3}[:lr1,lr2,...] (repeatable)')
+                   help='extra GRIT arm: name=adamw|sgd|loraplus|eigen_adam|eigen_loraplus:{"eps_abs": 1e-3}[:lr1,lr2,...] '
+                        '(repeatable; eigen_*: EigenAdamW, its kwargs under "optimizer")')
     p.add_argument("--lrs", action="append", default=[], help="override an arm's grid: arm=1e-3,2e-3 (repeatable)")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; --quick 1)")
     p.add_argument("--steps", type=int, default=None)

@@ -10,6 +10,7 @@ from . import ops, reference
 from .bank import FactorBank
 from .compress import compress_adapter
 from .config import GritConfig
+from .eigen_adam import EigenAdamW
 from .fused import FusionReport, fuse, unfuse
 from .optim import GritOptimizer
 from .preconditioner import GritPreconditioner
@@ -30,6 +31,7 @@ def __getattr__(name):  # the Trainer integration imports transformers.Trainer: 
 
 
 __all__ = [
+    "EigenAdamW",
     "FactorBank",
     "FusionReport",
     "GritConfig",

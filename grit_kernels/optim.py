@@ -21,7 +21,8 @@ class GritOptimizer(torch.optim.Optimizer):
     ``step()``: (1) if ``config.nonfinite_grads != "ignore"``, check the LoRA gradients (one
     device->host scalar read): NaN/Inf anywhere, or all exactly zero (no supervised token, e.g. every
     label masked), makes the step either skipped -- statistics discarded, adapters and optimizer
-    state untouched, ``skipped_steps`` incremented, a warning -- or raise ``FloatingPointError``; (2) ``preconditioner.step``;
+    state untouched, ``skipped_steps`` incremented, a warning -- or raise ``FloatingPointError``; (2) ``preconditioner.step``
+    (``preconditioner.update_factors`` for an optimizer that uses the factors itself: :class:`~grit_kernels.EigenAdamW`);
     (3) the inner optimizer's step. ``zero_grad()`` also discards statistics of a step that was never
     taken (for example one skipped by ``GradScaler``).
 
@@ -49,6 +50,8 @@ class GritOptimizer(torch.optim.Optimizer):
                 f"{len(missing)} preconditioned LoRA modules are not in the optimizer (e.g. {missing[:3]}); "
                 "build the optimizer over model.parameters()"
             )
+        if getattr(optimizer, "uses_grit_factors", False) and optimizer.preconditioner is not preconditioner:
+            raise ValueError(f"{type(optimizer).__name__} was built with another GritPreconditioner than this one")
         self.optimizer = optimizer
         self.preconditioner = preconditioner
         self.grad_scaler = grad_scaler
@@ -112,7 +115,10 @@ class GritOptimizer(torch.optim.Optimizer):
         pre = self.preconditioner
         clip = pre.config.kl_clip is not None  # on the step taken: after momentum, with each group's lr
         before = pre.snapshot_adapters() if clip else None
-        pre.step(loss_scale=self._loss_scale())
+        if getattr(self.optimizer, "uses_grit_factors", False):  # EigenAdamW: it uses the factors itself
+            pre.update_factors(loss_scale=self._loss_scale())
+        else:
+            pre.step(loss_scale=self._loss_scale())
         self.optimizer.step()
         if clip:
             pre.clip_update_(before)

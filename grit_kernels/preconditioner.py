@@ -157,6 +157,16 @@ class GritPreconditioner:
             self._precondition_grads(lr)
         self.step_count += 1
 
+    def update_factors(self, loss_scale: float | torch.Tensor | None = None) -> None:
+        """Reduce and fold this step's statistics into the factor EMA only (no inversion, no preconditioning):
+        the step of optimizers that use the factors themselves (:class:`grit_kernels.EigenAdamW`). Called by
+        :class:`GritOptimizer` in place of :meth:`step`; ``loss_scale`` as there."""
+        self._check_not_removed()
+        self.check_active_adapter()
+        all_reduce_statistics(self.bank)
+        self.bank.fold(self.config.ema_decay, loss_scale=loss_scale, backend=self.backend)
+        self.step_count += 1
+
     def discard_step(self) -> None:
         """Drop the statistics of a step that will not be taken (skipped for NaN/Inf, GradScaler skip)."""
         self.bank.reset_accumulators()
