@@ -50,6 +50,7 @@ class FactorBank:
         self.inverse_valid = torch.zeros(2, M, dtype=torch.bool, device=device)
         self.ranks = torch.tensor(self.module_ranks, dtype=torch.int32, device=device).repeat(2)
         self.refresh_count = 0  #: inversions run so far (host integer)
+        self.backend = "auto"  #: ops backend of the statistics capture (GritPreconditioner sets its own)
         self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     @property
@@ -116,13 +117,29 @@ class FactorBank:
         )
         self.reset_accumulators()
 
-    def refresh_inverses(self, damping: float, eps_abs: float, retry_factor: float, backend: str = "auto") -> None:
+    def refresh_inverses(
+        self,
+        damping: float,
+        eps_abs: float,
+        retry_factor: float,
+        backend: str = "auto",
+        floor: torch.Tensor | None = None,
+    ) -> None:
         """Invert every damped factor in one batched op with the device-side fallback chain.
 
         Factors that never received statistics keep the identity (gradients pass through).
+        ``floor``: optional ``[2, M]`` lower bound on the damping's scale, ``lam = damping * max(tr(C)/r, floor)
+        + eps_abs`` (``GritConfig.damping_floor``); applied by inverting ``C + e I`` with
+        ``e = damping * (floor - tr(C)/r)_+ / (1 + damping)``, which the relative damping of ``C + e I`` makes
+        exactly ``lam`` (``e = 0``, bit-identical, where the floor is inactive). The retry multiplies only
+        the relative part.
         """
+        mats = self._flat(self.factor)
+        if floor is not None:
+            shift = damping * (floor.reshape(-1) - self._scale()).clamp_min(0) / (1 + damping)
+            mats = mats + torch.diag_embed(shift[:, None].expand(-1, self.max_rank))
         inverse, status = ops.damped_cholesky_inverse(
-            self._flat(self.factor),
+            mats,
             damping,
             eps_abs,
             ranks=self.ranks,
@@ -138,10 +155,19 @@ class FactorBank:
         self.inverse_valid.view(-1).copy_(init & (status <= int(InverseStatus.KEPT_PREVIOUS)))
         self.refresh_count += 1
 
-    def damping_values(self, damping: float, eps_abs: float) -> torch.Tensor:
-        """``[2, M]`` damping ``lam = damping * tr(C)/r + eps_abs`` of the current factors."""
-        trace = torch.diagonal(self.factor, dim1=2, dim2=3).sum(dim=2)
-        return damping * trace / self.ranks.view(2, -1).float() + eps_abs
+    def _scale(self) -> torch.Tensor:
+        """``[2M]`` ``tr(C)/r`` of every factor's ``r x r`` block (flat order)."""
+        diag = torch.diagonal(self._flat(self.factor), dim1=1, dim2=2)
+        inside = torch.arange(self.max_rank, device=self.device)[None, :] < self.ranks[:, None]
+        return torch.where(inside, diag, torch.zeros((), device=self.device)).sum(dim=1) / self.ranks.float()
+
+    def damping_values(self, damping: float, eps_abs: float, floor: torch.Tensor | None = None) -> torch.Tensor:
+        """``[2, M]`` damping ``lam = damping * max(tr(C)/r, floor) + eps_abs`` of the current factors
+        (``floor``: ``[2, M]`` or ``None``, see :meth:`refresh_inverses`)."""
+        scale = self._scale().view(2, -1)
+        if floor is not None:
+            scale = torch.maximum(scale, floor)
+        return damping * scale + eps_abs
 
     def state_dict(self) -> dict:
         return {

@@ -29,6 +29,14 @@ class GritConfig:
         damping: relative damping. Each r x r factor ``C`` is inverted as ``C + lam*I`` with
             ``lam = damping * trace(C) / r + eps_abs``. Relative damping keeps the update invariant to
             reparametrisations ``(A, B) -> (cA, B/c)``. Range [0, 1e6].
+        damping_floor: a damping floor anchored to the running maximum of each factor's scale, as a fraction
+            in [0, 1]: ``lam = damping * max(tr(C)/r, damping_floor * max_t tr(C_t)/r) + eps_abs``, the maximum
+            taken over the refreshes so far (``fisher="kfac"`` only). ``0`` (default) turns it off. It keeps
+            ``lam`` from vanishing with the factor (PEFT's ``B = 0``, a shrinking gradient). Trade-off: where the
+            floor is active the step is no longer invariant to reparametrisations that change traces (general
+            ``(A, B) -> (QA, BQ^-1)`` applied mid-training); it stays invariant to rotations and to scalings
+            applied from the start (traces and their running maxima transform alike). Unscreened as a default
+            (bench/README.md, "Variants screened").
         eps_abs: absolute damping floor added to ``lam`` (> 0 unless ``damping`` > 0 and factors are
             never zero), in the units of the factor. Range [0, inf).
         ema_decay: ``beta`` of the factor EMA ``C <- beta*C + (1-beta)*C_step``; the first step
@@ -98,6 +106,7 @@ class GritConfig:
 
     update_freq: int = 1
     damping: float = 1e-3
+    damping_floor: float = 0.0
     eps_abs: float = 1e-12
     ema_decay: float = 0.95
     retry_damping_factor: float = 100.0
@@ -126,6 +135,7 @@ class GritConfig:
         self._check_int("warmup_steps", 0)
         self._check_range("damping", 0.0, 1e6)
         self._check_range("eps_abs", 0.0, math.inf)
+        self._check_range("damping_floor", 0.0, 1.0)
         self._check_range("ema_decay", 0.0, 1.0, hi_open=True)
         self._check_range("retry_damping_factor", 1.0, math.inf, lo_open=True)
         if self.kl_clip is not None:
@@ -171,6 +181,8 @@ class GritConfig:
                 "GritConfig.reprojection_optimizer_state must be 'reset' or 'rotate', "
                 f"got {self.reprojection_optimizer_state!r}"
             )
+        if self.fisher != "kfac" and self.damping_floor > 0:
+            raise ValueError("GritConfig.damping_floor needs fisher='kfac' (it floors the rank-space factors' damping)")
         if self.fisher != "kfac" and self.reprojection != "off":
             raise ValueError("GritConfig.reprojection needs fisher='kfac' (it re-bases the rank-space factors)")
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from . import ops
 from .preconditioner import GritPreconditioner
 
 
@@ -43,6 +44,8 @@ class GritOptimizer(torch.optim.Optimizer):
             raise TypeError(f"GritOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not isinstance(preconditioner, GritPreconditioner):
             raise TypeError(f"expected a GritPreconditioner, got {type(preconditioner).__name__}")
+        if getattr(optimizer, "uses_grit_factors", False) and optimizer.preconditioner is not preconditioner:
+            raise ValueError(f"{type(optimizer).__name__} was built with another GritPreconditioner than this one")
         owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = [m.name for m in preconditioner.modules if id(m.lora_A) not in owned or id(m.lora_B) not in owned]
         if missing:
@@ -50,8 +53,6 @@ class GritOptimizer(torch.optim.Optimizer):
                 f"{len(missing)} preconditioned LoRA modules are not in the optimizer (e.g. {missing[:3]}); "
                 "build the optimizer over model.parameters()"
             )
-        if getattr(optimizer, "uses_grit_factors", False) and optimizer.preconditioner is not preconditioner:
-            raise ValueError(f"{type(optimizer).__name__} was built with another GritPreconditioner than this one")
         self.optimizer = optimizer
         self.preconditioner = preconditioner
         self.grad_scaler = grad_scaler
@@ -82,7 +83,7 @@ class GritOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in self.preconditioner.parameters() if p.grad is not None]
         if not grads:
             return "no LoRA parameter has a gradient"
-        total = torch.stack(torch._foreach_norm(grads)).sum()
+        total = ops.sum_of_squares(grads, backend=self.preconditioner.backend)
         code = int(torch.where(~torch.isfinite(total), 1, torch.where(total == 0, 2, 0)))
         return {0: None, 1: "NaN/Inf in LoRA gradients", 2: "all LoRA gradients are zero"}[code]
 

@@ -96,11 +96,13 @@ class GritPreconditioner:
         if len(devices) != 1:
             raise ValueError(f"GRIT needs all LoRA adapters on one device, found {sorted(map(str, devices))}")
         self.bank = FactorBank([m.lora_A.shape[0] for m in self.modules], device=devices.pop())
-        self.backend = ops.resolve_backend(cfg.backend, self.bank.device)
+        self.backend = self.bank.backend = ops.resolve_backend(cfg.backend, self.bank.device)
         for m in self.modules:
             slot = CaptureSlot(*self.bank.stat_views(m.index), backend=self.backend, bank=self.bank, index=m.index)
             patch_lora_layer(m.layer, slot)
         self.step_count = 0
+        #: config.damping_floor: running maximum of every factor's tr(C)/r over the refreshes ([2, M]), else None
+        self._scale_max = torch.zeros(2, self.bank.num_modules, device=self.bank.device) if cfg.damping_floor > 0 else None
         self._has_statistics: torch.Tensor | None = None  #: device bool, set at each refresh after warm-up
         self._removed = False
         # config.fisher "diagonal" / "kfac_full" take over step() (grit_kernels.fisher); "kfac": None
@@ -152,10 +154,22 @@ class GritPreconditioner:
             # until the first scheduled refresh after warm-up, refresh every step: factors get their first
             # statistics when B != 0 (PEFT starts at B = 0), and the step that has them is preconditioned
             if since % cfg.update_freq == 0 or since < cfg.update_freq:
-                self.bank.refresh_inverses(cfg.damping, cfg.eps_abs, cfg.retry_damping_factor, backend=self.backend)
+                self.bank.refresh_inverses(
+                    cfg.damping, cfg.eps_abs, cfg.retry_damping_factor, backend=self.backend, floor=self._damping_floor()
+                )
                 self._has_statistics = self.bank.initialized.any()
             self._precondition_grads(lr)
         self.step_count += 1
+
+    def _damping_floor(self) -> torch.Tensor | None:
+        """Update the running maximum of tr(C)/r with the current factors (those with finite statistics) and
+        return ``damping_floor * max`` ([2, M]), or None when ``config.damping_floor`` is 0."""
+        if self._scale_max is None:
+            return None
+        scale = self.bank._scale().view(2, -1)
+        ok = self.bank.initialized & torch.isfinite(scale)
+        torch.maximum(self._scale_max, torch.where(ok, scale, torch.zeros_like(scale)), out=self._scale_max)
+        return self.config.damping_floor * self._scale_max
 
     def update_factors(self, loss_scale: float | torch.Tensor | None = None) -> None:
         """Reduce and fold this step's statistics into the factor EMA only (no inversion, no preconditioning):
@@ -183,6 +197,9 @@ class GritPreconditioner:
         grads = grads_a + grads_b
         clip = self.config.kl_clip is not None and lr is not None
         graft = self.config.graft
+        if graft and not clip:  # GritOptimizer's path (it clips the step taken): one grouped op
+            ops.precondition_grafted_(grads_a, grads_b, inv_d, inv_h, backend=self.backend, modules=index)
+            return
         if graft:  # the raw gradients' norms (and, for the gradient KL-clip, the raw gradients)
             raw = torch._foreach_mul(grads, 1.0) if clip else None
             raw_norms = torch._foreach_norm(grads)
@@ -202,7 +219,7 @@ class GritPreconditioner:
 
     def snapshot_adapters(self) -> list[torch.Tensor]:
         """Copies of every lora_A, lora_B (bank order) before the inner optimizer step."""
-        return torch._foreach_mul([p.detach() for p in self.parameters()], 1.0)
+        return ops.clone_tensors([p.detach() for p in self.parameters()], backend=self.backend)
 
     def clip_update_(self, before: list[torch.Tensor]) -> None:
         """KL-clip the step the inner optimizer just took (after its momentum, with its per-group lrs).
@@ -211,16 +228,10 @@ class GritPreconditioner:
         quadratic form, ~2 x the per-token KL of the step); ``p <- before + min(1, sqrt(kl_clip / q)) Delta``.
         """
         params = [p.detach() for p in self.parameters()]
-        delta = torch._foreach_sub(params, before)
-        work = torch._foreach_sub(params, before)
-        quad = ops.precondition_(
-            work[0::2], work[1::2], self.bank.factor[BACKWARD], self.bank.factor[FORWARD], compute_dot=True,
-            backend=self.backend,
+        ops.kl_clip_update_(
+            params[0::2], params[1::2], before[0::2], before[1::2], self.bank.factor[BACKWARD],
+            self.bank.factor[FORWARD], self.config.kl_clip, backend=self.backend,
         )
-        nu = torch.sqrt(self.config.kl_clip / quad.abs().clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)
-        torch._foreach_mul_(delta, nu)
-        torch._foreach_add_(before, delta)
-        torch._foreach_copy_(params, before)
 
     # ------------------------------------------------------------------ observability
     def curvature_summary(self) -> dict[str, torch.Tensor]:
@@ -232,7 +243,8 @@ class GritPreconditioner:
         fallback; 0 before the first inversion).
         """
         bank, cfg = self.bank, self.config
-        lam = bank.damping_values(cfg.damping, cfg.eps_abs)
+        floor = cfg.damping_floor * self._scale_max if self._scale_max is not None else None
+        lam = bank.damping_values(cfg.damping, cfg.eps_abs, floor)
         trace = torch.diagonal(bank.factor, dim1=2, dim2=3).sum(dim=2)
         eig = torch.linalg.eigvalsh(bank.factor.reshape(-1, bank.max_rank, bank.max_rank).double())
         # padded entries add zero eigenvalues; the damped spectrum is eig + lam
@@ -261,6 +273,8 @@ class GritPreconditioner:
             state["fisher_state"] = self._fisher.state_dict()
         if self.rank_adapter is not None:
             state["rank_adapter"] = self.rank_adapter.state_dict()
+        if self._scale_max is not None:
+            state["scale_max"] = self._scale_max.clone()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -281,6 +295,11 @@ class GritPreconditioner:
             self._fisher.load_state_dict(state["fisher_state"])
         if self.rank_adapter is not None and "rank_adapter" in state:
             self.rank_adapter.load_state_dict(state["rank_adapter"])
+        if self._scale_max is not None:  # absent from states saved without the floor: rebuilt from the factors
+            if "scale_max" in state:
+                self._scale_max.copy_(state["scale_max"])
+            else:
+                self._scale_max.zero_()
         self.step_count = int(state["step_count"])
         # derived, not saved: the restored inverses came from statistics iff a refresh ran after warm-up
         past_warmup = self.step_count > self.config.warmup_steps and self.bank.refresh_count > 0

@@ -36,6 +36,55 @@ def accumulate_grams(outs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], w
     return [accumulate_gram(out, x, weight) for out, x in zip(outs, xs)]
 
 
+
+def rank_statistics(
+    stat_sum: torch.Tensor, rows: torch.Tensor, indices: Sequence[int], h: torch.Tensor, delta: torch.Tensor, tolerance: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(stat_sum, rows)`` after adding modules ``indices``' statistics, one module and one row at a time.
+
+    ``h, delta [N, K*r]``: module ``k`` owns columns ``k*r .. k*r+r-1``. Row ``t`` carries gradient when
+    ``|delta_t| > tolerance * max_t |delta_t|``; ``stat_sum[0, m] += sum_{carrying} h_t h_t^T``,
+    ``stat_sum[1, m] += sum_t delta_t delta_t^T``, ``rows[m] += #carrying`` (in ``stat_sum``'s dtype).
+    """
+    total, count = stat_sum.clone(), rows.clone()
+    r = h.shape[1] // len(indices)
+    for k, m in enumerate(indices):
+        hm = h[:, k * r : (k + 1) * r].to(stat_sum.dtype)
+        dm = delta[:, k * r : (k + 1) * r].to(stat_sum.dtype)
+        norms = [float(torch.linalg.vector_norm(dm[t])) for t in range(dm.shape[0])]
+        top = max(norms, default=0.0)
+        for t in range(dm.shape[0]):
+            if norms[t] > tolerance * top:
+                total[0, m, :r, :r] += torch.outer(hm[t], hm[t])
+                count[m] += 1
+            total[1, m, :r, :r] += torch.outer(dm[t], dm[t])
+    return total, count
+
+
+
+def kl_clip_update(
+    params_a: Sequence[torch.Tensor],
+    params_b: Sequence[torch.Tensor],
+    before_a: Sequence[torch.Tensor],
+    before_b: Sequence[torch.Tensor],
+    factor_d: torch.Tensor,
+    factor_h: torch.Tensor,
+    kl_clip: float,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+    """Return ``(new_a, new_b, nu)``: the step ``Delta = p - before`` scaled by ``nu = min(1, sqrt(kl_clip / q))``,
+    ``q = sum_m tr(Delta_A^T D_m Delta_A) + tr(Delta_B H_m Delta_B^T)`` (leading ``r x r`` factor blocks)."""
+    q = 0.0
+    for m, (pa, pb, ba, bb) in enumerate(zip(params_a, params_b, before_a, before_b)):
+        r = pa.shape[0]
+        da, db = (pa - ba).double(), (pb - bb).double()
+        q += float(torch.trace(da.T @ factor_d[m, :r, :r].double() @ da))
+        q += float(torch.trace(db @ factor_h[m, :r, :r].double() @ db.T))
+    nu = min(1.0, (kl_clip / max(abs(q), torch.finfo(torch.float32).tiny)) ** 0.5)
+    new_a = [(b.double() + nu * (p.double() - b.double())).to(p.dtype) for p, b in zip(params_a, before_a)]
+    new_b = [(b.double() + nu * (p.double() - b.double())).to(p.dtype) for p, b in zip(params_b, before_b)]
+    return new_a, new_b, nu
+
+
 def ema_fold(
     factor: torch.Tensor,
     stat_sum: torch.Tensor,
@@ -139,3 +188,84 @@ def precondition(
         new_a.append(pa.to(ga.dtype))
         new_b.append(pb.to(gb.dtype))
     return new_a, new_b, dot
+
+
+def floored_damping(mat: torch.Tensor, damping: float, eps_abs: float, floor_frac: float, scale_max: float) -> torch.Tensor:
+    """``lam = damping * max(tr(mat)/r, floor_frac * scale_max) + eps_abs`` for one ``r x r`` factor
+    (``GritConfig.damping_floor``; ``scale_max``: the running maximum of ``tr(C_t)/r`` over the refreshes so
+    far, this one included)."""
+    r = mat.shape[-1]
+    scale = torch.diagonal(mat).sum() / r
+    return damping * torch.maximum(scale, torch.as_tensor(floor_frac * scale_max, dtype=mat.dtype)) + eps_abs
+
+
+def eigenbasis(mat: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors (columns) of one symmetric ``r x r`` factor in descending eigenvalue order, float64."""
+    values, vectors = torch.linalg.eigh(0.5 * (mat.double() + mat.double().T))
+    return vectors[:, torch.argsort(values, descending=True)]
+
+
+def eigen_adam_rebase(
+    state: dict,
+    q_d_old: torch.Tensor,
+    q_d_new: torch.Tensor,
+    q_h_old: torch.Tensor,
+    q_h_new: torch.Tensor,
+    second_moment: str = "keep",
+) -> dict:
+    """Map one module's EigenAdamW moments into new bases (returns a new state dict).
+
+    ``state``: ``{"m_a", "v_a"}`` ``[r, d_in]`` in ``Q_D^T`` coordinates and ``{"m_b", "v_b"}`` ``[d_out, r]`` in
+    ``Q_H`` coordinates (plus ``"step"``). First moments: back to the original coordinates with the old basis
+    and into the new one (``m_a <- Q_D_new^T Q_D_old m_a``, ``m_b <- m_b Q_H_old^T Q_H_new``). Second moments:
+    kept (``"keep"``) or mapped by the element-wise square of the same transition (``"rotate"``).
+    """
+    t_d = q_d_new.T @ q_d_old
+    t_h = q_h_new.T @ q_h_old
+    out = dict(state)
+    out["m_a"] = t_d @ state["m_a"]
+    out["m_b"] = state["m_b"] @ t_h.T
+    if second_moment == "rotate":
+        out["v_a"] = (t_d * t_d) @ state["v_a"]
+        out["v_b"] = state["v_b"] @ (t_h * t_h).T
+    return out
+
+
+def eigen_adam_step(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    grad_a: torch.Tensor,
+    grad_b: torch.Tensor,
+    q_d: torch.Tensor,
+    q_h: torch.Tensor,
+    state: dict,
+    lr_a: float,
+    lr_b: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """One EigenAdamW step of one LoRA module, the obvious way (returns new ``a``, ``b`` and state).
+
+    ``a`` ``[r, d_in]``, ``b`` ``[d_out, r]``, their gradients; ``q_d`` / ``q_h``: ``[r, r]`` orthogonal eigenbases
+    of the backward / forward factor (identity: plain AdamW). Rotate (``Q_D^T G_A``, ``G_B Q_H``), Adam with bias
+    correction in the rotated coordinates, rotate the direction back, decoupled weight decay in the original
+    coordinates: ``p <- p (1 - lr wd) - lr/(1 - beta1^t) * Q (m / (sqrt(v / (1 - beta2^t)) + eps))``.
+    ``state``: ``{"step": int, "m_a", "v_a", "m_b", "v_b"}`` (zeros and 0 before the first step).
+    """
+    beta1, beta2 = betas
+    t = state["step"] + 1
+    new = {"step": t}
+    rotated = {"a": q_d.T @ grad_a, "b": grad_b @ q_h}
+    params = {"a": a, "b": b}
+    lrs = {"a": lr_a, "b": lr_b}
+    out = {}
+    for k in ("a", "b"):
+        g = rotated[k]
+        m = beta1 * state["m_" + k] + (1 - beta1) * g
+        v = beta2 * state["v_" + k] + (1 - beta2) * g * g
+        direction = m / (torch.sqrt(v / (1 - beta2**t)) + eps)
+        direction = q_d @ direction if k == "a" else direction @ q_h.T
+        out[k] = params[k] * (1 - lrs[k] * weight_decay) - lrs[k] / (1 - beta1**t) * direction
+        new["m_" + k], new["v_" + k] = m, v
+    return out["a"], out["b"], new
