@@ -556,11 +556,17 @@ class PackedCollator:
     docstring for why ``use_cache=False`` is required). The label of each sequence's first token is
     -100, so the last token of one sequence never learns to predict the next sequence.
 
+    Features are text: ``input_ids`` and optionally ``labels`` (default: a copy of ``input_ids``) and a
+    1D ``attention_mask``, whose 0 positions (padding of pre-padded features, either side) are dropped.
+    Any other key (``pixel_values``, ...) raises ``ValueError``: packing would silently lose it.
+
     ``PackedCollator(return_attention_mask_4d=False)``: with True, also returns an explicit additive
     block-diagonal causal ``attention_mask`` ``[1, 1, T, T]`` (float32, 0 / -inf) from
     :func:`block_causal_mask`, for models that do not detect packing from ``position_ids``
     (costs O(T^2) memory).
     """
+
+    TEXT_KEYS = frozenset({"input_ids", "labels", "attention_mask"})
 
     def __init__(self, return_attention_mask_4d: bool = False):
         self.return_attention_mask_4d = return_attention_mask_4d
@@ -570,10 +576,29 @@ class PackedCollator:
             raise ValueError("PackedCollator: empty batch")
         ids, labels, positions = [], [], []
         for f in features:
+            extra = set(f) - self.TEXT_KEYS
+            if extra:
+                raise ValueError(
+                    f"PackedCollator packs text features (input_ids, labels, attention_mask); this one "
+                    f"also has {sorted(extra)}, which packing would drop: use another data collator"
+                )
             seq_ids = _as_list(f["input_ids"])
+            seq_labels = _as_list(f["labels"]) if "labels" in f else list(seq_ids)
+            if len(seq_labels) != len(seq_ids):
+                raise ValueError(
+                    f"PackedCollator: a feature has {len(seq_ids)} input_ids but {len(seq_labels)} labels"
+                )
+            if "attention_mask" in f:  # pre-padded features: keep the real tokens only
+                keep = _as_list(f["attention_mask"])
+                if len(keep) != len(seq_ids):
+                    raise ValueError(
+                        f"PackedCollator: a feature has {len(seq_ids)} input_ids but an attention_mask "
+                        f"of {len(keep)} (a 1D 0/1 mask per token is expected)"
+                    )
+                seq_ids = [t for t, k in zip(seq_ids, keep) if k]
+                seq_labels = [t for t, k in zip(seq_labels, keep) if k]
             if not seq_ids:
                 continue
-            seq_labels = _as_list(f["labels"]) if "labels" in f else list(seq_ids)
             ids += seq_ids
             labels += [IGNORE_INDEX] + seq_labels[1:]
             positions += range(len(seq_ids))

@@ -10,6 +10,8 @@ GRIT wraps it in a :class:`TrainerGritOptimizer` *before* ``accelerator.prepare`
     -> optimizer.step(): [GradScaler unscale / inf check] -> all-reduce statistics (DDP)
        -> EMA fold, inversion every ``update_freq`` steps, precondition LoRA grads, KL-clip -> AdamW
 
+* **Batches**: with no ``data_collator``, :class:`GritTrainer` packs text features padding-free
+  (:class:`PackingCollator`) when the model keeps packed sequences apart (``grit_packing``, default "auto").
 * **Gradient accumulation**: statistics of every micro-batch of one optimizer step are folded together.
 * **fp16**: accelerate's ``GradScaler`` is passed as ``grad_scaler`` so the loss scale is divided out of the
   backward factor. A step the scaler skips (inf/NaN) never reaches our ``step``; its statistics are
@@ -44,6 +46,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
 from .config import GritConfig
+from .data import PackedCollator, packing_isolates
 from .distributed import check_not_fsdp, fsdp_error
 from .optim import GritOptimizer
 from .preconditioner import GritPreconditioner
@@ -135,8 +138,19 @@ class GritTrainingArguments(TrainingArguments):
         metadata={"help": "reset | rotate: optimizer state of re-based tensors."},
     )
 
+    grit_packing: str = field(
+        default="auto",
+        metadata={
+            "help": "auto | on | off: GritTrainer's batches when no data_collator is given. auto: padding-free "
+            "packing (data.PackedCollator) of text features when the model keeps packed sequences apart, "
+            "else the collator Trainer would use; on: always pack (error if the model cannot); off: Trainer's."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
+        if self.grit_packing not in ("auto", "on", "off"):
+            raise ValueError(f"grit_packing must be 'auto', 'on' or 'off', got {self.grit_packing!r}")
         if self.grit:
             self.to_grit_config()  # fail at argument time, naming the grit_* field
 
@@ -476,7 +490,41 @@ class GritTrainer(_GritTrainerMixin, Trainer):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        collator_given = kwargs.get("data_collator") is not None or (len(args) > 2 and args[2] is not None)
+        if not collator_given:
+            self.data_collator = _default_collator(self.model, self.args, self.data_collator)
         self._grit_init(grit_config, grit_preconditioner)
+
+
+class PackingCollator:
+    """GritTrainer's default batches: text-only features are packed padding-free
+    (:class:`~grit_kernels.data.PackedCollator`: one row, no pad tokens, sequences isolated by
+    ``position_ids``); a batch with any other key (``pixel_values``, ...) goes to ``fallback``, the
+    collator ``Trainer`` would have used."""
+
+    def __init__(self, fallback: Callable):
+        self.packed, self.fallback = PackedCollator(), fallback
+
+    def __call__(self, features):
+        if all(set(f) <= PackedCollator.TEXT_KEYS for f in features):
+            return self.packed(features)
+        return self.fallback(features)
+
+
+def _default_collator(model: torch.nn.Module, args: TrainingArguments, trainer_default: Callable) -> Callable:
+    """The collator for ``GritTrainer(data_collator=None)`` under ``args.grit_packing`` (see
+    :class:`GritTrainingArguments`); ``trainer_default`` is the one ``Trainer`` chose."""
+    mode = getattr(args, "grit_packing", "auto")
+    if mode == "off":
+        return trainer_default
+    if not packing_isolates(model):
+        if mode == "on":
+            raise ValueError(
+                f"grit_packing='on': {type(model).__name__} does not keep packed sequences apart "
+                "(attention would cross samples); use grit_packing='auto' or 'off', or pass a data_collator"
+            )
+        return trainer_default
+    return PackingCollator(trainer_default)
 
 
 @functools.lru_cache(maxsize=None)
@@ -521,6 +569,7 @@ __all__ = [
     "GritCallback",
     "GritTrainer",
     "GritTrainingArguments",
+    "PackingCollator",
     "TrainerGritOptimizer",
     "enable_grit",
     "grit_log_metrics",

@@ -38,7 +38,6 @@ def main(argv=None):
     targs = GritTrainingArguments(
         output_dir=args.output,
         grit=not args.no_grit,
-        grit_update_freq=10,
         grit_warmup_steps=3,
         max_steps=args.max_steps,
         learning_rate=1e-3,
@@ -54,8 +53,7 @@ def main(argv=None):
         model=model,
         args=targs,
         train_dataset=train,
-        eval_dataset=val,
-        data_collator=data.DynamicPaddingCollator(tok.pad_token_id),
+        eval_dataset=val,  # no data_collator: GritTrainer packs the batches padding-free
     )
     trainer.train()
     metrics = trainer.evaluate()

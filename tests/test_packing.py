@@ -172,3 +172,22 @@ def test_packing_isolates_tells_llama_from_opt():
     assert not packing_isolates(opt) and not opt.training
     with pytest.raises(ValueError, match="two lengths >= 2"):
         packing_isolates(opt, lengths=(1, 3))
+
+
+def test_packed_collator_drops_padding_and_refuses_non_text_keys():
+    from grit_kernels.data import IGNORE_INDEX, PackedCollator
+
+    padded = [
+        {"input_ids": [0, 0, 5, 6, 7], "attention_mask": [0, 0, 1, 1, 1], "labels": [-100, -100, 5, 6, 7]},
+        {"input_ids": [8, 9, 0], "attention_mask": [1, 1, 0]},
+    ]
+    batch = PackedCollator()(padded)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    with pytest.raises(ValueError, match="pixel_values"):
+        PackedCollator()([{"input_ids": [1, 2], "pixel_values": [0.0]}])
+    with pytest.raises(ValueError, match="attention_mask of 2"):
+        PackedCollator()([{"input_ids": [1, 2, 3], "attention_mask": [1, 1]}])
+    with pytest.raises(ValueError, match="3 input_ids but 2 labels"):
+        PackedCollator()([{"input_ids": [1, 2, 3], "labels": [1, 2]}])

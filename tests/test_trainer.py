@@ -22,6 +22,7 @@ from grit_kernels.trainer import (
     GritCallback,
     GritTrainer,
     GritTrainingArguments,
+    PackingCollator,
     TrainerGritOptimizer,
     enable_grit,
 )
@@ -594,3 +595,46 @@ def test_model_init_rebuilds_the_preconditioner_for_each_new_model(tmp_path):
     second = trainer.grit_preconditioner
     assert second is not first and second.step_count == 2
     assert any(p is second.modules[0].lora_A for p in trainer.model.parameters())
+
+
+def test_default_batches_are_packed_and_train_like_padded_batches(tmp_path):
+    """No data_collator: GritTrainer packs text features padding-free (the model keeps packed sequences
+    apart), and training matches the dynamically padded run (same targets, same statistics)."""
+    feats = make_features(6, seed=8, vary_length=True)
+    packed = GritTrainer(model=small_model(), args=make_args(tmp_path / "packed"), train_dataset=feats)
+    assert isinstance(packed.data_collator, PackingCollator)
+    batch = packed.data_collator(feats[:2])
+    assert batch["input_ids"].shape == (1, len(feats[0]["input_ids"]) + len(feats[1]["input_ids"]))
+    assert batch["position_ids"][0, len(feats[0]["input_ids"])] == 0  # the second sequence restarts
+    packed.train()
+    padded = run(small_model(), make_args(tmp_path / "padded"), feats)
+    torch.testing.assert_close(
+        torch.tensor(list(losses(packed).values())), torch.tensor(list(losses(padded).values())), rtol=1e-5, atol=0
+    )
+    assert_params_close(lora_params(packed.model), lora_params(padded.model), rtol=1e-4, atol=1e-6)
+
+
+def test_packing_modes_and_non_text_batches(tmp_path):
+    feats = make_features(4, seed=9)
+    off = GritTrainer(model=small_model(), args=make_args(tmp_path / "off", grit_packing="off"), train_dataset=feats)
+    assert not isinstance(off.data_collator, PackingCollator)  # Trainer's own default
+    given = DynamicPaddingCollator(0)
+    explicit = GritTrainer(model=small_model(), args=make_args(tmp_path / "x"), train_dataset=feats, data_collator=given)
+    assert explicit.data_collator is given  # a collator the user passes is never replaced
+    auto = GritTrainer(model=small_model(), args=make_args(tmp_path / "auto"), train_dataset=feats)
+    with_pixels = [{"input_ids": f["input_ids"], "pixel_values": torch.zeros(3)} for f in feats[:2]]
+    batch = auto.data_collator(with_pixels)  # not text-only: Trainer's collator, never silently packed
+    assert batch["input_ids"].shape == (2, SEQ) and "pixel_values" in batch and "position_ids" not in batch
+    with pytest.raises(ValueError, match="grit_packing"):
+        make_args(tmp_path / "bad", grit_packing="yes")
+
+
+def test_packing_on_refuses_a_model_that_leaks(tmp_path, monkeypatch):
+    import grit_kernels.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "packing_isolates", lambda model: False)  # as for OPT (test_packing)
+    feats = make_features(2, seed=10)
+    auto = GritTrainer(model=small_model(), args=make_args(tmp_path / "auto"), train_dataset=feats)
+    assert not isinstance(auto.data_collator, PackingCollator)  # auto falls back to Trainer's collator
+    with pytest.raises(ValueError, match="does not keep packed sequences apart"):
+        GritTrainer(model=small_model(), args=make_args(tmp_path / "on", grit_packing="on"), train_dataset=feats)
