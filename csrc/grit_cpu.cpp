@@ -10,6 +10,11 @@
 //   damped_cholesky_inverse(mats[n,R,R], damping, eps_abs, ranks[n], previous?, previous_valid?,
 //                           retry_factor) -> (inverses[n,R,R], status[n] int32)
 //   precondition_(grads_a[M], grads_b[M], inv_d[M',R,R], inv_h[M',R,R], compute_dot) -> dot (0-dim f32)
+//   rank_statistics_(stat_sum[2,M,R,R], rows[M], indices[K], h[N,K*r], delta[N,K*r], tolerance)
+//                                                            GRIT's per-module Grams, row mask and counts
+//   precondition_grafted_(grads_a, grads_b, inv_d, inv_h)      precondition_, then g *= |g_raw| / |g_new|
+//   sum_squares(xs[]) -> 0-dim float64;  clone_all(xs[]) -> copies
+//   kl_clip_update_(params_a, params_b, before_a, before_b, factor_d, factor_h, kl_clip) -> nu (0-dim f32)
 //
 // Math in float32 (float64 when the tensors are float64, for the oracle tests); gradients and
 // activations may be bfloat16 / float16 and are converted tile by tile. Parallel over matrices,
@@ -29,6 +34,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -158,6 +165,123 @@ void accumulate_gram_cpu(at::Tensor out, const at::Tensor& x, double weight) {
       case at::kBFloat16: gram_impl<c10::BFloat16, T>(out, x2, weight); break;
       case at::kHalf: gram_impl<c10::Half, T>(out, x2, weight); break;
       default: TORCH_CHECK(false, "accumulate_gram_: x must be float32/64, bfloat16 or float16");
+    }
+  });
+}
+
+// ---------------------------------------------------------------------- rank-space statistics
+// Module k of h, delta [N, K*r] (columns k*r .. k*r+r-1; unit column stride): rows t with
+// |delta_t|^2 > tol^2 * max_t |delta_t|^2 "carry gradient" (NaN anywhere: none does), and
+//   stat_sum[0, idx_k] += sum_{t carrying} h_t h_t^T,  stat_sum[1, idx_k] += sum_t delta_t delta_t^T,
+//   rows[idx_k] += number of carrying rows.
+// Two passes over row chunks (parallel over module x chunk); partial Grams summed in chunk order.
+template <typename X, typename T>
+void rank_statistics_impl(at::Tensor& stat_sum, at::Tensor& rows, const std::vector<int64_t>& idx,
+                          const at::Tensor& h, const at::Tensor& delta, double tol) {
+  const int64_t N = h.size(0), K = static_cast<int64_t>(idx.size());
+  const int r = static_cast<int>(h.size(1) / K);
+  const int rw = (r + 15) / 16 * 16;
+  constexpr int64_t kChunk = 256;
+  const int64_t chunks = (N + kChunk - 1) / kChunk, tasks = K * chunks;
+  const X* hp = h.data_ptr<X>();
+  const X* dp = delta.data_ptr<X>();
+  const int64_t hs = h.stride(0), ds = delta.stride(0);
+  std::vector<T> row_sq(static_cast<size_t>(K * N)), task_max(tasks, T(0));
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t k = task / chunks, t0 = (task % chunks) * kChunk, t1 = std::min(N, t0 + kChunk);
+      T m = 0;
+      for (int64_t t = t0; t < t1; ++t) {
+        const X* d = dp + t * ds + k * r;
+        T s = 0;
+        for (int j = 0; j < r; ++j) {
+          const T v = to_t(d[j]);
+          s += v * v;
+        }
+        row_sq[k * N + t] = s;
+        m = (std::isnan(s) || std::isnan(m)) ? nan : std::max(m, s);
+      }
+      task_max[task] = m;
+    }
+  });
+  std::vector<T> threshold(K);
+  for (int64_t k = 0; k < K; ++k) {
+    T m = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const T v = task_max[k * chunks + c];
+      m = (std::isnan(v) || std::isnan(m)) ? nan : std::max(m, v);
+    }
+    threshold[k] = m * static_cast<T>(tol * tol);
+  }
+  std::vector<T> partial(static_cast<size_t>(tasks) * 2 * r * rw, T(0));
+  std::vector<int64_t> counts(tasks, 0);
+  at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
+    std::vector<T> th(static_cast<size_t>(kChunk) * rw, T(0)), td(static_cast<size_t>(kChunk) * rw, T(0));
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t k = task / chunks, t0 = (task % chunks) * kChunk, t1 = std::min(N, t0 + kChunk);
+      int64_t carried = 0;
+      for (int64_t t = t0; t < t1; ++t) {
+        const X* d = dp + t * ds + k * r;
+        T* dt = td.data() + (t - t0) * rw;
+        for (int j = 0; j < r; ++j) dt[j] = to_t(d[j]);
+        if (row_sq[k * N + t] > threshold[k]) {
+          const X* x = hp + t * hs + k * r;
+          T* ht = th.data() + carried * rw;
+          for (int j = 0; j < r; ++j) ht[j] = to_t(x[j]);
+          ++carried;
+        }
+      }
+      T* out = partial.data() + task * 2 * r * rw;
+      gram_tile<T>(th.data(), carried, r, rw, out);
+      gram_tile<T>(td.data(), t1 - t0, r, rw, out + r * rw);
+      counts[task] = carried;
+    }
+  });
+  auto s = stat_sum.accessor<T, 4>();
+  auto n = rows.accessor<T, 1>();
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t m = idx[k];
+    int64_t carried = 0;
+    for (int64_t c = 0; c < chunks; ++c) carried += counts[k * chunks + c];
+    n[m] += static_cast<T>(carried);
+    for (int which = 0; which < 2; ++which)
+      for (int i = 0; i < r; ++i)
+        for (int j = 0; j < r; ++j) {
+          T v = 0;
+          for (int64_t c = 0; c < chunks; ++c) v += partial[((k * chunks + c) * 2 + which) * r * rw + i * rw + j];
+          s[which][m][i][j] += v;
+        }
+  }
+}
+
+void rank_statistics_cpu(at::Tensor stat_sum, at::Tensor rows, at::IntArrayRef indices, const at::Tensor& h,
+                         const at::Tensor& delta, double tolerance) {
+  const int64_t K = static_cast<int64_t>(indices.size());
+  TORCH_CHECK(stat_sum.dim() == 4 && stat_sum.size(0) == 2 && stat_sum.size(2) == stat_sum.size(3),
+              "rank_statistics_: stat_sum must be [2, M, R, R]");
+  TORCH_CHECK(rows.dim() == 1 && rows.size(0) == stat_sum.size(1) && rows.scalar_type() == stat_sum.scalar_type(),
+              "rank_statistics_: rows must be [M] of stat_sum's dtype");
+  TORCH_CHECK(stat_sum.scalar_type() == at::kFloat || stat_sum.scalar_type() == at::kDouble,
+              "rank_statistics_: stat_sum must be float32 or float64");
+  TORCH_CHECK(K >= 1 && h.dim() == 2 && h.sizes() == delta.sizes() && h.size(1) % K == 0 &&
+                  h.scalar_type() == delta.scalar_type(),
+              "rank_statistics_: h and delta must be [N, K * r] of one dtype, K = len(indices) >= 1");
+  TORCH_CHECK(h.size(1) / K <= stat_sum.size(2), "rank_statistics_: rank ", h.size(1) / K, " exceeds the bank's R = ",
+              stat_sum.size(2));
+  std::vector<int64_t> idx(indices.begin(), indices.end());
+  for (int64_t m : idx) TORCH_CHECK(m >= 0 && m < stat_sum.size(1), "rank_statistics_: index ", m, " out of range");
+  if (h.size(0) == 0 || h.size(1) == 0) return;
+  const at::Tensor hc = h.stride(1) == 1 ? h : h.contiguous();
+  const at::Tensor dc = delta.stride(1) == 1 ? delta : delta.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(stat_sum.scalar_type(), "rank_statistics_", [&] {
+    using T = scalar_t;
+    switch (hc.scalar_type()) {
+      case at::kFloat: rank_statistics_impl<float, T>(stat_sum, rows, idx, hc, dc, tolerance); break;
+      case at::kDouble: rank_statistics_impl<double, T>(stat_sum, rows, idx, hc, dc, tolerance); break;
+      case at::kBFloat16: rank_statistics_impl<c10::BFloat16, T>(stat_sum, rows, idx, hc, dc, tolerance); break;
+      case at::kHalf: rank_statistics_impl<c10::Half, T>(stat_sum, rows, idx, hc, dc, tolerance); break;
+      default: TORCH_CHECK(false, "rank_statistics_: h must be float32/64, bfloat16 or float16");
     }
   });
 }
@@ -581,6 +705,230 @@ at::Tensor precondition_cpu(at::TensorList grads_a, at::TensorList grads_b, cons
   return dot;
 }
 
+// ------------------------------------------------------------------ grafting, KL-clip, snapshots
+// Sum of squares of a 2-D tensor with unit column stride, in double (8 independent partial sums).
+template <typename G>
+double sum_squares_2d(const at::Tensor& g) {
+  const G* p = g.data_ptr<G>();
+  const int64_t rows = g.size(0), cols = g.size(1), ld = g.stride(0);
+  double acc[8] = {};
+  for (int64_t i = 0; i < rows; ++i) {
+    const G* row = p + i * ld;
+    int64_t j = 0;
+    for (; j + 8 <= cols; j += 8)
+      for (int u = 0; u < 8; ++u) {
+        const double v = to_t(row[j + u]);
+        acc[u] += v * v;
+      }
+    for (; j < cols; ++j) {
+      const double v = to_t(row[j]);
+      acc[0] += v * v;
+    }
+  }
+  double s = 0;
+  for (int u = 0; u < 8; ++u) s += acc[u];
+  return s;
+}
+
+double sum_squares_any(const at::Tensor& g) {
+  switch (g.scalar_type()) {
+    case at::kFloat: return sum_squares_2d<float>(g);
+    case at::kDouble: return sum_squares_2d<double>(g);
+    case at::kBFloat16: return sum_squares_2d<c10::BFloat16>(g);
+    default: return sum_squares_2d<c10::Half>(g);
+  }
+}
+
+template <typename G>
+void scale_2d(const at::Tensor& g, float factor) {
+  G* p = g.data_ptr<G>();
+  const int64_t rows = g.size(0), cols = g.size(1), ld = g.stride(0);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) p[i * ld + j] = static_cast<G>(static_cast<float>(to_t(p[i * ld + j])) * factor);
+}
+
+void scale_any(const at::Tensor& g, float factor) {
+  switch (g.scalar_type()) {
+    case at::kFloat: return scale_2d<float>(g, factor);
+    case at::kDouble: return scale_2d<double>(g, factor);
+    case at::kBFloat16: return scale_2d<c10::BFloat16>(g, factor);
+    default: return scale_2d<c10::Half>(g, factor);
+  }
+}
+
+void check_2d_list(at::TensorList xs, const char* op) {
+  for (const at::Tensor& g : xs) {
+    const auto st = g.scalar_type();
+    TORCH_CHECK(g.dim() == 2 && g.stride(1) == 1 && g.device().is_cpu() &&
+                    (st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf),
+                op, ": tensors must be 2-D CPU float32/64, bfloat16 or float16 with unit column stride");
+  }
+}
+
+// precondition_ followed by grafting: every gradient g_i <- P g_i * |g_i| / max(|P g_i|, FLT_MIN)
+// (GritConfig.graft: GRIT's direction, the raw gradient's norm, per tensor).
+void precondition_grafted_cpu(at::TensorList grads_a, at::TensorList grads_b, const at::Tensor& inv_d,
+                              const at::Tensor& inv_h) {
+  check_2d_list(grads_a, "precondition_grafted_");
+  check_2d_list(grads_b, "precondition_grafted_");
+  std::vector<at::Tensor> all(grads_a.begin(), grads_a.end());
+  all.insert(all.end(), grads_b.begin(), grads_b.end());
+  const int64_t n = static_cast<int64_t>(all.size());
+  std::vector<double> raw(n);
+  at::parallel_for(0, n, 8, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) raw[i] = sum_squares_any(all[i]);
+  });
+  precondition_cpu(grads_a, grads_b, inv_d, inv_h, false);
+  at::parallel_for(0, n, 8, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const float now = static_cast<float>(std::sqrt(sum_squares_any(all[i])));
+      const float ratio = static_cast<float>(std::sqrt(raw[i])) / std::max(now, std::numeric_limits<float>::min());
+      scale_any(all[i], ratio);
+    }
+  });
+}
+
+// Total sum of squares of every tensor (double accumulation; NaN/Inf propagate). [] -> 0.
+at::Tensor sum_squares_cpu(at::TensorList xs) {
+  check_2d_list(xs, "sum_squares");
+  const int64_t n = static_cast<int64_t>(xs.size());
+  std::vector<double> part(n);
+  at::parallel_for(0, n, 8, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) part[i] = sum_squares_any(xs[i]);
+  });
+  double total = 0;
+  for (double v : part) total += v;
+  at::Tensor out = at::empty({}, at::TensorOptions().dtype(at::kDouble));
+  *out.data_ptr<double>() = total;
+  return out;
+}
+
+// Contiguous copies of every tensor (one op instead of one copy kernel per tensor).
+std::vector<at::Tensor> clone_all_cpu(at::TensorList xs) {
+  std::vector<at::Tensor> out;
+  out.reserve(xs.size());
+  for (const at::Tensor& x : xs) out.push_back(at::empty_like(x, at::MemoryFormat::Contiguous));
+  const int64_t n = static_cast<int64_t>(xs.size());
+  at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      if (xs[i].is_contiguous() && xs[i].device().is_cpu())
+        std::memcpy(out[i].data_ptr(), xs[i].data_ptr(), xs[i].numel() * xs[i].element_size());
+      else
+        out[i].copy_(xs[i]);
+    }
+  });
+  return out;
+}
+
+// Gram of Delta = p - b (both [rows, cols], unit column stride) into acc[r, rw] (r = rows when
+// ``transpose``: Delta Delta^T, else r = cols: Delta^T Delta), via tiles of 256 vectors of length r.
+template <typename G>
+void delta_gram(const at::Tensor& p, const at::Tensor& b, bool transpose, int r, int rw, std::vector<float>& tile,
+                float* acc) {
+  constexpr int64_t kChunk = 256;
+  const G* pp = p.data_ptr<G>();
+  const G* bp = b.data_ptr<G>();
+  const int64_t lp = p.stride(0), lb = b.stride(0);
+  const int64_t len = transpose ? p.size(1) : p.size(0);
+  tile.assign(static_cast<size_t>(kChunk) * rw, 0.0f);
+  for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
+    const int64_t c1 = std::min(len, c0 + kChunk);
+    for (int64_t c = c0; c < c1; ++c)
+      for (int i = 0; i < r; ++i) {
+        const int64_t op = transpose ? i * lp + c : c * lp + i, ob = transpose ? i * lb + c : c * lb + i;
+        tile[(c - c0) * rw + i] = static_cast<float>(to_t(pp[op])) - static_cast<float>(to_t(bp[ob]));
+      }
+    gram_tile<float>(tile.data(), c1 - c0, r, rw, acc);
+  }
+}
+
+void delta_gram_any(const at::Tensor& p, const at::Tensor& b, bool transpose, int r, int rw, std::vector<float>& tile,
+                    float* acc) {
+  switch (p.scalar_type()) {
+    case at::kFloat: return delta_gram<float>(p, b, transpose, r, rw, tile, acc);
+    case at::kDouble: return delta_gram<double>(p, b, transpose, r, rw, tile, acc);
+    case at::kBFloat16: return delta_gram<c10::BFloat16>(p, b, transpose, r, rw, tile, acc);
+    default: return delta_gram<c10::Half>(p, b, transpose, r, rw, tile, acc);
+  }
+}
+
+template <typename G>
+void blend_2d(const at::Tensor& p, const at::Tensor& b, float nu) {
+  G* pp = p.data_ptr<G>();
+  const G* bp = b.data_ptr<G>();
+  const int64_t rows = p.size(0), cols = p.size(1), lp = p.stride(0), lb = b.stride(0);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) {
+      const float before = to_t(bp[i * lb + j]), now = to_t(pp[i * lp + j]);
+      pp[i * lp + j] = static_cast<G>(before + nu * (now - before));
+    }
+}
+
+// KL-clip of the step just taken: Delta = params - before; q = sum_m <D_m Delta_A, Delta_A> +
+// <Delta_B H_m, Delta_B> (factors' leading r x r blocks); nu = min(1, sqrt(kl_clip / max(|q|, FLT_MIN)));
+// where nu < 1, params <- before + nu Delta. Returns nu (0-dim float32).
+at::Tensor kl_clip_update_cpu(at::TensorList params_a, at::TensorList params_b, at::TensorList before_a,
+                              at::TensorList before_b, const at::Tensor& factor_d_in, const at::Tensor& factor_h_in,
+                              double kl_clip) {
+  const int64_t M = static_cast<int64_t>(params_a.size());
+  TORCH_CHECK(static_cast<int64_t>(params_b.size()) == M && static_cast<int64_t>(before_a.size()) == M &&
+                  static_cast<int64_t>(before_b.size()) == M && factor_d_in.dim() == 3 && factor_d_in.size(0) >= M &&
+                  factor_h_in.sizes() == factor_d_in.sizes(),
+              "kl_clip_update_: M lora_A / lora_B params and snapshots, [M, R, R] factors");
+  check_2d_list(params_a, "kl_clip_update_");
+  check_2d_list(params_b, "kl_clip_update_");
+  check_2d_list(before_a, "kl_clip_update_");
+  check_2d_list(before_b, "kl_clip_update_");
+  for (int64_t i = 0; i < M; ++i)
+    TORCH_CHECK(params_a[i].sizes() == before_a[i].sizes() && params_b[i].sizes() == before_b[i].sizes() &&
+                    params_a[i].scalar_type() == before_a[i].scalar_type() &&
+                    params_b[i].scalar_type() == before_b[i].scalar_type() && params_a[i].size(0) == params_b[i].size(1) &&
+                    params_a[i].size(0) <= factor_d_in.size(1),
+                "kl_clip_update_: module ", i, ": snapshots must match the params; ranks <= R");
+  const at::Tensor fd = factor_d_in.to(at::kDouble).contiguous(), fh = factor_h_in.to(at::kDouble).contiguous();
+  const int64_t R = fd.size(1);
+  const double* fdp = fd.data_ptr<double>();
+  const double* fhp = fh.data_ptr<double>();
+  std::vector<double> quad(M, 0.0);
+  at::parallel_for(0, M, 4, [&](int64_t b, int64_t e) {
+    std::vector<float> tile, acc;
+    for (int64_t m = b; m < e; ++m) {
+      const int r = static_cast<int>(params_a[m].size(0)), rw = (r + 15) / 16 * 16;
+      double q = 0;
+      for (int side = 0; side < 2; ++side) {
+        acc.assign(static_cast<size_t>(r) * rw, 0.0f);
+        delta_gram_any(side == 0 ? params_a[m] : params_b[m], side == 0 ? before_a[m] : before_b[m], side == 0, r, rw,
+                       tile, acc.data());
+        const double* f = (side == 0 ? fdp : fhp) + m * R * R;
+        for (int i = 0; i < r; ++i)
+          for (int j = 0; j < r; ++j) q += f[i * R + j] * static_cast<double>(acc[i * rw + j]);
+      }
+      quad[m] = q;
+    }
+  });
+  double total = 0;
+  for (double q : quad) total += q;
+  const float q32 = std::max(std::fabs(static_cast<float>(total)), std::numeric_limits<float>::min());
+  const float nu = std::min(1.0f, std::sqrt(static_cast<float>(kl_clip) / q32));
+  if (nu < 1.0f) {
+    at::parallel_for(0, 2 * M, 8, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const at::Tensor& p = i < M ? params_a[i] : params_b[i - M];
+        const at::Tensor& bf = i < M ? before_a[i] : before_b[i - M];
+        switch (p.scalar_type()) {
+          case at::kFloat: blend_2d<float>(p, bf, nu); break;
+          case at::kDouble: blend_2d<double>(p, bf, nu); break;
+          case at::kBFloat16: blend_2d<c10::BFloat16>(p, bf, nu); break;
+          default: blend_2d<c10::Half>(p, bf, nu); break;
+        }
+      }
+    });
+  }
+  at::Tensor out = at::empty({}, at::TensorOptions().dtype(at::kFloat));
+  *out.data_ptr<float>() = nu;
+  return out;
+}
+
 }  // namespace
 }  // namespace grit
 
@@ -592,6 +940,15 @@ TORCH_LIBRARY(grit_kernels_cpp, m) {
       "damped_cholesky_inverse(Tensor mats, float damping, float eps_abs, Tensor ranks, Tensor? previous, "
       "Tensor? previous_valid, float retry_factor) -> (Tensor, Tensor)");
   m.def("precondition_(Tensor(a!)[] grads_a, Tensor(b!)[] grads_b, Tensor inv_d, Tensor inv_h, bool compute_dot) -> Tensor");
+  m.def(
+      "rank_statistics_(Tensor(a!) stat_sum, Tensor(b!) rows, int[] indices, Tensor h, Tensor delta, float tolerance) "
+      "-> ()");
+  m.def("precondition_grafted_(Tensor(a!)[] grads_a, Tensor(b!)[] grads_b, Tensor inv_d, Tensor inv_h) -> ()");
+  m.def("sum_squares(Tensor[] xs) -> Tensor");
+  m.def("clone_all(Tensor[] xs) -> Tensor[]");
+  m.def(
+      "kl_clip_update_(Tensor(a!)[] params_a, Tensor(b!)[] params_b, Tensor[] before_a, Tensor[] before_b, "
+      "Tensor factor_d, Tensor factor_h, float kl_clip) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(grit_kernels_cpp, CPU, m) {
@@ -599,4 +956,9 @@ TORCH_LIBRARY_IMPL(grit_kernels_cpp, CPU, m) {
   m.impl("ema_fold_", &grit::ema_fold_cpu);
   m.impl("damped_cholesky_inverse", &grit::damped_cholesky_inverse_cpu);
   m.impl("precondition_", &grit::precondition_cpu);
+  m.impl("rank_statistics_", &grit::rank_statistics_cpu);
+  m.impl("precondition_grafted_", &grit::precondition_grafted_cpu);
+  m.impl("sum_squares", &grit::sum_squares_cpu);
+  m.impl("clone_all", &grit::clone_all_cpu);
+  m.impl("kl_clip_update_", &grit::kl_clip_update_cpu);
 }

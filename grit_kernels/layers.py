@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from . import ops
+from .ops._backend import kernel
+from .ops.statistics import add_rank_statistics_, rank_statistics
 
 ZERO_ROW_TOLERANCE = 1e-6  #: a row of delta below this fraction of the micro-batch's largest is "no gradient"
 
@@ -87,27 +89,21 @@ def batched_statistics(h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tens
         h, delta: ``[N, K, r]`` rank-space activations and their gradients (any float dtype).
     Returns:
         ``grams [2, K, r, r]`` fp32 (``[0] = sum h h^T`` over rows that carry gradient,
-        ``[1] = sum delta delta^T``) and ``rows [K]`` fp32.
+        ``[1] = sum delta delta^T``) and ``rows [K]`` fp32 (:func:`grit_kernels.ops.statistics.rank_statistics`).
     """
-    if h.dtype != torch.float32 or delta.dtype != torch.float32:
-        h, delta = h.float(), delta.float()
-    row_sq = (delta * delta).sum(dim=2)  # [N, K] (a sum over the small last dim: fast, unlike amax)
-    carries = row_sq > row_sq.amax(dim=0, keepdim=True).mul_(ZERO_ROW_TOLERANCE**2)
-    masked = h * carries.unsqueeze(2)
-    # [K, r, N] @ [K, N, r] on strided views: BLAS-compatible, no transposed copies
-    forward_gram = torch.bmm(masked.permute(1, 2, 0), h.permute(1, 0, 2))
-    backward_gram = torch.bmm(delta.permute(1, 2, 0), delta.permute(1, 0, 2))
-    return torch.stack([forward_gram, backward_gram]), carries.sum(dim=0, dtype=torch.float32)
+    return rank_statistics(h, delta, ZERO_ROW_TOLERANCE)
 
 
 class StatsRecorder:
     """Collects the rank-space statistics of many modules during one backward and adds them to the
-    bank with one op per ``(bank, rank)`` group when that backward ends.
+    bank: on CUDA with one op per ``(bank, rank)`` group when that backward ends, on CPU at once.
 
     On CUDA ``(h, delta)`` are kept and every mask and Gram is formed in one batched pass at the end
-    (a handful of launches per micro-batch). On CPU each recorded group's Grams are formed at once,
-    while its tensors are still in cache (a batched pass over cold memory costs more there), and only
-    the small ``[2, K, r, r]`` results wait for the end. The flush is queued on the running backward
+    (a handful of launches per micro-batch). On CPU each recorded group goes into the bank at once, while
+    its tensors are still in cache (a batched pass over cold memory costs more there), with one
+    :func:`grit_kernels.ops.accumulate_rank_statistics_` call (one C++ op with the ``cpp`` backend; the
+    backend is the bank's ``backend`` attribute, set by :class:`~grit_kernels.GritPreconditioner`).
+    With ``eager_grams=False`` the CUDA strategy runs on the CPU too. The flush is queued on the running backward
     with the autograd engine's final-callback hook (``Variable._execution_engine.queue_callback``),
     so it runs once per ``backward()`` call (under reentrant activation checkpointing: once per
     recomputed segment). Called outside a backward, :meth:`record` flushes at once.
@@ -120,10 +116,12 @@ class StatsRecorder:
     def __init__(self, eager_grams: bool | None = None):
         self._pending: list = []
         self._queued = False
-        self.eager_grams = eager_grams  #: form Grams at record time; None: on CPU only
+        self.eager_grams = eager_grams  #: add to the bank at record time; None: on CPU only
+        self._kernels: dict = {}  #: (backend, device type) -> accumulate_rank_statistics_ implementation
 
     def record(self, bank: Any, indices: tuple[int, ...], h: torch.Tensor, delta: torch.Tensor) -> None:
-        """Queue ``h, delta [N, len(indices) * r]`` (modules side by side, equal rank) of bank ``indices``."""
+        """Add (CPU) or queue (CUDA) ``h, delta [N, len(indices) * r]`` (modules side by side, equal rank) of
+        bank ``indices``."""
         n, k = h.shape[0], len(indices)
         r = h.shape[1] // k
         if torch.compiler.is_compiling():  # traced (torch.compile): no Python state, add at once
@@ -131,10 +129,13 @@ class StatsRecorder:
             _add_traceable(bank, indices, grams, rows)
             return
         if self.eager_grams if self.eager_grams is not None else h.device.type == "cpu":
-            grams, rows = batched_statistics(h.reshape(n, k, r), delta.reshape(n, k, r))
-            self._pending.append((bank, indices, r, None, None, grams, rows))
-        else:
-            self._pending.append((bank, indices, r, h, delta, None, None))
+            key = (getattr(bank, "backend", "auto"), h.device.type)
+            add = self._kernels.get(key)
+            if add is None:
+                add = self._kernels[key] = kernel(ops.resolve_backend(key[0], h.device), "accumulate_rank_statistics_")
+            add(bank.stat_sum, bank.rows, indices, h, delta, ZERO_ROW_TOLERANCE)
+            return
+        self._pending.append((bank, indices, r, h, delta))
         if not self._queued:
             try:
                 torch.autograd.Variable._execution_engine.queue_callback(self.flush)
@@ -146,38 +147,21 @@ class StatsRecorder:
         """Form and add every pending statistic (a no-op when nothing is pending)."""
         pending, self._pending, self._queued = self._pending, [], False
         groups: dict = {}
-        for item in pending:
-            bank, _indices, r, h = item[:4]
-            key = (id(bank), r, None if h is None else (h.shape[0], h.device))
-            groups.setdefault(key, (bank, r, []))[2].append(item)
+        for bank, indices, r, h, delta in pending:
+            groups.setdefault((id(bank), r, h.shape[0], h.device), (bank, r, []))[2].append((indices, h, delta))
         for bank, r, items in groups.values():
-            items.sort(key=lambda item: item[1][0])
-            indices = tuple(i for item in items for i in item[1])
-            if items[0][3] is None:  # Grams already formed (CPU)
-                grams = torch.cat([item[5] for item in items], dim=1) if len(items) > 1 else items[0][5]
-                rows = torch.cat([item[6] for item in items]) if len(items) > 1 else items[0][6]
-            else:
-                n = items[0][3].shape[0]
-                h = torch.cat([item[3] for item in items], dim=1) if len(items) > 1 else items[0][3]
-                delta = torch.cat([item[4] for item in items], dim=1) if len(items) > 1 else items[0][4]
-                grams, rows = batched_statistics(h.reshape(n, -1, r), delta.reshape(n, -1, r))
+            items.sort(key=lambda item: item[0][0])
+            indices = tuple(i for item in items for i in item[0])
+            n = items[0][1].shape[0]
+            h = torch.cat([item[1] for item in items], dim=1) if len(items) > 1 else items[0][1]
+            delta = torch.cat([item[2] for item in items], dim=1) if len(items) > 1 else items[0][2]
+            grams, rows = batched_statistics(h.reshape(n, -1, r), delta.reshape(n, -1, r))
             bank.add_statistics_(indices, grams, rows)
 
 
 def _add_traceable(bank: Any, indices: tuple[int, ...], grams: torch.Tensor, rows: torch.Tensor) -> None:
-    """``bank.add_statistics_`` with in-place ops on bank views only (no index cache), for dynamo.
-
-    Contiguous ascending ``indices`` (a fused group, or one module) take one slice each; anything else
-    one slice per module (unrolled once at trace time).
-    """
-    r, first = grams.shape[-1], indices[0]
-    if tuple(indices) == tuple(range(first, first + len(indices))):
-        bank.stat_sum[:, first : first + len(indices), :r, :r].add_(grams)
-        bank.rows[first : first + len(indices)].add_(rows)
-        return
-    for j, i in enumerate(indices):
-        bank.stat_sum[:, i, :r, :r].add_(grams[:, j])
-        bank.rows[i : i + 1].add_(rows[j : j + 1])
+    """``bank.add_statistics_`` with in-place ops on bank views only (no index cache), for dynamo."""
+    add_rank_statistics_(bank.stat_sum, bank.rows, indices, grams, rows)
 
 
 RECORDER = StatsRecorder()  #: the process-wide recorder used by patched and fused LoRA layers

@@ -8,15 +8,22 @@ from ._backend import interpreter_active, resolve_backend, triton_available
 from .fold import ema_fold_
 from .gram import accumulate_gram_, accumulate_grams_
 from .inverse import damped_cholesky_inverse
-from .precondition import precondition_
+from .precondition import precondition_, precondition_grafted_
+from .statistics import accumulate_rank_statistics_
+from .step import clone_tensors, kl_clip_update_, sum_of_squares
 
 __all__ = [
     "accumulate_gram_",
     "accumulate_grams_",
+    "accumulate_rank_statistics_",
+    "clone_tensors",
     "damped_cholesky_inverse",
     "ema_fold_",
     "interpreter_active",
+    "kl_clip_update_",
     "precondition_",
+    "precondition_grafted_",
     "resolve_backend",
+    "sum_of_squares",
     "triton_available",
 ]

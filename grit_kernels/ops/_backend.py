@@ -16,6 +16,14 @@ import torch
 from ..config import BACKENDS
 
 _OPS = ("accumulate_gram_", "accumulate_grams_", "ema_fold_", "damped_cholesky_inverse", "precondition_")
+#: optimizer-step and capture helpers: C++ on the CPU (``cpp``), the torch form on every other backend
+_STEP_OPS = {
+    "accumulate_rank_statistics_": "grit_kernels.ops.statistics:torch_accumulate_rank_statistics_",
+    "precondition_grafted_": "grit_kernels.ops.precondition:torch_precondition_grafted_",
+    "kl_clip_update_": "grit_kernels.ops.step:torch_kl_clip_update_",
+    "clone_tensors": "grit_kernels.ops.step:torch_clone_tensors",
+    "sum_of_squares": "grit_kernels.ops.step:torch_sum_of_squares",
+}
 
 #: backend name -> op name -> "module:function" implementing it
 KERNELS: dict[str, dict[str, str]] = {
@@ -25,6 +33,7 @@ KERNELS: dict[str, dict[str, str]] = {
         "ema_fold_": "grit_kernels.ops.fold:torch_ema_fold_",
         "damped_cholesky_inverse": "grit_kernels.ops.inverse:torch_damped_cholesky_inverse",
         "precondition_": "grit_kernels.ops.precondition:torch_precondition_",
+        **_STEP_OPS,
     },
     "triton": {
         "accumulate_gram_": "grit_kernels.triton.gram:accumulate_gram_",
@@ -32,10 +41,11 @@ KERNELS: dict[str, dict[str, str]] = {
         "ema_fold_": "grit_kernels.triton.fold:ema_fold_",
         "damped_cholesky_inverse": "grit_kernels.triton.inverse:damped_cholesky_inverse",
         "precondition_": "grit_kernels.triton.precondition:precondition_",
+        **_STEP_OPS,
     },
     # csrc/ kernels (torch.ops.grit_kernels_cpp), one set of wrappers for both devices
-    "cpp": {op: f"grit_kernels.ops._cpp:{op}" for op in _OPS},
-    "cuda": {op: f"grit_kernels.ops._cpp:{op}" for op in _OPS},
+    "cpp": {op: f"grit_kernels.ops._cpp:{op}" for op in (*_OPS, *_STEP_OPS)},
+    "cuda": {**{op: f"grit_kernels.ops._cpp:{op}" for op in _OPS}, **_STEP_OPS},
 }
 
 #: ``auto``: the first available backend per device type, fastest first, as measured side by side by

@@ -69,6 +69,41 @@ def precondition_(
     return kernel(name, "precondition_")(grads_a, grads_b, inv_d, inv_h, compute_dot)
 
 
+def precondition_grafted_(
+    grads_a: Sequence[torch.Tensor],
+    grads_b: Sequence[torch.Tensor],
+    inv_d: torch.Tensor,
+    inv_h: torch.Tensor,
+    backend: str = "auto",
+    modules: Sequence[int] | None = None,
+) -> None:
+    """:func:`precondition_`, then grafting (``GritConfig.graft``): every gradient ``g <- P g * |g| / |P g|``
+    (GRIT's direction with the raw gradient's norm, per tensor; ``|P g|`` clamped at the smallest fp32 normal).
+
+    Same arguments as :func:`precondition_`. One C++ op on the ``cpp`` backend; norms and scaling with
+    ``torch._foreach_*`` elsewhere. No host synchronisation.
+    """
+    if torch.compiler.is_compiling() or not grads_a:
+        return torch_precondition_grafted_(grads_a, grads_b, inv_d, inv_h, backend=backend, modules=modules)
+    name = resolve_backend(backend, grads_a[0].device)
+    if name != "cpp":
+        return torch_precondition_grafted_(grads_a, grads_b, inv_d, inv_h, backend=name, modules=modules)
+    if modules is not None and list(modules) != list(range(len(grads_a))):
+        index = _device_index(tuple(int(m) for m in modules), inv_d.shape[0], inv_d.device)
+        inv_d, inv_h = inv_d.index_select(0, index), inv_h.index_select(0, index)
+    kernel(name, "precondition_grafted_")(grads_a, grads_b, inv_d, inv_h)
+
+
+def torch_precondition_grafted_(grads_a, grads_b, inv_d, inv_h, backend="torch", modules=None) -> None:
+    """Torch form of :func:`precondition_grafted_`: :func:`precondition_` between two ``torch._foreach_norm``."""
+    grads = [*grads_a, *grads_b]
+    raw_norms = torch._foreach_norm(grads)
+    precondition_(grads_a, grads_b, inv_d, inv_h, backend=backend, modules=modules)
+    tiny = torch.finfo(torch.float32).tiny
+    ratio = torch._foreach_div(raw_norms, torch._foreach_clamp_min(torch._foreach_norm(grads), tiny))
+    torch._foreach_mul_(grads, ratio)
+
+
 _indices: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
 
