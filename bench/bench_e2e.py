@@ -222,7 +222,20 @@ def model_config(cfg: E2EConfig):
 
 
 def build_model(cfg: E2EConfig):
-    """PEFT LoRA model on ``cfg.device``: random weights from the config, or ``cfg.model_path``."""
+    """PEFT LoRA model on ``cfg.device``: random weights from the config, or ``cfg.model_path``.
+    With ``--seq packed`` the model must keep packed sequences apart (:func:`data.packing_isolates`)."""
+    from grit_kernels.data import packing_isolates
+
+    model = _build_model(cfg)
+    if cfg.seq == "packed" and not packing_isolates(model):
+        raise ValueError(
+            f"--seq packed: {type(model.get_base_model()).__name__} does not keep packed sequences apart "
+            "(attention would cross samples): use --seq dynamic"
+        )
+    return model
+
+
+def _build_model(cfg: E2EConfig):
     from grit_kernels.models import LLAMA_TARGETS, build_lora_model
 
     if cfg.model_path is None:

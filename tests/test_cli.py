@@ -51,6 +51,17 @@ def test_bench_e2e_writes_json_with_every_key(tmp_path, capsys):
     assert result["tokens"]["padding_fraction"] == 0  # packed by default: no padding tokens
 
 
+def test_bench_e2e_packed_refuses_a_model_that_leaks(tmp_path, capsys):
+    """OPT derives its masks from attention_mask only: packed rows would attend across samples."""
+    opt = {"model_type": "opt", "vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 1, "ffn_dim": 64,
+           "num_attention_heads": 2, "max_position_embeddings": 600, "word_embed_proj_dim": 32}
+    argv = ["bench", "e2e", "--model-config", json.dumps(opt), "--arms", "peft-adamw", "--steps", "1"]
+    argv += ["--warmup", "1", "--batch-size", "2", "--max-length", "256", "--no-memory", "--no-progress"]
+    cli.main(argv + ["--out", str(tmp_path)])
+    arm = json.loads((tmp_path / "e2e.json").read_text())["arms"]["peft-adamw"]
+    assert arm["status"] != "ok" and "does not keep packed sequences apart" in json.dumps(arm)
+
+
 def test_bench_e2e_bad_option_exits_2(capsys):
     assert cli.main(["bench", "e2e", "--arms", "adamw,nonsense", "--no-progress"]) == 2
     assert "nonsense" in capsys.readouterr().err
