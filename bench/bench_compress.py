@@ -168,6 +168,9 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from grit_kernels._noise import silence_known_noise
+
+    silence_known_noise()  # two harmless third-party messages (grit_kernels/_noise.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="./grit-results", help="output folder (default ./grit-results)")
     parser.add_argument("--name", default="compress")

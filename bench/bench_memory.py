@@ -301,6 +301,9 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from grit_kernels._noise import silence_known_noise
+
+    silence_known_noise()  # two harmless third-party messages (grit_kernels/_noise.py)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="plain,nf4", type=lambda s: [m for m in s.split(",") if m])
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per probe")
