@@ -8,7 +8,7 @@ import torch
 from conftest import rel_err
 from helpers import lora_pairs, two_layer_lora
 
-from grit_kernels import EigenAdamW, FactorBank, GritConfig, GritOptimizer, GritPreconditioner, reference
+from grit_kernels import EigenAdamW, ops, FactorBank, GritConfig, GritOptimizer, GritPreconditioner, reference
 from grit_kernels.bank import BACKWARD, FORWARD
 from grit_kernels.eigen_adam import batched_eigenbasis
 
@@ -35,11 +35,14 @@ def train_step(model, opt, x, t):
     return grads
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 @pytest.mark.parametrize("second_moment", ["keep", "rotate"])
 def test_matches_reference(fresh_seed, backend, second_moment):
+    """Rotations are not symmetric matrices: every backend's grouped product must honour the orientation."""
     if backend == "cpp":
         pytest.importorskip("grit_kernels._C")
+    if backend == "triton" and not ops.triton_available():
+        pytest.skip("triton unavailable")
     lr_a, lr_b, wd, betas, eps = 3e-2, 1e-1, 0.05, (0.8, 0.95), 1e-6
     model, groups = model_and_groups(fresh_seed % 1000, lr_a, lr_b)
     opt, pre = make_opt(model, groups, backend, betas=betas, eps=eps, weight_decay=wd, basis_freq=2,
