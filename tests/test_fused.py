@@ -111,10 +111,13 @@ def test_fused_bf16_base_within_bounds():
 
 
 def grit_steps(model, steps=3, seed=0, pre=None):
+    """GRIT around SGD: rounding-level differences stay rounding-level over the steps. (Around AdamW,
+    whose first steps are ~lr * sign(g), they grow on near-zero gradient entries: measured 3e-4 relative
+    after one step for a 1e-7 difference in the gradients, with the fused RMSNorm's backward.)"""
     model.train()
     if pre is None:
         pre = gk.GritPreconditioner(model, gk.GritConfig(warmup_steps=0, update_freq=1))
-    opt = gk.GritOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), pre)
+    opt = gk.GritOptimizer(torch.optim.SGD(model.parameters(), lr=1e-2), pre)
     stats = []
     for s in range(steps):
         model(**batch(seed + s)).loss.backward()
@@ -140,14 +143,13 @@ def test_grit_factors_and_steps_equal_with_fuse(order, quantize_4bit):
         pre_fused, stats_fused = grit_steps(fused, pre=pre_fused)
     for step, ((s_p, r_p), (s_f, r_f)) in enumerate(zip(stats_plain, stats_fused)):
         assert torch.equal(r_f, r_p)
-        # step 0: same weights, fp32 rounding only; later steps: after AdamW updates, which turn
-        # rounding-level gradient differences into ~lr-relative weight differences
-        assert rel(s_f, s_p) < (FP32_RTOL if step == 0 else 1e-4), step
-    assert rel(pre_fused.bank.factor, pre_plain.bank.factor) < 1e-4
+        assert rel(s_f, s_p) < FP32_RTOL, step
+    assert rel(pre_fused.bank.factor, pre_plain.bank.factor) < FP32_RTOL
+    # the inverse amplifies the factors' rounding by their condition number (measured ~80 here)
     assert rel(pre_fused.bank.inverse, pre_plain.bank.inverse) < 1e-4
     for name, p in lora_params(fused).items():
         assert not torch.equal(p, before[name]), f"{name} did not move"
-        assert rel(p, lora_params(plain)[name]) < 1e-4, name
+        assert rel(p, lora_params(plain)[name]) < FP32_RTOL, name
 
 
 def test_statistics_once_per_micro_batch_under_checkpointing():
@@ -181,7 +183,11 @@ def test_report_counts_and_reasons():
     report = gk.fuse(lora_model("llama", num_layers=3))
     assert (len(report.fused_blocks), report.num_blocks, report.fused_modules) == (3, 3, 21)
     assert not report.unfused
-    assert str(report) == "fused 3/3 blocks (21 LoRA modules)"
+    assert (report.base_stack_blocks, report.rms_norms, report.kernels) == (3, 7, "torch")  # 2 per block + final
+    assert str(report) == (
+        "fused 3/3 blocks (21 LoRA modules)\n"
+        "  base stack (torch): 7 RMSNorm modules; RoPE and residual adds fused in 3/3 blocks"
+    )
 
     dropout = lora_model("llama", dropout=0.1)
     report = gk.fuse(dropout)

@@ -8,6 +8,8 @@ up; or a single o / down), with frozen base weights ``W_k [o_k, d]`` (optional f
     y = x W^T (+ bias)        one matmul for the group (W: the group's weights stacked)
     h = x A^T                 [N, K r], the rank-space activations of all K modules in one matmul
     y += s h B^T              in place (addmm, alpha = s)
+    y += R                    optional residual, in place, inside the same Function (its gradient is
+                              dL/dy itself: no extra graph node for the residual add)
 
 Backward, from ``g = dL/dy``::
 
@@ -19,6 +21,9 @@ Backward, from ``g = dL/dy``::
 :data:`grit_kernels.layers.RECORDER`, which forms every module's row mask and Grams in one batched
 pass when the backward ends (only for modules a :class:`~grit_kernels.GritPreconditioner` patched).
 
+:class:`FusedQKV` is the q/k/v group returning ``q, k, v [..., H, D]`` (views of its output) with
+the rotary position embedding of q and k applied inside (one ``mul`` + two ``addcmul_`` for q and k
+together; the backward applies the inverse rotation straight into the group's gradient buffer).
 :class:`FusedSwiGLU` chains the gate/up group, ``a = silu(gate) * up`` and the down group; it saves
 the gate/up output (needed by SiLU's gradient anyway) and recomputes ``a`` in backward.
 Weights are never saved for backward: :class:`~grit_kernels.fused.weights.BlockWeights` provides
@@ -33,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layers import RECORDER
+from .base_stack import rotate_, unrotate_
 
 
 class ProjectionGroup:
@@ -51,10 +57,11 @@ class ProjectionGroup:
         self.rank = self.layers[0].r[adapter]
 
     def lora_weights(self) -> list[torch.Tensor]:
-        """``[A_1, ..., A_K, B_1, ..., B_K]`` (the autograd inputs of the Functions)."""
+        """``[A_1, ..., A_K, B_1, ..., B_K]`` (the autograd inputs of the Functions), read from the
+        layers at every call (plain dict look-ups: no ``nn.Module.__getattr__``)."""
         a = self.adapter
-        return [layer.lora_A[a].weight for layer in self.layers] + [
-            layer.lora_B[a].weight for layer in self.layers
+        return [layer._modules["lora_A"]._modules[a]._parameters["weight"] for layer in self.layers] + [
+            layer._modules["lora_B"]._modules[a]._parameters["weight"] for layer in self.layers
         ]
 
     def scales(self) -> list[float]:
@@ -70,12 +77,10 @@ class ProjectionGroup:
 
     def record_statistics(self, h: torch.Tensor, delta: torch.Tensor) -> None:
         """Hand ``h, delta [N, K r]`` to the recorder for the modules a preconditioner patched."""
-        slots = [
-            getattr(layer.__dict__.get("_grit_state"), "get", lambda _k: None)("slot")
-            for layer in self.layers
-        ]
-        if all(s is None for s in slots):
+        states = [layer.__dict__.get("_grit_state") for layer in self.layers]
+        if not any(states):
             return
+        slots = [state["slot"] if state else None for state in states]
         bank = slots[0].bank if slots[0] is not None else None
         if bank is not None and all(s is not None and s.bank is bank for s in slots):
             RECORDER.record(bank, tuple(s.index for s in slots), h, delta)
@@ -114,6 +119,7 @@ def _lora_factors(group: ProjectionGroup, lora: tuple, dtype: torch.dtype):
 
 
 def _group_forward(group: ProjectionGroup, x2: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float):
+    """``y [N, sum o_k]`` and ``h [N, K r]`` of one group for ``x2 [N, d]``."""
     dtype = x2.dtype
     w = group.weights.weight(group.name, dtype)
     if w.device != x2.device:
@@ -140,17 +146,19 @@ def _group_backward(group, g, x2, h, a, b, s: float, lora, needs_x: bool, needs_
         for i in range(k):
             grads[i] = _as(grad_a[i * r : (i + 1) * r], lora[i].dtype)
     if any(needs_lora[k:]):
-        scales = group.scales()
-        uniform = s != 1.0 or all(sc == 1.0 for sc in scales)
+        scales = group.scales() if k > 1 else None
+        uniform = k == 1 or s != 1.0 or all(sc == 1.0 for sc in scales)
         hs = h * s if uniform and s != 1.0 else h  # grad_B_k = s_k g_k^T h_k
-        at = 0
-        for i, out in enumerate(group.out_features):
-            gk = g if k == 1 else g[:, at : at + out]
-            grad_b = torch.mm(gk.t(), hs if k == 1 else hs[:, i * r : (i + 1) * r])
-            if not uniform:
-                grad_b.mul_(scales[i])
-            grads[k + i] = _as(grad_b, lora[k + i].dtype)
-            at += out
+        if k == 1:
+            grads[1] = _as(torch.mm(g.t(), hs), lora[1].dtype)
+        else:
+            at = 0
+            for i, out in enumerate(group.out_features):
+                grad_b = torch.mm(g[:, at : at + out].t(), hs[:, i * r : (i + 1) * r])
+                if not uniform:
+                    grad_b.mul_(scales[i])
+                grads[k + i] = _as(grad_b, lora[k + i].dtype)
+                at += out
     gx = None
     if needs_x:
         gx = torch.mm(g, group.weights.weight(group.name, g.dtype))
@@ -159,17 +167,39 @@ def _group_backward(group, g, x2, h, a, b, s: float, lora, needs_x: bool, needs_
     return gx, grads
 
 
+def _add_residual(y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """``residual + y`` (``y [N, o]`` fresh: added in place when the dtypes agree; under autocast the
+    residual keeps its wider dtype). Added after the matmul, not as the addmm's input, so the sum
+    rounds exactly as HF's ``residual + out``."""
+    if residual is None:
+        return y
+    residual = residual.reshape(y.shape[0], -1)
+    return y.add_(residual) if residual.dtype == y.dtype else residual + y
+
+
+def _residual_grad(grad_y: torch.Tensor, residual_dtype):
+    if residual_dtype is None:
+        return None
+    return grad_y if grad_y.dtype == residual_dtype else grad_y.to(residual_dtype)
+
+
 class FusedProjections(torch.autograd.Function):
-    """``y [..., sum o_k]`` of one projection group (QKV, O); see the module docstring."""
+    """``y [..., sum o_k]`` (``+ residual``) of one projection group (QKV, O); see the module docstring.
+
+    Args (of ``apply``): ``x [..., d]``; ``residual [..., sum o_k]`` or ``None`` (added to the output in
+    the base matmul); the group; then ``group.lora_weights()``.
+    """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: ProjectionGroup, *lora: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, residual, group: ProjectionGroup, *lora: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x)
         lead = x.shape[:-1]
         x2 = _as(x.reshape(-1, x.shape[-1]), dtype)
         a, b, s = _lora_factors(group, lora, dtype)
         y, h = _group_forward(group, x2, a, b, s)
+        y = _add_residual(y, residual)
         ctx.group, ctx.input_dtype, ctx.scale = group, x.dtype, s
+        ctx.residual_dtype = None if residual is None else residual.dtype
         ctx.save_for_backward(x2, h, a, b, *lora)
         return y.view(*lead, y.shape[-1])
 
@@ -178,19 +208,77 @@ class FusedProjections(torch.autograd.Function):
         x2, h, a, b, *lora = ctx.saved_tensors
         g = _as(grad_y.reshape(-1, grad_y.shape[-1]), x2.dtype)
         gx, grads = _group_backward(
-            ctx.group, g, x2, h, a, b, ctx.scale, lora, ctx.needs_input_grad[0], ctx.needs_input_grad[2:]
+            ctx.group, g, x2, h, a, b, ctx.scale, lora, ctx.needs_input_grad[0], ctx.needs_input_grad[3:]
         )
         if gx is not None:
             gx = _as(gx.view(*grad_y.shape[:-1], gx.shape[-1]), ctx.input_dtype)
-        return (gx, None, *grads)
+        return (gx, _residual_grad(grad_y, ctx.residual_dtype), None, *grads)
+
+
+class FusedQKV(torch.autograd.Function):
+    """The q/k/v group of an attention block: ``q [..., Hq, D]``, ``k, v [..., Hk, D]`` with RoPE on q, k.
+
+    Args (of ``apply``): ``x [..., d]``; the group (stacked q, k, v); ``heads = (Hq, Hk, D)``;
+    ``cos, sin [..., D]`` (HF's position embeddings, broadcast over heads) or ``None, None`` for no
+    rotation; then ``group.lora_weights()``. Outputs are views of the group's output (``v``) and of
+    one rotated ``[..., Hq + Hk, D]`` buffer (``q``, ``k``); do not modify them in place.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: ProjectionGroup, heads: tuple, cos, sin, *lora: torch.Tensor):
+        hq, hk, d = heads
+        dtype = _compute_dtype(x)
+        lead = x.shape[:-1]
+        x2 = _as(x.reshape(-1, x.shape[-1]), dtype)
+        a, b, s = _lora_factors(group, lora, dtype)
+        y, h = _group_forward(group, x2, a, b, s)
+        y4 = y.view(*lead, hq + 2 * hk, d)
+        rope = cos is not None
+        if rope:
+            cos, sin = _as(cos, dtype).unsqueeze(-2), _as(sin, dtype).unsqueeze(-2)
+            qk = y4[..., : hq + hk, :]
+            qk = rotate_(torch.empty(qk.shape, dtype=dtype, device=y.device), qk, cos, sin)
+        else:
+            cos = sin = None
+            qk = y4
+        ctx.group, ctx.input_dtype, ctx.scale, ctx.heads = group, x.dtype, s, heads
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x2, h, a, b, cos, sin, *lora)
+        return qk[..., :hq, :], qk[..., hq : hq + hk, :], y4[..., hq + hk :, :]
+
+    @staticmethod
+    def backward(ctx: Any, grad_q, grad_k, grad_v):
+        x2, h, a, b, cos, sin, *lora = ctx.saved_tensors
+        hq, hk, d = ctx.heads
+        g = torch.empty(x2.shape[0], (hq + 2 * hk) * d, dtype=x2.dtype, device=x2.device)
+        some = next(t for t in (grad_q, grad_k, grad_v) if t is not None)
+        g4 = g.view(*some.shape[:-2], hq + 2 * hk, d)
+        for grad, lo, hi in ((grad_q, 0, hq), (grad_k, hq, hq + hk), (grad_v, hq + hk, hq + 2 * hk)):
+            dst = g4[..., lo:hi, :]
+            if grad is None:
+                dst.zero_()
+            elif cos is not None and lo < hq + hk:
+                unrotate_(dst, grad, cos, sin)
+            else:
+                dst.copy_(grad)
+        gx, grads = _group_backward(
+            ctx.group, g, x2, h, a, b, ctx.scale, lora, ctx.needs_input_grad[0], ctx.needs_input_grad[5:]
+        )
+        if gx is not None:
+            gx = _as(gx.view(*g4.shape[:-2], gx.shape[-1]), ctx.input_dtype)
+        return (gx, None, None, None, None, *grads)
 
 
 class FusedSwiGLU(torch.autograd.Function):
-    """``down(silu(gate(x)) * up(x))`` with LoRA on all three projections, in one Function."""
+    """``residual + down(silu(gate(x)) * up(x))`` with LoRA on all three projections, in one Function.
+
+    Args (of ``apply``): ``x [..., d]``; ``residual [..., d]`` or ``None``; the gate/up and down
+    groups; then ``gate_up.lora_weights()`` and ``down.lora_weights()``.
+    """
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, gate_up: ProjectionGroup, down: ProjectionGroup, *lora: torch.Tensor
+        ctx: Any, x: torch.Tensor, residual, gate_up: ProjectionGroup, down: ProjectionGroup, *lora: torch.Tensor
     ) -> torch.Tensor:
         dtype = _compute_dtype(x)
         lead = x.shape[:-1]
@@ -202,7 +290,9 @@ class FusedSwiGLU(torch.autograd.Function):
         act = F.silu(gate).mul_(up)
         a_d, b_d, s_d = _lora_factors(down, lora_d, dtype)
         y, h_d = _group_forward(down, act, a_d, b_d, s_d)
+        y = _add_residual(y, residual)
         ctx.groups, ctx.input_dtype, ctx.scales = (gate_up, down), x.dtype, (s_gu, s_d)
+        ctx.residual_dtype = None if residual is None else residual.dtype
         ctx.save_for_backward(x2, y_gu, h_gu, h_d, a_gu, b_gu, a_d, b_d, *lora)
         return y.view(*lead, y.shape[-1])
 
@@ -216,7 +306,7 @@ class FusedSwiGLU(torch.autograd.Function):
         gate, up = y_gu.chunk(2, dim=1)
         silu = F.silu(gate)
         act = silu * up  # recomputed, not stored
-        g_act, grads_d = _group_backward(down, g, act, h_d, a_d, b_d, s_d, lora[4:], True, needs[7:9])
+        g_act, grads_d = _group_backward(down, g, act, h_d, a_d, b_d, s_d, lora[4:], True, needs[8:10])
         if torch.compiler.is_compiling():  # dynamo rejects out= into strided views; the compiler fuses anyway
             g_gate_up = torch.cat([torch.ops.aten.silu_backward(g_act * up, gate), g_act * silu], dim=1)
         else:  # eager: both halves written in place, no concatenation copy
@@ -225,8 +315,8 @@ class FusedSwiGLU(torch.autograd.Function):
             torch.mul(g_act, silu, out=g_up)
             torch.ops.aten.silu_backward.grad_input(g_act.mul_(up), gate, grad_input=g_gate)
         gx, grads_gu = _group_backward(
-            gate_up, g_gate_up, x2, h_gu, a_gu, b_gu, s_gu, lora[:4], needs[0], needs[3:7]
+            gate_up, g_gate_up, x2, h_gu, a_gu, b_gu, s_gu, lora[:4], needs[0], needs[4:8]
         )
         if gx is not None:
             gx = _as(gx.view(*grad_y.shape[:-1], gx.shape[-1]), ctx.input_dtype)
-        return (gx, None, None, *grads_gu, *grads_d)
+        return (gx, _residual_grad(grad_y, ctx.residual_dtype), None, None, *grads_gu, *grads_d)

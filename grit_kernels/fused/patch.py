@@ -11,6 +11,15 @@ are supported PEFT LoRA layers:
   return the precomputed outputs when called with that very input. ``o_proj`` runs its own
   :class:`~.functions.FusedProjections`.
 * MLP: the MLP's forward becomes one :class:`~.functions.FusedSwiGLU` call.
+* base stack: every Llama/Mistral/Qwen2/Qwen3 ``RMSNorm`` module runs :func:`~.base_stack.rms_norm`
+  (one node). Where the whole decoder block is fused and is one of those four families (transformers
+  5 layout), the block's forward is replaced too: RMSNorm -> :class:`~.functions.FusedQKV` (RoPE of q
+  and k inside) -> [Qwen3: q/k RMSNorm, then :func:`~.base_stack.rotary`] -> the model's attention
+  function -> o projection with the residual add inside its Function -> RMSNorm -> SwiGLU with the
+  residual add likewise inside. On CUDA with liger-kernel installed, RMSNorm and RoPE run liger's Triton
+  kernels. The block keeps HF's path (with the part-level fusion above) when module hooks sit on its
+  attention or MLP (e.g. output capture), and honours gradient checkpointing itself (transformers
+  checkpoints the class ``forward``, which an instance forward would bypass).
 
 Adapters stay plain PEFT parameters (save/load with PEFT as usual). Statistics go to whichever
 :class:`~grit_kernels.GritPreconditioner` patched the layers, looked up at backward time, so ``fuse``
@@ -19,18 +28,27 @@ and the preconditioner can be created in either order.
 
 from __future__ import annotations
 
+import inspect
+import sys
 import types
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 
+import torch
 from torch import nn
 
 from ..layers import install_dispatch_forward, is_lora_layer, release_dispatch_forward, unsupported_reason
-from .functions import FusedProjections, FusedSwiGLU, ProjectionGroup
+from .base_stack import rms_norm, rotary, uses_liger
+from .functions import FusedProjections, FusedQKV, FusedSwiGLU, ProjectionGroup
 from .weights import BlockWeights, clear_cache, weights_unsupported_reason
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+#: decoder blocks whose whole forward fuse() replaces (transformers 5 layout; others: part-level only)
+BASE_STACK_DECODERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+#: RMSNorm classes computing ``weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)`` (not Gemma's ``1 + weight``)
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
 
 @dataclass
@@ -43,6 +61,9 @@ class FusionReport:
         fused_modules: LoRA modules now computed by fused Functions.
         lora_modules: LoRA layers in the model.
         num_blocks: decoder blocks found.
+        base_stack_blocks: fused blocks whose whole forward is fused (RMSNorm, RoPE, residual adds).
+        rms_norms: RMSNorm modules routed through the fused RMSNorm.
+        kernels: what runs RMSNorm / RoPE: ``"torch"`` (our autograd Functions) or ``"liger"``.
     """
 
     fused_blocks: list[str] = field(default_factory=list)
@@ -50,6 +71,9 @@ class FusionReport:
     fused_modules: int = 0
     lora_modules: int = 0
     num_blocks: int = 0
+    base_stack_blocks: int = 0
+    rms_norms: int = 0
+    kernels: str = "torch"
 
     @property
     def summary(self) -> str:
@@ -61,6 +85,11 @@ class FusionReport:
 
     def __str__(self) -> str:
         lines = [self.summary]
+        if self.rms_norms or self.base_stack_blocks:
+            lines.append(
+                f"  base stack ({self.kernels}): {self.rms_norms} RMSNorm modules; RoPE and residual adds "
+                f"fused in {self.base_stack_blocks}/{self.num_blocks} blocks"
+            )
         for reason, count in Counter(self.unfused.values()).items():
             example = next(n for n, r in self.unfused.items() if r == reason)
             lines.append(f"  {count} x {reason} (e.g. {example})")
@@ -128,7 +157,7 @@ class _FusedSingle:
     def __call__(self, layer: nn.Module, x):
         if not self.group.active():
             return None
-        return FusedProjections.apply(x, self.group, *self.group.lora_weights())
+        return FusedProjections.apply(x, None, self.group, *self.group.lora_weights())
 
 
 class _AttentionState:
@@ -141,7 +170,7 @@ def _fused_attention_forward(self: nn.Module, *args, **kwargs):
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     if not state.qkv.active():
         return self._grit_previous_forward(*args, **kwargs)
-    qkv = FusedProjections.apply(hidden, state.qkv, *state.qkv.lora_weights())
+    qkv = FusedProjections.apply(hidden, None, state.qkv, *state.qkv.lora_weights())
     for stash, out in zip(state.stashes, qkv.split(state.qkv.out_features, dim=-1)):
         stash.pending = (hidden, out)
     try:
@@ -155,7 +184,131 @@ def _fused_mlp_forward(self: nn.Module, x, *args, **kwargs):
     gate_up, down = self.__dict__["_grit_fused"]
     if args or kwargs or not (gate_up.active() and down.active()):
         return self._grit_previous_forward(x, *args, **kwargs)
-    return FusedSwiGLU.apply(x, gate_up, down, *gate_up.lora_weights(), *down.lora_weights())
+    return FusedSwiGLU.apply(x, None, gate_up, down, *gate_up.lora_weights(), *down.lora_weights())
+
+
+def _fused_rms_norm_forward(self: nn.Module, hidden_states):
+    return rms_norm(hidden_states, self._parameters["weight"], self.variance_epsilon)
+
+
+class _NormState:
+    """``_grit_fused`` of an RMSNorm module routed through :func:`~.base_stack.rms_norm`."""
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+class _DecoderState:
+    """``_grit_fused`` of a decoder block whose whole forward is fused (see the module docstring)."""
+
+    def __init__(self, block: nn.Module, groups: dict[str, ProjectionGroup]):
+        attn = block.self_attn
+        self.qkv, self.o, self.gate_up, self.down = (groups[k] for k in ("qkv", "o", "gate_up", "down"))
+        d = attn.head_dim
+        q_out, k_out, _ = self.qkv.out_features
+        self.heads = (q_out // d, k_out // d, d)
+        self.norms = (block.input_layernorm, block.post_attention_layernorm)
+        self.qk_norms = (attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") else None
+        modeling = sys.modules[type(attn).__module__]
+        self.eager_attention = modeling.eager_attention_forward
+        self.mistral_window = type(attn).__name__.startswith("Mistral")  # Mistral: config.sliding_window
+
+    def active(self) -> bool:
+        return self.qkv.active() and self.o.active() and self.gate_up.active() and self.down.active()
+
+    def sliding_window(self, attn: nn.Module) -> dict:
+        """The attention function's ``sliding_window`` keyword as the HF attention passes it (or none)."""
+        if self.mistral_window:
+            return {"sliding_window": getattr(attn.config, "sliding_window", None)}
+        if hasattr(attn, "sliding_window"):
+            return {"sliding_window": attn.sliding_window}
+        return {}
+
+
+def _base_stack_reason(block: nn.Module) -> str | None:
+    """``None`` if ``block``'s whole forward can be fused, else why not."""
+    if type(block).__name__ not in BASE_STACK_DECODERS:
+        return f"{type(block).__name__} is not one of {', '.join(BASE_STACK_DECODERS)}"
+    norms = [getattr(block, "input_layernorm", None), getattr(block, "post_attention_layernorm", None)]
+    attn = block.self_attn
+    if hasattr(attn, "q_norm"):
+        norms += [attn.q_norm, getattr(attn, "k_norm", None)]
+    if not all(type(n).__name__ in RMS_NORMS for n in norms):
+        return "a norm that is not a standard RMSNorm"
+    params = inspect.signature(type(block).forward).parameters
+    if "position_embeddings" not in params or "cache" not in params:
+        return "decoder forward without (position_embeddings, cache): not the transformers 5 layout"
+    if not hasattr(sys.modules[type(attn).__module__], "eager_attention_forward"):
+        return "no eager_attention_forward in the model's module"
+    return None
+
+
+def _fused_decoder_forward(self: nn.Module, hidden_states, *args, **kwargs):
+    state = self.__dict__["_grit_fused"]
+    if args or _hooked(self.self_attn, self.mlp) or not state.active():
+        return self._grit_previous_forward(hidden_states, *args, **kwargs)
+    if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+        # what transformers' GradientCheckpointingLayer does around the class forward
+        if kwargs.get("use_cache"):
+            kwargs["use_cache"] = False
+        if not getattr(self, "_can_checkpoint_with_cache", False) and kwargs.get("cache") is not None:
+            kwargs["cache"] = None
+        return self._gradient_checkpointing_func(partial(_fused_decoder_body, self, **kwargs), hidden_states)
+    return _fused_decoder_body(self, hidden_states, **kwargs)
+
+
+def _fused_decoder_body(
+    self: nn.Module,
+    hidden_states,
+    attention_mask=None,
+    position_ids=None,
+    cache=None,
+    use_cache=False,
+    position_embeddings=None,
+    **kwargs,
+):
+    """HF's Llama/Mistral/Qwen2/Qwen3 decoder layer forward, with the fused Functions."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    state = self.__dict__["_grit_fused"]
+    attn = self.self_attn
+    cache = kwargs.pop("past_key_values", cache)
+    cos, sin = position_embeddings
+    norm1, norm2 = state.norms
+    x = rms_norm(hidden_states, norm1._parameters["weight"], norm1.variance_epsilon)
+    inner_rope = state.qk_norms is None and not uses_liger(x.device)
+    rope = (cos, sin) if inner_rope else (None, None)
+    q, k, v = FusedQKV.apply(x, state.qkv, state.heads, *rope, *state.qkv.lora_weights())
+    if state.qk_norms is not None:  # Qwen3: RMSNorm over the head dim before RoPE
+        q_norm, k_norm = state.qk_norms
+        q = rms_norm(q, q_norm._parameters["weight"], q_norm.variance_epsilon)
+        k = rms_norm(k, k_norm._parameters["weight"], k_norm.variance_epsilon)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
+    if not inner_rope:
+        q, k = rotary(q, k, cos, sin)
+    if cache is not None:
+        k, v = cache.update(k, v, attn.layer_idx, kwargs=kwargs)
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, state.eager_attention)
+    out, _ = attention(
+        attn,
+        q,
+        k,
+        v,
+        attention_mask,
+        dropout=0.0 if not attn.training else attn.attention_dropout,
+        scaling=attn.scaling,
+        position_ids=position_ids,
+        use_cache=use_cache,
+        **state.sliding_window(attn),
+        **kwargs,
+    )
+    out = out.reshape(*hidden_states.shape[:-1], -1)
+    hidden = FusedProjections.apply(out, hidden_states, state.o, *state.o.lora_weights())  # residual + o(out)
+    x = rms_norm(hidden, norm2._parameters["weight"], norm2.variance_epsilon)
+    return FusedSwiGLU.apply(
+        x, hidden, state.gate_up, state.down, *state.gate_up.lora_weights(), *state.down.lora_weights()
+    )
 
 
 def _install(module: nn.Module, state, forward) -> None:
@@ -198,7 +351,7 @@ def fuse(model: nn.Module) -> FusionReport:
     if is_fused(model):
         raise RuntimeError("this model is already fused; call grit_kernels.unfuse(model) first")
     report = FusionReport(lora_modules=sum(1 for m in model.modules() if is_lora_layer(m)))
-    for name, _block, attn, mlp in _blocks(model):
+    for name, block, attn, mlp in _blocks(model):
         report.num_blocks += 1
         attn_reason = _part_reason(attn, ATTENTION_PROJECTIONS)
         if attn_reason is None and not _same_rank([getattr(attn, n) for n in ATTENTION_PROJECTIONS[:3]]):
@@ -240,6 +393,9 @@ def fuse(model: nn.Module) -> FusionReport:
             if "gate_up" in groups:
                 _install(mlp, (groups["gate_up"], groups["down"]), _fused_mlp_forward)
                 report.fused_modules += 3
+            if len(groups) == 4 and _base_stack_reason(block) is None:
+                _install(block, _DecoderState(block, groups), _fused_decoder_forward)
+                report.base_stack_blocks += 1
         if attn_reason is None and mlp_reason is None:
             report.fused_blocks.append(name)
         else:
@@ -247,6 +403,13 @@ def fuse(model: nn.Module) -> FusionReport:
                 report.unfused[f"{name}.self_attn"] = attn_reason
             if mlp_reason is not None:
                 report.unfused[f"{name}.mlp"] = mlp_reason
+    if report.fused_modules:
+        for module in model.modules():
+            if type(module).__name__ in RMS_NORMS and "_grit_fused" not in module.__dict__:
+                _install(module, _NormState(), _fused_rms_norm_forward)
+                report.rms_norms += 1
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        report.kernels = "liger" if uses_liger(device) else "torch"
     if report.num_blocks == 0:
         report.unfused["model"] = (
             "no Llama-family decoder block (a module with self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj)"
@@ -265,8 +428,9 @@ def unfuse(model: nn.Module) -> None:
             release_dispatch_forward(module)
         else:
             state = d["_grit_fused"]
-            groups = (state.qkv,) if isinstance(state, _AttentionState) else state
-            for group in groups:
-                group.weights.release()
+            if isinstance(state, (_AttentionState, tuple)):
+                groups = (state.qkv,) if isinstance(state, _AttentionState) else state
+                for group in groups:
+                    group.weights.release()
             _uninstall(module)
     clear_cache()

@@ -1,0 +1,138 @@
+"""The frozen base stack of a fused decoder block: RMSNorm and rotary position embedding (RoPE).
+
+Each is one autograd Function with a hand-written backward (one graph node instead of the 6-10 that
+HF's module code records, and no ``rotate_half`` ``cat`` chains):
+
+* :class:`RMSNormFunction`: ``y = w * (x * rsqrt(mean(x^2) + eps))`` with the statistics in fp32 and the
+  normalised value cast back to ``x.dtype`` before the weight, exactly as HF's Llama/Mistral/Qwen
+  ``RMSNorm``. Saves ``x`` and ``rstd [..., 1]`` (fp32).
+* :class:`RotaryFunction`: ``q' = q cos + rotate_half(q) sin`` and the same for ``k`` in one node; its
+  backward applies the inverse rotation ``g cos + rotate_half^T(g sin)``. Saves only ``cos, sin``.
+
+:func:`rms_norm` and :func:`rotary` pick the implementation: liger-kernel's Triton kernels on CUDA when
+``liger_kernel`` imports (optional extra ``grit-kernels[liger]``), these Functions otherwise (CPU,
+or CUDA without liger). :func:`rotate_` / :func:`unrotate_` are the in-place building blocks that the
+fused QKV Function also uses.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+
+def rotate_(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``out = x * cos + rotate_half(x) * sin`` (HF's rotation, ``rotate_half(x) = [-x2, x1]``).
+
+    Args:
+        out: ``[..., D]`` result buffer (may be a strided view; not aliasing ``x``).
+        x: ``[..., D]`` input, ``D`` even.
+        cos, sin: broadcastable to ``x``.
+    Three ops: one multiply and two ``addcmul_`` into the halves of ``out``.
+    """
+    half = x.shape[-1] // 2
+    torch.mul(x, cos, out=out)
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1.0)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
+
+
+def unrotate_(out: torch.Tensor, g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The transpose of :func:`rotate_` (its backward): ``out = g * cos + rotate_half^T(g * sin)``,
+    ``rotate_half^T(u) = [u2, -u1]``; shapes as in :func:`rotate_`."""
+    half = g.shape[-1] // 2
+    torch.mul(g, cos, out=out)
+    out[..., :half].addcmul_(g[..., half:], sin[..., half:])
+    out[..., half:].addcmul_(g[..., :half], sin[..., :half], value=-1.0)
+    return out
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """``y [..., d] = weight * (x * rstd).to(x.dtype)``, ``rstd = rsqrt(mean(x^2, -1) + eps)`` in fp32.
+
+    ``weight [d]`` may be trainable (its gradient is formed only when needed).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x if x.dtype == torch.float32 else x.float()
+        rstd = torch.rsqrt(torch.mean(x32 * x32, dim=-1, keepdim=True).add_(eps))
+        xhat = x32 * rstd
+        if xhat.dtype != x.dtype:
+            xhat = xhat.to(x.dtype)
+        ctx.save_for_backward(x, weight, rstd)
+        return xhat.mul_(weight) if weight.dtype == xhat.dtype else weight * xhat
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        x32 = x if x.dtype == torch.float32 else x.float()
+        xhat = x32 * rstd
+        g = grad_y * weight  # dL/dxhat
+        if g.dtype != torch.float32:
+            g = g.float()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            # dx = rstd * (g - xhat * mean(g * xhat))
+            proj = torch.mean(g * xhat, dim=-1, keepdim=True)
+            grad_x = torch.addcmul(g, xhat, proj, value=-1.0).mul_(rstd)
+            if grad_x.dtype != x.dtype:
+                grad_x = grad_x.to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            xh = xhat if x.dtype == torch.float32 else xhat.to(x.dtype)
+            grad_w = (grad_y * xh).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        return grad_x, grad_w, None
+
+
+class RotaryFunction(torch.autograd.Function):
+    """``(q', k')`` = HF's ``apply_rotary_pos_emb(q, k, cos, sin)`` with ``cos, sin`` already
+    broadcastable to ``q [..., Hq, S, D]`` / ``[..., S, Hq, D]`` and ``k`` (any layout); one node."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        ctx.save_for_backward(cos, sin)
+        q_out = rotate_(torch.empty_like(q, memory_format=torch.contiguous_format), q, cos, sin)
+        k_out = rotate_(torch.empty_like(k, memory_format=torch.contiguous_format), k, cos, sin)
+        return q_out, k_out
+
+    @staticmethod
+    def backward(ctx: Any, grad_q: torch.Tensor, grad_k: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        gq = None if grad_q is None else unrotate_(torch.empty_like(grad_q), grad_q, cos, sin)
+        gk = None if grad_k is None else unrotate_(torch.empty_like(grad_k), grad_k, cos, sin)
+        return gq, gk, None, None
+
+
+@functools.cache
+def liger_ops():
+    """``(rms_norm_fn, rope_fn)`` from liger-kernel, or ``None`` when it does not import."""
+    try:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+        from liger_kernel.ops.rope import LigerRopeFunction
+    except Exception:  # not installed, or broken (triton / torch version mismatch)
+        return None
+    return LigerRMSNormFunction, LigerRopeFunction
+
+
+def uses_liger(device: torch.device | str) -> bool:
+    """Whether :func:`rms_norm` / :func:`rotary` run liger-kernel's Triton kernels on ``device``."""
+    return torch.device(device).type == "cuda" and liger_ops() is not None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of ``x [..., d]`` with ``weight [d]`` (HF Llama semantics); liger on CUDA when available."""
+    if x.is_cuda and not torch.compiler.is_compiling() and liger_ops() is not None:
+        return liger_ops()[0].apply(x, weight, eps, 0.0, "llama", False)
+    return RMSNormFunction.apply(x, weight, eps)
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """RoPE of ``q [B, Hq, S, D]``, ``k [B, Hk, S, D]`` (any strides) with ``cos, sin [B, S, D]``.
+
+    Returns ``(q', k')`` in the same shapes; liger on CUDA when available.
+    """
+    if q.is_cuda and not torch.compiler.is_compiling() and liger_ops() is not None:
+        return liger_ops()[1].apply(q, k, cos, sin, None, 1)
+    return RotaryFunction.apply(q, k, cos.unsqueeze(1), sin.unsqueeze(1))
