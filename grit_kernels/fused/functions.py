@@ -191,7 +191,9 @@ class FusedProjections(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, residual, group: ProjectionGroup, *lora: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, residual, group: ProjectionGroup, *lora: torch.Tensor
+    ) -> torch.Tensor:
         dtype = _compute_dtype(x)
         lead = x.shape[:-1]
         x2 = _as(x.reshape(-1, x.shape[-1]), dtype)
@@ -225,7 +227,9 @@ class FusedQKV(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: ProjectionGroup, heads: tuple, cos, sin, *lora: torch.Tensor):
+    def forward(
+        ctx: Any, x: torch.Tensor, group: ProjectionGroup, heads: tuple, cos, sin, *lora: torch.Tensor
+    ):
         hq, hk, d = heads
         dtype = _compute_dtype(x)
         lead = x.shape[:-1]
@@ -278,7 +282,12 @@ class FusedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, residual, gate_up: ProjectionGroup, down: ProjectionGroup, *lora: torch.Tensor
+        ctx: Any,
+        x: torch.Tensor,
+        residual,
+        gate_up: ProjectionGroup,
+        down: ProjectionGroup,
+        *lora: torch.Tensor,
     ) -> torch.Tensor:
         dtype = _compute_dtype(x)
         lead = x.shape[:-1]

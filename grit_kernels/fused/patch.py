@@ -15,7 +15,8 @@ are supported PEFT LoRA layers:
   (one node). Where the whole decoder block is fused and is one of those four families (transformers
   5 layout), the block's forward is replaced too: RMSNorm -> :class:`~.functions.FusedQKV` (RoPE of q
   and k inside) -> [Qwen3: q/k RMSNorm, then :func:`~.base_stack.rotary`] -> the model's attention
-  function -> o projection with the residual add inside its Function -> RMSNorm -> SwiGLU with the
+  function (on CPU with SDPA and padding-free packed rows: causal attention per packed sequence,
+  :func:`~.base_stack.packed_causal_attention`) -> o projection with the residual add inside its Function -> RMSNorm -> SwiGLU with the
   residual add likewise inside. On CUDA with liger-kernel installed, RMSNorm and RoPE run liger's Triton
   kernels. The block keeps HF's path (with the part-level fusion above) when module hooks sit on its
   attention or MLP (e.g. output capture), and honours gradient checkpointing itself (transformers
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 
 from ..layers import install_dispatch_forward, is_lora_layer, release_dispatch_forward, unsupported_reason
-from .base_stack import rms_norm, rotary, uses_liger
+from .base_stack import packed_causal_attention, packed_segments, rms_norm, rotary, uses_liger
 from .functions import FusedProjections, FusedQKV, FusedSwiGLU, ProjectionGroup
 from .weights import BlockWeights, clear_cache, weights_unsupported_reason
 
@@ -275,7 +276,7 @@ def _fused_decoder_body(
     attn = self.self_attn
     cache = kwargs.pop("past_key_values", cache)
     cos, sin = position_embeddings
-    norm1, norm2 = state.norms
+    norm1 = state.norms[0]
     x = rms_norm(hidden_states, norm1._parameters["weight"], norm1.variance_epsilon)
     inner_rope = state.qk_norms is None and not uses_liger(x.device)
     rope = (cos, sin) if inner_rope else (None, None)
@@ -289,7 +290,19 @@ def _fused_decoder_body(
         q, k = rotary(q, k, cos, sin)
     if cache is not None:
         k, v = cache.update(k, v, attn.layer_idx, kwargs=kwargs)
-    attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, state.eager_attention)
+    impl = attn.config._attn_implementation
+    segments = None
+    if (
+        impl == "sdpa"
+        and cache is None
+        and q.device.type == "cpu"
+        and (attn.attention_dropout == 0 or not attn.training)
+    ):
+        segments = packed_segments(attention_mask, position_ids)
+    if segments is not None:  # padding-free packed rows: attention per sequence (varlen), no S x S mask
+        out = packed_causal_attention(q, k, v, segments, attn.scaling)
+        return _fused_decoder_tail(state, hidden_states, out)
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(impl, state.eager_attention)
     out, _ = attention(
         attn,
         q,
@@ -303,6 +316,12 @@ def _fused_decoder_body(
         **state.sliding_window(attn),
         **kwargs,
     )
+    return _fused_decoder_tail(state, hidden_states, out)
+
+
+def _fused_decoder_tail(state: _DecoderState, hidden_states, out):
+    """o projection + residual, RMSNorm, SwiGLU MLP + residual, from the attention output ``out [B, S, H, D]``."""
+    norm2 = state.norms[1]
     out = out.reshape(*hidden_states.shape[:-1], -1)
     hidden = FusedProjections.apply(out, hidden_states, state.o, *state.o.lora_weights())  # residual + o(out)
     x = rms_norm(hidden, norm2._parameters["weight"], norm2.variance_epsilon)
