@@ -187,22 +187,39 @@ void rank_statistics_impl(at::Tensor& stat_sum, at::Tensor& rows, const std::vec
   const X* dp = delta.data_ptr<X>();
   const int64_t hs = h.stride(0), ds = delta.stride(0);
   std::vector<T> row_sq(static_cast<size_t>(K * N)), task_max(tasks, T(0));
+  std::vector<T> partial(static_cast<size_t>(tasks) * 2 * r * rw, T(0));
+  std::vector<int64_t> counts(tasks, 0);
   const T nan = std::numeric_limits<T>::quiet_NaN();
-  at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
+  // small inputs (one PEFT module of a CPU micro-batch) run inline: a parallel region costs more
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (kChunk * r));
+  // pass 1: delta tiles -> squared row norms, their maximum per task, and sum delta delta^T
+  at::parallel_for(0, tasks, grain, [&](int64_t b, int64_t e) {
+    std::vector<T> td(static_cast<size_t>(kChunk) * rw, T(0));
     for (int64_t task = b; task < e; ++task) {
       const int64_t k = task / chunks, t0 = (task % chunks) * kChunk, t1 = std::min(N, t0 + kChunk);
       T m = 0;
       for (int64_t t = t0; t < t1; ++t) {
         const X* d = dp + t * ds + k * r;
-        T s = 0;
-        for (int j = 0; j < r; ++j) {
+        T* dt = td.data() + (t - t0) * rw;
+        T s4[4] = {};
+        int j = 0;
+        for (; j + 4 <= r; j += 4)
+          for (int u = 0; u < 4; ++u) {
+            const T v = to_t(d[j + u]);
+            dt[j + u] = v;
+            s4[u] += v * v;
+          }
+        for (; j < r; ++j) {
           const T v = to_t(d[j]);
-          s += v * v;
+          dt[j] = v;
+          s4[0] += v * v;
         }
+        const T s = (s4[0] + s4[1]) + (s4[2] + s4[3]);
         row_sq[k * N + t] = s;
         m = (std::isnan(s) || std::isnan(m)) ? nan : std::max(m, s);
       }
       task_max[task] = m;
+      gram_tile<T>(td.data(), t1 - t0, r, rw, partial.data() + task * 2 * r * rw + r * rw);
     }
   });
   std::vector<T> threshold(K);
@@ -214,27 +231,20 @@ void rank_statistics_impl(at::Tensor& stat_sum, at::Tensor& rows, const std::vec
     }
     threshold[k] = m * static_cast<T>(tol * tol);
   }
-  std::vector<T> partial(static_cast<size_t>(tasks) * 2 * r * rw, T(0));
-  std::vector<int64_t> counts(tasks, 0);
-  at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
-    std::vector<T> th(static_cast<size_t>(kChunk) * rw, T(0)), td(static_cast<size_t>(kChunk) * rw, T(0));
+  // pass 2: sum h h^T over the rows that carry gradient
+  at::parallel_for(0, tasks, grain, [&](int64_t b, int64_t e) {
+    std::vector<T> th(static_cast<size_t>(kChunk) * rw, T(0));
     for (int64_t task = b; task < e; ++task) {
       const int64_t k = task / chunks, t0 = (task % chunks) * kChunk, t1 = std::min(N, t0 + kChunk);
       int64_t carried = 0;
       for (int64_t t = t0; t < t1; ++t) {
-        const X* d = dp + t * ds + k * r;
-        T* dt = td.data() + (t - t0) * rw;
-        for (int j = 0; j < r; ++j) dt[j] = to_t(d[j]);
-        if (row_sq[k * N + t] > threshold[k]) {
-          const X* x = hp + t * hs + k * r;
-          T* ht = th.data() + carried * rw;
-          for (int j = 0; j < r; ++j) ht[j] = to_t(x[j]);
-          ++carried;
-        }
+        if (!(row_sq[k * N + t] > threshold[k])) continue;
+        const X* x = hp + t * hs + k * r;
+        T* ht = th.data() + carried * rw;
+        for (int j = 0; j < r; ++j) ht[j] = to_t(x[j]);
+        ++carried;
       }
-      T* out = partial.data() + task * 2 * r * rw;
-      gram_tile<T>(th.data(), carried, r, rw, out);
-      gram_tile<T>(td.data(), t1 - t0, r, rw, out + r * rw);
+      gram_tile<T>(th.data(), carried, r, rw, partial.data() + task * 2 * r * rw);
       counts[task] = carried;
     }
   });
@@ -708,9 +718,25 @@ at::Tensor precondition_cpu(at::TensorList grads_a, at::TensorList grads_b, cons
 // ------------------------------------------------------------------ grafting, KL-clip, snapshots
 // Sum of squares of a 2-D tensor with unit column stride, in double (8 independent partial sums).
 template <typename G>
-double sum_squares_2d(const at::Tensor& g) {
+GRIT_CLONES double sum_squares_2d(const at::Tensor& g) {
   const G* p = g.data_ptr<G>();
   const int64_t rows = g.size(0), cols = g.size(1), ld = g.stride(0);
+  if constexpr (std::is_same_v<G, float>) {  // 16 float lanes per row block, summed in double per row
+    double total = 0;
+    for (int64_t i = 0; i < rows; ++i) {
+      const float* row = p + i * ld;
+      v16f acc = {};
+      int64_t j = 0;
+      for (; j + 16 <= cols; j += 16) {
+        const v16f v = GRIT_LOAD(row + j);
+        acc += v * v;
+      }
+      double s = hsum(acc);
+      for (; j < cols; ++j) s += static_cast<double>(row[j]) * row[j];
+      total += s;
+    }
+    return total;
+  }
   double acc[8] = {};
   for (int64_t i = 0; i < rows; ++i) {
     const G* row = p + i * ld;

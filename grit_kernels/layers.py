@@ -1,8 +1,9 @@
 """Statistics-capturing LoRA path and the patching of PEFT LoRA layers.
 
-A patched layer computes ``y = base(x) + s * B(capture(A(dropout(x))))`` where ``capture`` is the
-identity autograd Function :class:`RankStatsCapture`. Its backward receives ``delta = dL/dh`` (the
-rank-space gradient autograd forms anyway) and adds both ``h^T h`` and ``delta^T delta`` (fp32) to the
+A patched layer computes ``y = base(x) + s * B(h)``, ``h = A(dropout(x))``, with a gradient hook on ``h``
+(:meth:`CaptureSlot.watch`; under ``torch.compile`` the identity autograd Function
+:class:`RankStatsCapture` instead). It receives ``delta = dL/dh`` (the rank-space gradient autograd forms
+anyway) and adds both ``h^T h`` and ``delta^T delta`` (fp32) to the
 module's bank slice, over the rows that carry gradient (padding has ``delta = 0`` and is left out). Capturing *both* statistics in backward means a micro-batch is counted exactly
 once: forwards without backward (evaluation, the no-grad first pass of reentrant activation
 checkpointing) add nothing, and a recomputed forward only regenerates saved tensors.
@@ -71,6 +72,15 @@ class CaptureSlot:
         ops.accumulate_gram_(self.forward_stat, h * carries[:, None], backend=self.backend)
         ops.accumulate_gram_(self.backward_stat, delta, backend=self.backend)
         self.rows.add_(carries.sum())
+
+    def watch(self, h: torch.Tensor) -> None:
+        """Record ``(h, dL/dh)`` when backward reaches ``h`` (a gradient hook on ``h``; eager mode).
+
+        The cheap form of :class:`RankStatsCapture` (no extra autograd node): the hook holds a detached
+        alias of ``h`` (storage lora_B's product saves anyway; no reference cycle through ``h.grad_fn``).
+        """
+        values = h.detach()
+        h.register_hook(lambda delta: self.record(values, delta))
 
     def record(self, h: torch.Tensor, delta: torch.Tensor) -> None:
         """Batched :meth:`capture`: deferred to the end of backward when the slot knows its bank."""
@@ -241,7 +251,10 @@ def _grit_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -
         x = self._cast_input_dtype(x, lora_A.weight.dtype)
     h = lora_A(self.lora_dropout[adapter](x))
     if torch.is_grad_enabled() and h.requires_grad:
-        h = RankStatsCapture.apply(h, state["slot"])
+        if torch.compiler.is_compiling():  # dynamo traces the Function's backward into the compiled graph
+            h = RankStatsCapture.apply(h, state["slot"])
+        else:
+            state["slot"].watch(h)
     output = lora_B(h) * self.scaling[adapter]
     # the same dtype handling as PEFT's forward, so patched and plain layers agree bit for bit
     if state["quantized"]:

@@ -13,8 +13,8 @@ from ._backend import kernel, resolve_backend
 
 
 def _impl(op: str, tensors: Sequence[torch.Tensor], backend: str):
-    if torch.compiler.is_compiling() or not tensors:
-        return kernel("torch", op)
+    if torch.compiler.is_compiling() or not tensors:  # dynamo traces the torch form (not the lru_cache lookup)
+        return _TORCH_FORMS[op]
     return kernel(resolve_backend(backend, tensors[0].device), op)
 
 
@@ -84,3 +84,10 @@ def torch_kl_clip_update_(params_a, params_b, before_a, before_b, factor_d, fact
     torch._foreach_add_(before, delta)
     torch._foreach_copy_(params, before)
     return nu
+
+
+_TORCH_FORMS = {
+    "clone_tensors": torch_clone_tensors,
+    "sum_of_squares": torch_sum_of_squares,
+    "kl_clip_update_": torch_kl_clip_update_,
+}
