@@ -534,6 +534,14 @@ inline double hsum(v16f v) {
   return s;
 }
 
+// Pairwise (tree) sum of 16 lanes in float: short dependency chains, for many small dot products.
+inline float hsum_tree(v16f v) {
+  float s8[8], s4[4];
+  for (int j = 0; j < 8; ++j) s8[j] = v[j] + v[j + 8];
+  for (int j = 0; j < 4; ++j) s4[j] = s8[j] + s8[j + 4];
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
 // float32 math, vector registers: left side 4 output rows x 32 columns, right side 8 rows x 16 columns.
 template <typename G>
 GRIT_CLONES void left_chunk_f32(G* __restrict g, int64_t ld, int r, int64_t c0, int64_t c1,
@@ -721,21 +729,19 @@ template <typename G>
 GRIT_CLONES double sum_squares_2d(const at::Tensor& g) {
   const G* p = g.data_ptr<G>();
   const int64_t rows = g.size(0), cols = g.size(1), ld = g.stride(0);
-  if constexpr (std::is_same_v<G, float>) {  // 16 float lanes per row block, summed in double per row
-    double total = 0;
+  if constexpr (std::is_same_v<G, float>) {  // 16 float lanes over the whole tensor, tails in double
+    v16f acc = {};
+    double tail = 0;
     for (int64_t i = 0; i < rows; ++i) {
       const float* row = p + i * ld;
-      v16f acc = {};
       int64_t j = 0;
       for (; j + 16 <= cols; j += 16) {
         const v16f v = GRIT_LOAD(row + j);
         acc += v * v;
       }
-      double s = hsum(acc);
-      for (; j < cols; ++j) s += static_cast<double>(row[j]) * row[j];
-      total += s;
+      for (; j < cols; ++j) tail += static_cast<double>(row[j]) * row[j];
     }
-    return total;
+    return hsum(acc) + tail;
   }
   double acc[8] = {};
   for (int64_t i = 0; i < rows; ++i) {
@@ -846,40 +852,79 @@ std::vector<at::Tensor> clone_all_cpu(at::TensorList xs) {
   return out;
 }
 
-// Gram of Delta = p - b (both [rows, cols], unit column stride) into acc[r, rw] (r = rows when
-// ``transpose``: Delta Delta^T, else r = cols: Delta^T Delta), via tiles of 256 vectors of length r.
+// Quadratic form of Delta = p - b (both [rows, cols], unit column stride) with the symmetric f[r, r]
+// (row stride R): lora_A (``rows_side``, Delta [r, d]): sum_ij f_ij <Delta_i, Delta_j> over rows of Delta;
+// lora_B (Delta [d, r]): sum_ij f_ij (Delta^T Delta)_ij via 16-wide tiles of rows.
 template <typename G>
-void delta_gram(const at::Tensor& p, const at::Tensor& b, bool transpose, int r, int rw, std::vector<float>& tile,
-                float* acc) {
-  constexpr int64_t kChunk = 256;
+GRIT_CLONES double delta_quad(const at::Tensor& p, const at::Tensor& b, bool rows_side, int r, const double* f,
+                              int64_t R, std::vector<float>& tile) {
   const G* pp = p.data_ptr<G>();
   const G* bp = b.data_ptr<G>();
   const int64_t lp = p.stride(0), lb = b.stride(0);
-  const int64_t len = transpose ? p.size(1) : p.size(0);
-  tile.assign(static_cast<size_t>(kChunk) * rw, 0.0f);
-  for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
-    const int64_t c1 = std::min(len, c0 + kChunk);
-    for (int64_t c = c0; c < c1; ++c)
+  double q = 0;
+  if (rows_side) {
+    constexpr int64_t kCols = 1024;
+    const int64_t len = p.size(1);
+    tile.resize(static_cast<size_t>(r) * kCols);
+    std::vector<double> g(static_cast<size_t>(r) * r, 0.0);
+    for (int64_t c0 = 0; c0 < len; c0 += kCols) {
+      const int64_t w = std::min(kCols, len - c0);
       for (int i = 0; i < r; ++i) {
-        const int64_t op = transpose ? i * lp + c : c * lp + i, ob = transpose ? i * lb + c : c * lb + i;
-        tile[(c - c0) * rw + i] = static_cast<float>(to_t(pp[op])) - static_cast<float>(to_t(bp[ob]));
+        const G* pi = pp + i * lp + c0;
+        const G* bi = bp + i * lb + c0;
+        float* ti = tile.data() + i * kCols;
+        for (int64_t j = 0; j < w; ++j) ti[j] = static_cast<float>(to_t(pi[j])) - static_cast<float>(to_t(bi[j]));
       }
-    gram_tile<float>(tile.data(), c1 - c0, r, rw, acc);
+      for (int i = 0; i < r; ++i)
+        for (int k = 0; k <= i; ++k) {
+          const float* ti = tile.data() + i * kCols;
+          const float* tk = tile.data() + k * kCols;
+          v16f acc = {};
+          int64_t j = 0;
+          for (; j + 16 <= w; j += 16) acc += GRIT_LOAD(ti + j) * GRIT_LOAD(tk + j);
+          double d = hsum_tree(acc);
+          for (; j < w; ++j) d += static_cast<double>(ti[j]) * tk[j];
+          g[i * r + k] += d;
+        }
+    }
+    for (int i = 0; i < r; ++i) {
+      q += f[i * R + i] * g[i * r + i];
+      for (int k = 0; k < i; ++k) q += (f[i * R + k] + f[k * R + i]) * g[i * r + k];
+    }
+    return q;
   }
+  constexpr int64_t kRows = 256;
+  const int rw = (r + 15) / 16 * 16;
+  const int64_t len = p.size(0);
+  tile.assign(static_cast<size_t>(kRows) * rw, 0.0f);
+  std::vector<float> acc(static_cast<size_t>(r) * rw, 0.0f);
+  for (int64_t t0 = 0; t0 < len; t0 += kRows) {
+    const int64_t n = std::min(kRows, len - t0);
+    for (int64_t t = 0; t < n; ++t) {
+      const G* pt = pp + (t0 + t) * lp;
+      const G* bt = bp + (t0 + t) * lb;
+      float* tt = tile.data() + t * rw;
+      for (int j = 0; j < r; ++j) tt[j] = static_cast<float>(to_t(pt[j])) - static_cast<float>(to_t(bt[j]));
+    }
+    gram_tile<float>(tile.data(), n, r, rw, acc.data());
+  }
+  for (int i = 0; i < r; ++i)
+    for (int j = 0; j < r; ++j) q += f[i * R + j] * static_cast<double>(acc[i * rw + j]);
+  return q;
 }
 
-void delta_gram_any(const at::Tensor& p, const at::Tensor& b, bool transpose, int r, int rw, std::vector<float>& tile,
-                    float* acc) {
+double delta_quad_any(const at::Tensor& p, const at::Tensor& b, bool rows_side, int r, const double* f, int64_t R,
+                      std::vector<float>& tile) {
   switch (p.scalar_type()) {
-    case at::kFloat: return delta_gram<float>(p, b, transpose, r, rw, tile, acc);
-    case at::kDouble: return delta_gram<double>(p, b, transpose, r, rw, tile, acc);
-    case at::kBFloat16: return delta_gram<c10::BFloat16>(p, b, transpose, r, rw, tile, acc);
-    default: return delta_gram<c10::Half>(p, b, transpose, r, rw, tile, acc);
+    case at::kFloat: return delta_quad<float>(p, b, rows_side, r, f, R, tile);
+    case at::kDouble: return delta_quad<double>(p, b, rows_side, r, f, R, tile);
+    case at::kBFloat16: return delta_quad<c10::BFloat16>(p, b, rows_side, r, f, R, tile);
+    default: return delta_quad<c10::Half>(p, b, rows_side, r, f, R, tile);
   }
 }
 
 template <typename G>
-void blend_2d(const at::Tensor& p, const at::Tensor& b, float nu) {
+GRIT_CLONES void blend_2d(const at::Tensor& p, const at::Tensor& b, float nu) {
   G* pp = p.data_ptr<G>();
   const G* bp = b.data_ptr<G>();
   const int64_t rows = p.size(0), cols = p.size(1), lp = p.stride(0), lb = b.stride(0);
@@ -917,19 +962,11 @@ at::Tensor kl_clip_update_cpu(at::TensorList params_a, at::TensorList params_b, 
   const double* fhp = fh.data_ptr<double>();
   std::vector<double> quad(M, 0.0);
   at::parallel_for(0, M, 4, [&](int64_t b, int64_t e) {
-    std::vector<float> tile, acc;
+    std::vector<float> tile;
     for (int64_t m = b; m < e; ++m) {
-      const int r = static_cast<int>(params_a[m].size(0)), rw = (r + 15) / 16 * 16;
-      double q = 0;
-      for (int side = 0; side < 2; ++side) {
-        acc.assign(static_cast<size_t>(r) * rw, 0.0f);
-        delta_gram_any(side == 0 ? params_a[m] : params_b[m], side == 0 ? before_a[m] : before_b[m], side == 0, r, rw,
-                       tile, acc.data());
-        const double* f = (side == 0 ? fdp : fhp) + m * R * R;
-        for (int i = 0; i < r; ++i)
-          for (int j = 0; j < r; ++j) q += f[i * R + j] * static_cast<double>(acc[i * rw + j]);
-      }
-      quad[m] = q;
+      const int r = static_cast<int>(params_a[m].size(0));
+      quad[m] = delta_quad_any(params_a[m], before_a[m], true, r, fdp + m * R * R, R, tile) +
+                delta_quad_any(params_b[m], before_b[m], false, r, fhp + m * R * R, R, tile);
     }
   });
   double total = 0;

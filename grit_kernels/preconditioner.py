@@ -219,7 +219,8 @@ class GritPreconditioner:
 
     def snapshot_adapters(self) -> list[torch.Tensor]:
         """Copies of every lora_A, lora_B (bank order) before the inner optimizer step."""
-        return ops.clone_tensors([p.detach() for p in self.parameters()], backend=self.backend)
+        with torch.no_grad():  # (no per-tensor detach: hundreds of tensors)
+            return ops.clone_tensors(self.parameters(), backend=self.backend)
 
     def clip_update_(self, before: list[torch.Tensor]) -> None:
         """KL-clip the step the inner optimizer just took (after its momentum, with its per-group lrs).
@@ -227,11 +228,12 @@ class GritPreconditioner:
         ``Delta = p - before``; ``q = sum_m <D_m Delta_A, Delta_A> + <Delta_B H_m, Delta_B>`` (the Fisher
         quadratic form, ~2 x the per-token KL of the step); ``p <- before + min(1, sqrt(kl_clip / q)) Delta``.
         """
-        params = [p.detach() for p in self.parameters()]
-        ops.kl_clip_update_(
-            params[0::2], params[1::2], before[0::2], before[1::2], self.bank.factor[BACKWARD],
-            self.bank.factor[FORWARD], self.config.kl_clip, backend=self.backend,
-        )
+        params = self.parameters()
+        with torch.no_grad():
+            ops.kl_clip_update_(
+                params[0::2], params[1::2], before[0::2], before[1::2], self.bank.factor[BACKWARD],
+                self.bank.factor[FORWARD], self.config.kl_clip, backend=self.backend,
+            )
 
     # ------------------------------------------------------------------ observability
     def curvature_summary(self) -> dict[str, torch.Tensor]:

@@ -117,49 +117,57 @@ def precondition_(grads_a, grads_b, inv_d, inv_h, compute_dot: bool = False) -> 
     return dot if compute_dot else None
 
 
-def _cpu_2d(tensors) -> bool:
-    return all(t.device.type == "cpu" and t.dim() == 2 and t.stride(1) == 1 and t.dtype in _GRAD_DTYPES for t in tensors)
+def _on_cpu(tensors) -> bool:
+    return bool(tensors) and tensors[0].device.type == "cpu"
+
+
+# The C++ ops below validate every input before writing anything (TORCH_CHECK -> RuntimeError); an input
+# they do not take (a dtype, a layout, another device) runs the torch form instead. No per-tensor Python check
+# on the hot path: hundreds of tensors per call.
 
 
 def accumulate_rank_statistics_(stat_sum, rows, indices, h, delta, tolerance: float) -> None:
     """See :func:`grit_kernels.ops.statistics.accumulate_rank_statistics_`: one C++ call (mask, Grams, bank add)."""
-    if not (
-        h.device.type == "cpu"
-        and stat_sum.dtype in (torch.float32, torch.float64)
-        and rows.dtype == stat_sum.dtype
-        and h.dtype == delta.dtype
-        and _cpu_2d((h, delta))
-    ):
-        return _torch("accumulate_rank_statistics_")(stat_sum, rows, indices, h, delta, tolerance)
-    _ops().rank_statistics_(stat_sum, rows, list(indices), h, delta, float(tolerance))
-    return None
+    if h.device.type == "cpu":
+        try:
+            return _ops().rank_statistics_(stat_sum, rows, indices, h, delta, tolerance)
+        except RuntimeError:
+            pass
+    return _torch("accumulate_rank_statistics_")(stat_sum, rows, indices, h, delta, tolerance)
 
 
 def precondition_grafted_(grads_a, grads_b, inv_d, inv_h) -> None:
     """See :func:`grit_kernels.ops.precondition_grafted_` (module ``i`` uses ``inv_*[i]``): one C++ call."""
-    if not (_cpu_2d(grads_a) and _cpu_2d(grads_b) and inv_d.dtype in (torch.float32, torch.float64)):
-        return _torch("precondition_grafted_")(grads_a, grads_b, inv_d, inv_h)
-    _ops().precondition_grafted_(list(grads_a), list(grads_b), inv_d, inv_h)
-    return None
+    if _on_cpu(grads_a):
+        try:
+            return _ops().precondition_grafted_(grads_a, grads_b, inv_d, inv_h)
+        except RuntimeError:
+            pass
+    return _torch("precondition_grafted_")(grads_a, grads_b, inv_d, inv_h)
 
 
 def clone_tensors(tensors):
     """See :func:`grit_kernels.ops.clone_tensors`."""
-    if not all(t.device.type == "cpu" and not t.requires_grad for t in tensors):
-        return _torch("clone_tensors")(tensors)
-    return _ops().clone_all(tensors)
+    if _on_cpu(tensors):
+        return _ops().clone_all(tensors)
+    return _torch("clone_tensors")(tensors)
 
 
 def sum_of_squares(tensors):
     """See :func:`grit_kernels.ops.sum_of_squares`."""
-    if not tensors or not _cpu_2d(tensors):
-        return _torch("sum_of_squares")(tensors)
-    return _ops().sum_squares(tensors)
+    if _on_cpu(tensors):
+        try:
+            return _ops().sum_squares(tensors)
+        except RuntimeError:
+            pass
+    return _torch("sum_of_squares")(tensors)
 
 
 def kl_clip_update_(params_a, params_b, before_a, before_b, factor_d, factor_h, kl_clip: float):
     """See :func:`grit_kernels.ops.kl_clip_update_`: one C++ call (``before_*`` are left unchanged)."""
-    tensors = [*params_a, *params_b, *before_a, *before_b]
-    if not (_cpu_2d(tensors) and not any(t.requires_grad for t in tensors)):
-        return _torch("kl_clip_update_")(params_a, params_b, before_a, before_b, factor_d, factor_h, kl_clip)
-    return _ops().kl_clip_update_(params_a, params_b, before_a, before_b, factor_d, factor_h, float(kl_clip))
+    if _on_cpu(params_a):
+        try:
+            return _ops().kl_clip_update_(params_a, params_b, before_a, before_b, factor_d, factor_h, kl_clip)
+        except RuntimeError:
+            pass
+    return _torch("kl_clip_update_")(params_a, params_b, before_a, before_b, factor_d, factor_h, kl_clip)
