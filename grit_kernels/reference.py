@@ -269,3 +269,60 @@ def eigen_adam_step(
         out[k] = params[k] * (1 - lrs[k] * weight_decay) - lrs[k] / (1 - beta1**t) * direction
         new["m_" + k], new["v_" + k] = m, v
     return out["a"], out["b"], new
+
+
+# ----------------------------------------------------------------------------- base stack (gk.fuse)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * x / sqrt(mean(x^2) + eps)`` over the last dim, row by row; ``x [..., d]``, ``weight [d]``."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.empty_like(rows)
+    for t in range(rows.shape[0]):
+        out[t] = weight * rows[t] / torch.sqrt((rows[t] * rows[t]).sum() / rows.shape[1] + eps)
+    return out.reshape(x.shape)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's RoPE of ``x [..., D]`` as a rotation by angle ``theta_j`` of each pair ``(x_j, x_{j + D/2})``:
+    ``(x_j cos - x_{j+D/2} sin, x_{j+D/2} cos + x_j sin)`` with ``cos, sin [..., D]`` (broadcast to ``x``;
+    their halves agree, as HF builds them) read at ``j``."""
+    half = x.shape[-1] // 2
+    cos, sin = torch.broadcast_to(cos, x.shape), torch.broadcast_to(sin, x.shape)
+    out = torch.empty_like(x)
+    for j in range(half):
+        c, s = cos[..., j], sin[..., j]
+        out[..., j] = x[..., j] * c - x[..., j + half] * s
+        out[..., j + half] = x[..., j + half] * c + x[..., j] * s
+    return out
+
+
+def lora_linear(
+    x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, bias=None
+):
+    """``x W^T (+ bias) + scale * (x A^T) B^T`` for ``x [..., d_in]``."""
+    y = x @ weight.T + scale * (x @ a.T) @ b.T
+    return y if bias is None else y + bias
+
+
+def swiglu_mlp(x: torch.Tensor, gate: tuple, up: tuple, down: tuple) -> torch.Tensor:
+    """``down(silu(gate(x)) * up(x))`` with each projection a ``(weight, a, b, scale)`` tuple of
+    :func:`lora_linear`; ``silu(z) = z / (1 + exp(-z))``."""
+    g = lora_linear(x, *gate)
+    return lora_linear(g / (1 + torch.exp(-g)) * lora_linear(x, *up), *down)
+
+
+def packed_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor, scale: float
+):
+    """Softmax attention where token ``i`` sees token ``j`` iff ``j <= i`` and both carry the same id in
+    ``segment_ids [B, S]``; ``q [B, Hq, S, D]``, ``k, v [B, Hk, S, D]`` (query head ``h`` reads kv head
+    ``h // (Hq / Hk)``); returns ``[B, Hq, S, D]``. One query at a time."""
+    out = torch.empty_like(q)
+    group = q.shape[1] // k.shape[1]
+    for bi in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            for i in range(q.shape[2]):
+                keep = (segment_ids[bi, : i + 1] == segment_ids[bi, i]).nonzero().flatten()
+                scores = (k[bi, h // group, keep] @ q[bi, h, i]) * scale
+                weights = torch.exp(scores - scores.max())
+                out[bi, h, i] = (weights / weights.sum()) @ v[bi, h // group, keep]
+    return out

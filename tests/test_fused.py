@@ -30,6 +30,10 @@ def tiny_config(arch: str, num_layers: int = 2):
         return MistralConfig(sliding_window=8, **common)
     if arch == "qwen2":
         return Qwen2Config(**common)  # q/k/v carry (frozen) biases
+    if arch == "qwen3":
+        from transformers import Qwen3Config
+
+        return Qwen3Config(head_dim=16, **common)  # RMSNorm on q and k over the head dim
     raise ValueError(arch)
 
 
@@ -183,7 +187,11 @@ def test_report_counts_and_reasons():
     report = gk.fuse(lora_model("llama", num_layers=3))
     assert (len(report.fused_blocks), report.num_blocks, report.fused_modules) == (3, 3, 21)
     assert not report.unfused
-    assert (report.base_stack_blocks, report.rms_norms, report.kernels) == (3, 7, "torch")  # 2 per block + final
+    assert (report.base_stack_blocks, report.rms_norms, report.kernels) == (
+        3,
+        7,
+        "torch",
+    )  # 2 per block + final
     assert str(report) == (
         "fused 3/3 blocks (21 LoRA modules)\n"
         "  base stack (torch): 7 RMSNorm modules; RoPE and residual adds fused in 3/3 blocks"
