@@ -3,9 +3,10 @@
 
 Builds the arms exactly as ``bench_e2e.py`` does (same model, seed, batches), runs warm-up steps,
 then profiles ``--steps`` steps of each arm and groups self CPU time by operator into buckets:
-matmul (mm/addmm/bmm/linear), attention (SDPA), fused-LoRA Python (the custom Functions' own time:
-argument handling, Python glue), elementwise/norm/RoPE, optimizer, copies/casts, other. Prints a
-table and writes JSON (``--out``; default ``./grit-results/profile-fused.json``, never a tracked file).
+matmul (mm/addmm/bmm/linear), attention (SDPA), fused Functions (the custom LoRA and base-stack
+Functions' own time: argument handling, Python glue), elementwise/norm/RoPE, optimizer,
+copies/casts, other. Prints a table and writes JSON with the commit and the load average
+(``--out``; default ``./grit-results/profile-fused.json``, never a tracked file).
 
 Run: ``python bench/profile_fused.py --batch-size 2 --max-length 192``.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -26,7 +28,10 @@ import bench_e2e
 BUCKETS = (
     ("matmul", ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::linear", "aten::baddbmm")),
     ("attention", ("scaled_dot_product", "flash_attention")),
-    ("fused-LoRA Functions (own time)", ("FusedProjections", "FusedSwiGLU")),
+    (
+        "fused Functions (own time)",
+        ("FusedProjections", "FusedSwiGLU", "FusedQKV", "RMSNormFunction", "RotaryFunction"),
+    ),
     (
         "optimizer",
         ("Optimizer.", "aten::lerp", "aten::_foreach", "aten::addcdiv", "aten::addcmul", "aten::sqrt"),
@@ -124,15 +129,25 @@ def main(argv=None) -> int:
         device="cpu",
     ).resolve()
     steps = bench_e2e._step_batches(cfg)
-    result = {"config": {k: v for k, v in vars(args).items()}, "arms": {}}
+    result = {
+        "config": {k: v for k, v in vars(args).items()},
+        "commit": bench_e2e.git_commit(),
+        "versions": bench_e2e.versions(),
+        "load_average_before": os.getloadavg(),
+        "arms": {},
+    }
     for name in cfg.arms:
         result["arms"][name] = profile_arm(name, cfg, steps)
+    result["load_average_after"] = os.getloadavg()
     names = list(result["arms"])
     keys = sorted(
         {k for a in result["arms"].values() for k in a["self_cpu_ms_per_step"]},
         key=lambda k: -result["arms"][names[0]]["self_cpu_ms_per_step"].get(k, 0),
     )
-    print(f"self CPU ms per step (profiled; {args.batch_size} x <= {args.max_length} tokens)")
+    load = result["load_average_after"][0]
+    print(
+        f"self CPU ms per step (profiled; {args.batch_size} x <= {args.max_length} tokens; load average {load:.1f})"
+    )
     print(f"{'bucket':36s}" + "".join(f"{n:>13s}" for n in names))
     for k in keys + ["TOTAL"]:
         vals = [
