@@ -5,7 +5,9 @@ Every arm trains the same model (same seed: same base weights and LoRA init) on 
 process. Arms:
 
 * ``peft-adamw`` -- plain PEFT LoRA with ``torch.optim.AdamW`` (the baseline of every ratio; alias ``adamw``);
-* ``fused-adamw`` -- the same after :func:`grit_kernels.fuse` (block-level fused LoRA Functions);
+* ``fused-adamw`` -- the same after :func:`grit_kernels.fuse` (block-level fused LoRA Functions and base
+  stack: RMSNorm, RoPE, residual adds; with packed rows on CPU, attention per packed sequence where
+  ``peft-adamw`` runs HF's SDPA over the whole row with a block-causal mask);
 * ``fused-grit`` -- :func:`grit_kernels.fuse` + :class:`grit_kernels.GritPreconditioner` +
   :class:`grit_kernels.GritOptimizer` around the same AdamW (statistics formed inside the fused Functions);
 * ``peft-grit``  -- GRIT on PEFT's own per-projection path (alias ``grit``), ``backend="auto"``
