@@ -52,6 +52,14 @@ typedef float v16f_u __attribute__((vector_size(64), aligned(4)));  // unaligned
 #define GRIT_LOAD(p) (*reinterpret_cast<const v16f_u*>(p))
 #define GRIT_STORE(p, v) (*reinterpret_cast<v16f_u*>(p) = (v))
 
+// Pairwise (tree) sum of 16 lanes in float: short dependency chains, for many small dot products.
+inline float hsum_tree(v16f v) {
+  float s8[8], s4[4];
+  for (int j = 0; j < 8; ++j) s8[j] = v[j] + v[j + 8];
+  for (int j = 0; j < 4; ++j) s4[j] = s8[j] + s8[j + 4];
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
 extern "C" {
 // ``import grit_kernels._C`` runs the static TORCH_LIBRARY registrations below; the module is empty.
 PyObject* PyInit__C(void) {
@@ -170,6 +178,74 @@ void accumulate_gram_cpu(at::Tensor out, const at::Tensor& x, double weight) {
 }
 
 // ---------------------------------------------------------------------- rank-space statistics
+// Rows t0..t1 of x[:, 0:r] (row stride ld) converted into tile[t - t0, 0:r] (row stride rw); row_sq[t] =
+// |x_t|^2; returns the largest (NaN if any is NaN).
+template <typename X, typename T>
+GRIT_CLONES T delta_rows(const X* __restrict x, int64_t ld, int r, int rw, int64_t t0, int64_t t1, T* __restrict tile,
+                         T* __restrict row_sq) {
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  T m = 0;
+  for (int64_t t = t0; t < t1; ++t) {
+    const X* xt = x + t * ld;
+    T* dt = tile + (t - t0) * rw;
+    T s;
+    if constexpr (std::is_same_v<X, float> && std::is_same_v<T, float>) {
+      if (r % 16 == 0) {
+        v16f acc = {};
+        for (int j = 0; j < r; j += 16) {
+          const v16f v = GRIT_LOAD(xt + j);
+          GRIT_STORE(dt + j, v);
+          acc += v * v;
+        }
+        s = hsum_tree(acc);
+        row_sq[t] = s;
+        m = (std::isnan(s) || std::isnan(m)) ? nan : std::max(m, s);
+        continue;
+      }
+    }
+    T s4[4] = {};
+    int j = 0;
+    for (; j + 4 <= r; j += 4)
+      for (int u = 0; u < 4; ++u) {
+        const T v = to_t(xt[j + u]);
+        dt[j + u] = v;
+        s4[u] += v * v;
+      }
+    for (; j < r; ++j) {
+      const T v = to_t(xt[j]);
+      dt[j] = v;
+      s4[0] += v * v;
+    }
+    s = (s4[0] + s4[1]) + (s4[2] + s4[3]);
+    row_sq[t] = s;
+    m = (std::isnan(s) || std::isnan(m)) ? nan : std::max(m, s);
+  }
+  return m;
+}
+
+// Rows t of x[:, 0:r] with row_sq[t] > threshold, converted and packed into tile (row stride rw); returns
+// how many.
+template <typename X, typename T>
+GRIT_CLONES int64_t gather_rows(const X* __restrict x, int64_t ld, int r, int rw, int64_t t0, int64_t t1,
+                                const T* __restrict row_sq, T threshold, T* __restrict tile) {
+  int64_t carried = 0;
+  for (int64_t t = t0; t < t1; ++t) {
+    if (!(row_sq[t] > threshold)) continue;
+    const X* xt = x + t * ld;
+    T* ht = tile + carried * rw;
+    if constexpr (std::is_same_v<X, float> && std::is_same_v<T, float>) {
+      if (r % 16 == 0) {
+        for (int j = 0; j < r; j += 16) GRIT_STORE(ht + j, GRIT_LOAD(xt + j));
+        ++carried;
+        continue;
+      }
+    }
+    for (int j = 0; j < r; ++j) ht[j] = to_t(xt[j]);
+    ++carried;
+  }
+  return carried;
+}
+
 // Module k of h, delta [N, K*r] (columns k*r .. k*r+r-1; unit column stride): rows t with
 // |delta_t|^2 > tol^2 * max_t |delta_t|^2 "carry gradient" (NaN anywhere: none does), and
 //   stat_sum[0, idx_k] += sum_{t carrying} h_t h_t^T,  stat_sum[1, idx_k] += sum_t delta_t delta_t^T,
@@ -197,27 +273,7 @@ void rank_statistics_impl(at::Tensor& stat_sum, at::Tensor& rows, const std::vec
     std::vector<T> td(static_cast<size_t>(kChunk) * rw, T(0));
     for (int64_t task = b; task < e; ++task) {
       const int64_t k = task / chunks, t0 = (task % chunks) * kChunk, t1 = std::min(N, t0 + kChunk);
-      T m = 0;
-      for (int64_t t = t0; t < t1; ++t) {
-        const X* d = dp + t * ds + k * r;
-        T* dt = td.data() + (t - t0) * rw;
-        T s4[4] = {};
-        int j = 0;
-        for (; j + 4 <= r; j += 4)
-          for (int u = 0; u < 4; ++u) {
-            const T v = to_t(d[j + u]);
-            dt[j + u] = v;
-            s4[u] += v * v;
-          }
-        for (; j < r; ++j) {
-          const T v = to_t(d[j]);
-          dt[j] = v;
-          s4[0] += v * v;
-        }
-        const T s = (s4[0] + s4[1]) + (s4[2] + s4[3]);
-        row_sq[k * N + t] = s;
-        m = (std::isnan(s) || std::isnan(m)) ? nan : std::max(m, s);
-      }
+      const T m = delta_rows<X, T>(dp + k * r, ds, r, rw, t0, t1, td.data(), row_sq.data() + k * N);
       task_max[task] = m;
       gram_tile<T>(td.data(), t1 - t0, r, rw, partial.data() + task * 2 * r * rw + r * rw);
     }
@@ -236,14 +292,8 @@ void rank_statistics_impl(at::Tensor& stat_sum, at::Tensor& rows, const std::vec
     std::vector<T> th(static_cast<size_t>(kChunk) * rw, T(0));
     for (int64_t task = b; task < e; ++task) {
       const int64_t k = task / chunks, t0 = (task % chunks) * kChunk, t1 = std::min(N, t0 + kChunk);
-      int64_t carried = 0;
-      for (int64_t t = t0; t < t1; ++t) {
-        if (!(row_sq[k * N + t] > threshold[k])) continue;
-        const X* x = hp + t * hs + k * r;
-        T* ht = th.data() + carried * rw;
-        for (int j = 0; j < r; ++j) ht[j] = to_t(x[j]);
-        ++carried;
-      }
+      const int64_t carried =
+          gather_rows<X, T>(hp + k * r, hs, r, rw, t0, t1, row_sq.data() + k * N, threshold[k], th.data());
       gram_tile<T>(th.data(), carried, r, rw, partial.data() + task * 2 * r * rw);
       counts[task] = carried;
     }
@@ -534,13 +584,6 @@ inline double hsum(v16f v) {
   return s;
 }
 
-// Pairwise (tree) sum of 16 lanes in float: short dependency chains, for many small dot products.
-inline float hsum_tree(v16f v) {
-  float s8[8], s4[4];
-  for (int j = 0; j < 8; ++j) s8[j] = v[j] + v[j + 8];
-  for (int j = 0; j < 4; ++j) s4[j] = s8[j] + s8[j + 4];
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
 
 // float32 math, vector registers: left side 4 output rows x 32 columns, right side 8 rows x 16 columns.
 template <typename G>

@@ -21,8 +21,9 @@ TOL = 1e-6
     "x_dtype,bank_dtype",
     [(torch.float64, torch.float64), (torch.float32, torch.float32), (torch.bfloat16, torch.float32)],
 )
-def test_accumulate_rank_statistics(fresh_seed, backend, x_dtype, bank_dtype):
-    M, R, r, N = 9, 16, 12, 700  # r < R: a padded bank block; 700 rows: several 256-row chunks
+@pytest.mark.parametrize("r", [12, 16], ids=["r12-padded", "r16-vector-rows"])
+def test_accumulate_rank_statistics(fresh_seed, backend, x_dtype, bank_dtype, r):
+    M, R, N = 9, 16, 700  # r < R: a padded bank block; 700 rows: several 256-row chunks
     indices = [6, 2, 4]  # out of order, not contiguous
     stat_sum = torch.full((2, M, R, R), float("nan"), dtype=bank_dtype)
     rows = torch.full((M,), float("nan"), dtype=bank_dtype)
