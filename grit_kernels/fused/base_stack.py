@@ -34,6 +34,10 @@ def rotate_(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     Three ops: one multiply and two ``addcmul_`` into the halves of ``out``.
     """
     half = x.shape[-1] // 2
+    if torch.compiler.is_compiling():  # dynamo rejects out= into strided views; the compiler fuses anyway
+        x1, x2 = x[..., :half], x[..., half:]
+        c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
+        return out.copy_(torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), dim=-1))
     torch.mul(x, cos, out=out)
     out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1.0)
     out[..., half:].addcmul_(x[..., :half], sin[..., half:])
@@ -44,6 +48,10 @@ def unrotate_(out: torch.Tensor, g: torch.Tensor, cos: torch.Tensor, sin: torch.
     """The transpose of :func:`rotate_` (its backward): ``out = g * cos + rotate_half^T(g * sin)``,
     ``rotate_half^T(u) = [u2, -u1]``; shapes as in :func:`rotate_`."""
     half = g.shape[-1] // 2
+    if torch.compiler.is_compiling():
+        g1, g2 = g[..., :half], g[..., half:]
+        c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
+        return out.copy_(torch.cat((g1 * c1 + g2 * s2, g2 * c2 - g1 * s1), dim=-1))
     torch.mul(g, cos, out=out)
     out[..., :half].addcmul_(g[..., half:], sin[..., half:])
     out[..., half:].addcmul_(g[..., :half], sin[..., :half], value=-1.0)

@@ -211,8 +211,13 @@ class _DecoderState:
         self.heads = (q_out // d, k_out // d, d)
         self.norms = (block.input_layernorm, block.post_attention_layernorm)
         self.qk_norms = (attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") else None
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
         modeling = sys.modules[type(attn).__module__]
         self.eager_attention = modeling.eager_attention_forward
+        self.attention_functions = ALL_ATTENTION_FUNCTIONS
+        device = block.input_layernorm.weight.device
+        self.inner_rope = not hasattr(attn, "q_norm") and not uses_liger(device)  # RoPE inside FusedQKV
         self.mistral_window = type(attn).__name__.startswith("Mistral")  # Mistral: config.sliding_window
 
     def active(self) -> bool:
@@ -270,15 +275,13 @@ def _fused_decoder_body(
     **kwargs,
 ):
     """HF's Llama/Mistral/Qwen2/Qwen3 decoder layer forward, with the fused Functions."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     state = self.__dict__["_grit_fused"]
     attn = self.self_attn
     cache = kwargs.pop("past_key_values", cache)
     cos, sin = position_embeddings
     norm1 = state.norms[0]
     x = rms_norm(hidden_states, norm1._parameters["weight"], norm1.variance_epsilon)
-    inner_rope = state.qk_norms is None and not uses_liger(x.device)
+    inner_rope = state.inner_rope
     rope = (cos, sin) if inner_rope else (None, None)
     q, k, v = FusedQKV.apply(x, state.qkv, state.heads, *rope, *state.qkv.lora_weights())
     if state.qk_norms is not None:  # Qwen3: RMSNorm over the head dim before RoPE
@@ -297,12 +300,13 @@ def _fused_decoder_body(
         and cache is None
         and q.device.type == "cpu"
         and (attn.attention_dropout == 0 or not attn.training)
+        and not torch.compiler.is_compiling()  # the segment check reads the mask on the host
     ):
         segments = packed_segments(attention_mask, position_ids)
     if segments is not None:  # padding-free packed rows: attention per sequence (varlen), no S x S mask
         out = packed_causal_attention(q, k, v, segments, attn.scaling)
         return _fused_decoder_tail(state, hidden_states, out)
-    attention = ALL_ATTENTION_FUNCTIONS.get_interface(impl, state.eager_attention)
+    attention = state.attention_functions.get_interface(impl, state.eager_attention)
     out, _ = attention(
         attn,
         q,
