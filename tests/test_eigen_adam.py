@@ -307,3 +307,20 @@ def test_floor_config_errors():
         GritConfig(damping_floor=1.5)
     with pytest.raises(ValueError, match="damping_floor needs fisher='kfac'"):
         GritConfig(damping_floor=0.1, fisher="diagonal")
+
+
+def test_bench_variant_builds_eigen_adam_with_loraplus_groups():
+    """bench_convergence --variant name=eigen_loraplus:{...}: EigenAdamW (its kwargs under "optimizer") inside
+    GritOptimizer, lora_B at ratio x lr, the LoRA+ lr grid by default."""
+    from grit_kernels import cli
+
+    bench = cli.load_bench_module("bench_convergence")
+    name, arm = bench._parse_variant('e=eigen_loraplus:{"kl_clip":null,"optimizer":{"basis_freq":1}}')
+    assert name == "e" and arm.lrs == bench.ARMS["grit_loraplus"].lrs
+    model = two_layer_lora(r=3, seed=0)
+    opt, inner = bench.make_optimizer(model, arm, 1e-3, bench.RunConfig())
+    assert isinstance(opt, GritOptimizer) and isinstance(inner, EigenAdamW) and inner.basis_freq == 1
+    assert opt.preconditioner.config.kl_clip is None
+    lrs = {id(p): g["lr"] for g in inner.param_groups for p in g["params"]}
+    for a, b, _ in lora_pairs(model):
+        assert lrs[id(a)] == 1e-3 and lrs[id(b)] == pytest.approx(1e-3 * bench.RunConfig().loraplus_ratio)
