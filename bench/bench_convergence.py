@@ -254,7 +254,7 @@ ARMS: dict[str, Arm] = {
 }
 DEFAULT_ARMS = ("adamw", "loraplus", "sgd", "grit_adamw", "grit_sgd")
 #: --variant inner kinds that run :class:`grit_kernels.EigenAdamW` (Adam in the factors' eigenbasis) instead of
-#: preconditioning the gradient; its own kwargs go under the JSON key "optimizer": {"basis_freq": 10, ...}
+#: preconditioning the gradient; its own kwargs go under the JSON key "optimizer": {"basis_freq": 1, "second_moment": "keep"}
 EIGEN_INNERS = ("eigen_adam", "eigen_loraplus")
 
 

@@ -12,8 +12,10 @@ original coordinates, ``p <- p (1 - lr wd) - lr U`` (torch's AdamW arithmetic, b
 parameter group's own lr and betas). Parameters that are not preconditioned LoRA tensors get plain AdamW.
 The large side (``d_in`` of A, ``d_out`` of B) stays diagonal, as in one-sided SOAP.
 
-**Bases.** Refreshed at the first step and then every ``basis_freq`` steps by one batched float64
-``torch.linalg.eigh`` over all ``2M`` padded factors (eigenvectors in descending eigenvalue order; a module
+**Bases.** Refreshed at the first step and then every ``basis_freq`` steps (default 1: every step, measured
+better than SOAP's 10 in bench/results/cpu/convergence_screen_eigen*.json) by one batched float64
+``torch.linalg.eigh`` over all ``2M`` padded factors (on CUDA eigh checks its convergence flag: one host sync per
+refresh; unmeasured on GPU) (eigenvectors in descending eigenvalue order; a module
 of rank ``r < R`` uses the leading ``r x r`` block, the padding is the identity; factors without statistics
 keep the identity, i.e. plain AdamW). On a refresh the first moment is mapped into the new basis exactly
 (``m~ <- T m~`` with ``T = Q_new^T Q_old``, as SOAP does); the second moment is kept as is (``"keep"``, SOAP's
@@ -89,7 +91,8 @@ class EigenAdamW(torch.optim.Optimizer):
         preconditioner: the :class:`~grit_kernels.GritPreconditioner` whose bank holds the factors
             (``fisher="kfac"``, no reprojection).
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (weight decay decoupled, original coordinates).
-        basis_freq: refresh the eigenbases every ``basis_freq`` optimizer steps (first at step 1), >= 1.
+        basis_freq: refresh the eigenbases every ``basis_freq`` optimizer steps (first at step 1), >= 1; with LoRA+
+            groups, 1 gave held-out 1.6745 and 10 gave 1.6813 (LoRA+ 1.6816; bench README "Variants screened").
         second_moment: ``"keep"`` (SOAP) or ``"rotate"``: what a basis change does to the second moment.
 
     State: per parameter ``step`` (int), ``exp_avg``, ``exp_avg_sq`` (rotated coordinates for LoRA tensors,
@@ -107,7 +110,7 @@ class EigenAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        basis_freq: int = 10,
+        basis_freq: int = 1,
         second_moment: str = "keep",
     ):
         from .preconditioner import GritPreconditioner
