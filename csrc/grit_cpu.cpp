@@ -10,7 +10,7 @@
 //   damped_cholesky_inverse(mats[n,R,R], damping, eps_abs, ranks[n], previous?, previous_valid?,
 //                           retry_factor) -> (inverses[n,R,R], status[n] int32)
 //   precondition_(grads_a[M], grads_b[M], inv_d[M',R,R], inv_h[M',R,R], compute_dot) -> dot (0-dim f32)
-//   rank_statistics_(stat_sum[2,M,R,R], rows[M], indices[K], h[N,K*r], delta[N,K*r], tolerance)
+//   rank_statistics_(stat_sum[2,M,R,R], rows[M], indices[K], h[...,K*r], delta[...,K*r], tolerance)
 //                                                            GRIT's per-module Grams, row mask and counts
 //   precondition_grafted_(grads_a, grads_b, inv_d, inv_h)      precondition_, then g *= |g_raw| / |g_new|
 //   sum_squares(xs[]) -> 0-dim float64;  clone_all(xs[]) -> copies
@@ -324,16 +324,17 @@ void rank_statistics_cpu(at::Tensor stat_sum, at::Tensor rows, at::IntArrayRef i
               "rank_statistics_: rows must be [M] of stat_sum's dtype");
   TORCH_CHECK(stat_sum.scalar_type() == at::kFloat || stat_sum.scalar_type() == at::kDouble,
               "rank_statistics_: stat_sum must be float32 or float64");
-  TORCH_CHECK(K >= 1 && h.dim() == 2 && h.sizes() == delta.sizes() && h.size(1) % K == 0 &&
+  TORCH_CHECK(K >= 1 && h.dim() >= 1 && h.sizes() == delta.sizes() && h.size(-1) % K == 0 &&
                   h.scalar_type() == delta.scalar_type(),
-              "rank_statistics_: h and delta must be [N, K * r] of one dtype, K = len(indices) >= 1");
-  TORCH_CHECK(h.size(1) / K <= stat_sum.size(2), "rank_statistics_: rank ", h.size(1) / K, " exceeds the bank's R = ",
-              stat_sum.size(2));
+              "rank_statistics_: h and delta must be [..., K * r] of one dtype, K = len(indices) >= 1");
+  TORCH_CHECK(h.size(-1) / K <= stat_sum.size(2), "rank_statistics_: rank ", h.size(-1) / K,
+              " exceeds the bank's R = ", stat_sum.size(2));
   std::vector<int64_t> idx(indices.begin(), indices.end());
   for (int64_t m : idx) TORCH_CHECK(m >= 0 && m < stat_sum.size(1), "rank_statistics_: index ", m, " out of range");
-  if (h.size(0) == 0 || h.size(1) == 0) return;
-  const at::Tensor hc = h.stride(1) == 1 ? h : h.contiguous();
-  const at::Tensor dc = delta.stride(1) == 1 ? delta : delta.contiguous();
+  if (h.numel() == 0) return;
+  const at::Tensor h2 = h.reshape({-1, h.size(-1)}), d2 = delta.reshape({-1, delta.size(-1)});
+  const at::Tensor hc = h2.stride(1) == 1 ? h2 : h2.contiguous();
+  const at::Tensor dc = d2.stride(1) == 1 ? d2 : d2.contiguous();
   AT_DISPATCH_FLOATING_TYPES(stat_sum.scalar_type(), "rank_statistics_", [&] {
     using T = scalar_t;
     switch (hc.scalar_type()) {

@@ -87,9 +87,7 @@ class CaptureSlot:
         if self.bank is None:
             self.capture(h, delta)
         else:
-            RECORDER.record(
-                self.bank, (self.index,), h.reshape(-1, h.shape[-1]), delta.reshape(-1, h.shape[-1])
-            )
+            RECORDER.record(self.bank, (self.index,), h, delta)
 
 
 def batched_statistics(h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,12 +128,12 @@ class StatsRecorder:
         self._kernels: dict = {}  #: (backend, device type) -> accumulate_rank_statistics_ implementation
 
     def record(self, bank: Any, indices: tuple[int, ...], h: torch.Tensor, delta: torch.Tensor) -> None:
-        """Add (CPU) or queue (CUDA) ``h, delta [N, len(indices) * r]`` (modules side by side, equal rank) of
-        bank ``indices``."""
-        n, k = h.shape[0], len(indices)
-        r = h.shape[1] // k
+        """Add (CPU) or queue (CUDA) ``h, delta [..., len(indices) * r]`` (rows: the leading dims; modules side by
+        side, equal rank) of bank ``indices``."""
         if torch.compiler.is_compiling():  # traced (torch.compile): no Python state, add at once
-            grams, rows = batched_statistics(h.reshape(n, k, r), delta.reshape(n, k, r))
+            k = len(indices)
+            r = h.shape[-1] // k
+            grams, rows = batched_statistics(h.reshape(-1, k, r), delta.reshape(-1, k, r))
             _add_traceable(bank, indices, grams, rows)
             return
         if self.eager_grams if self.eager_grams is not None else h.device.type == "cpu":
@@ -145,7 +143,8 @@ class StatsRecorder:
                 add = self._kernels[key] = kernel(ops.resolve_backend(key[0], h.device), "accumulate_rank_statistics_")
             add(bank.stat_sum, bank.rows, indices, h, delta, ZERO_ROW_TOLERANCE)
             return
-        self._pending.append((bank, indices, r, h, delta))
+        h, delta = h.reshape(-1, h.shape[-1]), delta.reshape(-1, delta.shape[-1])
+        self._pending.append((bank, indices, h.shape[1] // len(indices), h, delta))
         if not self._queued:
             try:
                 torch.autograd.Variable._execution_engine.queue_callback(self.flush)

@@ -71,17 +71,17 @@ def accumulate_rank_statistics_(
         stat_sum: ``[2, M, R, R]`` float32 (float64 in tests) step sums of the bank, ``R >= r``.
         rows: ``[M]`` row counts, same dtype.
         indices: ``K`` distinct bank indices (host integers).
-        h, delta: ``[N, K * r]`` (modules side by side, unit column stride), float32/float16/bfloat16.
+        h, delta: ``[..., K * r]`` (rows: the leading dims flattened; modules side by side), float32/float16/bfloat16.
         tolerance: relative row-norm threshold of "carries gradient" (``grit_kernels.layers.ZERO_ROW_TOLERANCE``).
     No host synchronisation. Oracle: :func:`grit_kernels.reference.rank_statistics`.
     """
     k = len(indices)
-    if k == 0 or h.dim() != 2 or h.shape != delta.shape or h.shape[1] % k:
+    if k == 0 or h.dim() < 1 or h.shape != delta.shape or h.shape[-1] % k:
         raise ValueError(
-            f"accumulate_rank_statistics_: h and delta must be [N, K * r] with K = {k} modules, "
+            f"accumulate_rank_statistics_: h and delta must be [..., K * r] with K = {k} modules, "
             f"got {tuple(h.shape)} and {tuple(delta.shape)}"
         )
-    if stat_sum.dim() != 4 or stat_sum.shape[0] != 2 or h.shape[1] // k > stat_sum.shape[-1]:
+    if stat_sum.dim() != 4 or stat_sum.shape[0] != 2 or h.shape[-1] // k > stat_sum.shape[-1]:
         raise ValueError(f"accumulate_rank_statistics_: stat_sum must be [2, M, R, R] with R >= r, got {tuple(stat_sum.shape)}")
     kernel(resolve_backend(backend, h.device), "accumulate_rank_statistics_")(
         stat_sum, rows, indices, h, delta, tolerance
@@ -90,9 +90,10 @@ def accumulate_rank_statistics_(
 
 def torch_accumulate_rank_statistics_(stat_sum, rows, indices, h, delta, tolerance) -> None:
     """Torch backend of :func:`accumulate_rank_statistics_`: :func:`rank_statistics` + :func:`add_rank_statistics_`."""
-    n, k = h.shape[0], len(indices)
-    r = h.shape[1] // k
-    if n == 0:
+    k = len(indices)
+    r = h.shape[-1] // k
+    h, delta = h.reshape(-1, k, r), delta.reshape(-1, k, r)
+    if h.shape[0] == 0:
         return
-    grams, counts = rank_statistics(h.reshape(n, k, r), delta.reshape(n, k, r), tolerance)
+    grams, counts = rank_statistics(h, delta, tolerance)
     add_rank_statistics_(stat_sum, rows, indices, grams, counts)
