@@ -67,7 +67,8 @@ def torch_sum_of_squares(tensors):
     """Torch backend of :func:`sum_of_squares` (per-tensor norms, squared and summed in float64)."""
     if not tensors:
         return torch.zeros((), dtype=torch.float64)
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).double().square().sum()
+    wide = [t if t.dtype in (torch.float32, torch.float64) else t.float() for t in tensors]
+    return torch.stack(torch._foreach_norm(wide)).double().square().sum()
 
 
 def torch_kl_clip_update_(params_a, params_b, before_a, before_b, factor_d, factor_h, kl_clip):
