@@ -58,40 +58,56 @@ def unrotate_(out: torch.Tensor, g: torch.Tensor, cos: torch.Tensor, sin: torch.
     return out
 
 
+def rms_norm_rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``rsqrt(mean(x^2, -1) + eps)`` ``[..., 1]`` in fp32."""
+    x32 = x if x.dtype == torch.float32 else x.float()
+    return torch.rsqrt(torch.mean(x32 * x32, dim=-1, keepdim=True).add_(eps))
+
+
+def rms_norm_apply(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """``weight * (x * rstd).to(x.dtype)`` (HF's order of casts); a new tensor."""
+    xhat = (x if x.dtype == torch.float32 else x.float()) * rstd
+    if xhat.dtype != x.dtype:
+        xhat = xhat.to(x.dtype)
+    return xhat.mul_(weight) if weight.dtype == xhat.dtype else weight * xhat
+
+
+def rms_norm_backward(grad_y, x, weight, rstd, needs_x: bool = True, needs_weight: bool = False):
+    """``(dL/dx or None, dL/dweight or None)`` of :func:`rms_norm_apply` from ``grad_y [..., d]``:
+    ``dx = rstd * (g - xhat * mean(g * xhat))`` with ``g = grad_y * weight``, in fp32."""
+    x32 = x if x.dtype == torch.float32 else x.float()
+    xhat = x32 * rstd
+    grad_x = grad_w = None
+    if needs_x:
+        g = grad_y * weight  # dL/dxhat
+        if g.dtype != torch.float32:
+            g = g.float()
+        proj = torch.mean(g * xhat, dim=-1, keepdim=True)
+        grad_x = torch.addcmul(g, xhat, proj, value=-1.0).mul_(rstd)
+        if grad_x.dtype != x.dtype:
+            grad_x = grad_x.to(x.dtype)
+    if needs_weight:
+        xh = xhat if x.dtype == torch.float32 else xhat.to(x.dtype)
+        grad_w = (grad_y * xh).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+    return grad_x, grad_w
+
+
 class RMSNormFunction(torch.autograd.Function):
     """``y [..., d] = weight * (x * rstd).to(x.dtype)``, ``rstd = rsqrt(mean(x^2, -1) + eps)`` in fp32.
 
-    ``weight [d]`` may be trainable (its gradient is formed only when needed).
+    ``weight [d]`` may be trainable (its gradient is formed only when needed). Saves ``x`` and ``rstd``.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x32 = x if x.dtype == torch.float32 else x.float()
-        rstd = torch.rsqrt(torch.mean(x32 * x32, dim=-1, keepdim=True).add_(eps))
-        xhat = x32 * rstd
-        if xhat.dtype != x.dtype:
-            xhat = xhat.to(x.dtype)
+        rstd = rms_norm_rstd(x, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return xhat.mul_(weight) if weight.dtype == xhat.dtype else weight * xhat
+        return rms_norm_apply(x, weight, rstd)
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        x32 = x if x.dtype == torch.float32 else x.float()
-        xhat = x32 * rstd
-        g = grad_y * weight  # dL/dxhat
-        if g.dtype != torch.float32:
-            g = g.float()
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            # dx = rstd * (g - xhat * mean(g * xhat))
-            proj = torch.mean(g * xhat, dim=-1, keepdim=True)
-            grad_x = torch.addcmul(g, xhat, proj, value=-1.0).mul_(rstd)
-            if grad_x.dtype != x.dtype:
-                grad_x = grad_x.to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            xh = xhat if x.dtype == torch.float32 else xhat.to(x.dtype)
-            grad_w = (grad_y * xh).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        grad_x, grad_w = rms_norm_backward(grad_y, x, weight, rstd, *ctx.needs_input_grad[:2])
         return grad_x, grad_w, None
 
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layers import RECORDER
-from .base_stack import rotate_, unrotate_
+from .base_stack import rms_norm_apply, rms_norm_backward, rms_norm_rstd, rotate_, unrotate_
 
 
 class ProjectionGroup:
@@ -217,43 +217,64 @@ class FusedProjections(torch.autograd.Function):
         return (gx, _residual_grad(grad_y, ctx.residual_dtype), None, *grads)
 
 
+def _normed(x: torch.Tensor, norm_weight, rstd):
+    """The group input: ``x`` itself, or its RMSNorm when the Function owns the norm."""
+    return x if norm_weight is None else rms_norm_apply(x, norm_weight, rstd)
+
+
+def _norm_grads(gx, x, norm_weight, rstd, needs_x: bool, needs_weight: bool):
+    """``(dL/dx, dL/dnorm_weight)`` through the Function's own RMSNorm (or ``(gx, None)`` without one)."""
+    if norm_weight is None:
+        return gx, None
+    return rms_norm_backward(gx, x, norm_weight, rstd, needs_x, needs_weight)
+
+
 class FusedQKV(torch.autograd.Function):
     """The q/k/v group of an attention block: ``q [..., Hq, D]``, ``k, v [..., Hk, D]`` with RoPE on q, k.
 
-    Args (of ``apply``): ``x [..., d]``; the group (stacked q, k, v); ``heads = (Hq, Hk, D)``;
-    ``cos, sin [..., D]`` (HF's position embeddings, broadcast over heads) or ``None, None`` for no
-    rotation; then ``group.lora_weights()``. Outputs are views of the group's output (``v``) and of
-    one rotated ``[..., Hq + Hk, D]`` buffer (``q``, ``k``); do not modify them in place.
+    Args (of ``apply``): ``x [..., d]``; ``norm_weight [d]`` and ``eps`` of the block's input RMSNorm,
+    applied to ``x`` inside (``None``: ``x`` is the group input as is); the group (stacked q, k, v);
+    ``heads = (Hq, Hk, D)``; ``cos, sin [..., D]`` (HF's position embeddings, broadcast over heads) or
+    ``None, None`` for no rotation; then ``group.lora_weights()``. Outputs are views of the group's
+    output (``v``) and of one rotated ``[..., Hq + Hk, D]`` buffer (``q``, ``k``); do not modify them
+    in place. With the norm inside, ``x`` and the fp32 ``rstd [..., 1]`` are saved and the normalised
+    input is recomputed in backward (one multiply) instead of stored.
     """
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, group: ProjectionGroup, heads: tuple, cos, sin, *lora: torch.Tensor
+        ctx: Any, x: torch.Tensor, norm_weight, eps, group: ProjectionGroup, heads: tuple, cos, sin, *lora
     ):
         hq, hk, d = heads
         dtype = _compute_dtype(x)
         lead = x.shape[:-1]
-        x2 = _as(x.reshape(-1, x.shape[-1]), dtype)
+        rstd = None if norm_weight is None else rms_norm_rstd(x, eps)
+        xn = _normed(x, norm_weight, rstd)
+        x2 = _as(xn.reshape(-1, xn.shape[-1]), dtype)
         a, b, s = _lora_factors(group, lora, dtype)
         y, h = _group_forward(group, x2, a, b, s)
         y4 = y.view(*lead, hq + 2 * hk, d)
-        rope = cos is not None
-        if rope:
+        if cos is not None:
             cos, sin = _as(cos, dtype).unsqueeze(-2), _as(sin, dtype).unsqueeze(-2)
             qk = y4[..., : hq + hk, :]
             qk = rotate_(torch.empty(qk.shape, dtype=dtype, device=y.device), qk, cos, sin)
         else:
-            cos = sin = None
             qk = y4
         ctx.group, ctx.input_dtype, ctx.scale, ctx.heads = group, x.dtype, s, heads
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x2, h, a, b, cos, sin, *lora)
+        source = x2 if norm_weight is None else x  # the normalised input is recomputed from x
+        ctx.save_for_backward(source, norm_weight, rstd, h, a, b, cos, sin, *lora)
         return qk[..., :hq, :], qk[..., hq : hq + hk, :], y4[..., hq + hk :, :]
 
     @staticmethod
     def backward(ctx: Any, grad_q, grad_k, grad_v):
-        x2, h, a, b, cos, sin, *lora = ctx.saved_tensors
+        source, norm_weight, rstd, h, a, b, cos, sin, *lora = ctx.saved_tensors
         hq, hk, d = ctx.heads
+        x2 = (
+            source
+            if norm_weight is None
+            else _as(_normed(source, norm_weight, rstd).reshape(h.shape[0], -1), h.dtype)
+        )
         g = torch.empty(x2.shape[0], (hq + 2 * hk) * d, dtype=x2.dtype, device=x2.device)
         some = next(t for t in (grad_q, grad_k, grad_v) if t is not None)
         g4 = g.view(*some.shape[:-2], hq + 2 * hk, d)
@@ -265,19 +286,25 @@ class FusedQKV(torch.autograd.Function):
                 unrotate_(dst, grad, cos, sin)
             else:
                 dst.copy_(grad)
+        needs = ctx.needs_input_grad
         gx, grads = _group_backward(
-            ctx.group, g, x2, h, a, b, ctx.scale, lora, ctx.needs_input_grad[0], ctx.needs_input_grad[5:]
+            ctx.group, g, x2, h, a, b, ctx.scale, lora, needs[0] or needs[1], needs[7:]
         )
+        grad_w = None
         if gx is not None:
-            gx = _as(gx.view(*g4.shape[:-2], gx.shape[-1]), ctx.input_dtype)
-        return (gx, None, None, None, None, *grads)
+            gx = gx.view(*g4.shape[:-2], gx.shape[-1])
+            gx, grad_w = _norm_grads(gx, source, norm_weight, rstd, needs[0], needs[1])
+            gx = _as(gx, ctx.input_dtype) if needs[0] else None
+        return (gx, grad_w, None, None, None, None, None, *grads)
 
 
 class FusedSwiGLU(torch.autograd.Function):
-    """``residual + down(silu(gate(x)) * up(x))`` with LoRA on all three projections, in one Function.
+    """``residual + down(silu(gate(x')) * up(x'))`` with LoRA on all three projections, in one Function;
+    ``x' = RMSNorm(x)`` when the Function owns the block's post-attention norm, else ``x``.
 
-    Args (of ``apply``): ``x [..., d]``; ``residual [..., d]`` or ``None``; the gate/up and down
-    groups; then ``gate_up.lora_weights()`` and ``down.lora_weights()``.
+    Args (of ``apply``): ``x [..., d]``; ``residual [..., d]`` or ``None``; ``norm_weight [d]`` and
+    ``eps`` (or ``None``); the gate/up and down groups; then ``gate_up.lora_weights()`` and
+    ``down.lora_weights()``. (A decoder block passes ``x`` as its own residual: autograd sums the two.)
     """
 
     @staticmethod
@@ -285,13 +312,17 @@ class FusedSwiGLU(torch.autograd.Function):
         ctx: Any,
         x: torch.Tensor,
         residual,
+        norm_weight,
+        eps,
         gate_up: ProjectionGroup,
         down: ProjectionGroup,
         *lora: torch.Tensor,
     ) -> torch.Tensor:
         dtype = _compute_dtype(x)
         lead = x.shape[:-1]
-        x2 = _as(x.reshape(-1, x.shape[-1]), dtype)
+        rstd = None if norm_weight is None else rms_norm_rstd(x, eps)
+        xn = _normed(x, norm_weight, rstd)
+        x2 = _as(xn.reshape(-1, xn.shape[-1]), dtype)
         lora_gu, lora_d = lora[:4], lora[4:]
         a_gu, b_gu, s_gu = _lora_factors(gate_up, lora_gu, dtype)
         y_gu, h_gu = _group_forward(gate_up, x2, a_gu, b_gu, s_gu)
@@ -302,20 +333,27 @@ class FusedSwiGLU(torch.autograd.Function):
         y = _add_residual(y, residual)
         ctx.groups, ctx.input_dtype, ctx.scales = (gate_up, down), x.dtype, (s_gu, s_d)
         ctx.residual_dtype = None if residual is None else residual.dtype
-        ctx.save_for_backward(x2, y_gu, h_gu, h_d, a_gu, b_gu, a_d, b_d, *lora)
+        source = x2 if norm_weight is None else x  # the normalised input is recomputed from x
+        ctx.save_for_backward(source, norm_weight, rstd, y_gu, h_gu, h_d, a_gu, b_gu, a_d, b_d, *lora)
         return y.view(*lead, y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor):
-        x2, y_gu, h_gu, h_d, a_gu, b_gu, a_d, b_d, *lora = ctx.saved_tensors
+        source, norm_weight, rstd, y_gu, h_gu, h_d, a_gu, b_gu, a_d, b_d, *lora = ctx.saved_tensors
         gate_up, down = ctx.groups
         needs = ctx.needs_input_grad
+        n = y_gu.shape[0]
+        x2 = (
+            source
+            if norm_weight is None
+            else _as(_normed(source, norm_weight, rstd).reshape(n, -1), y_gu.dtype)
+        )
         g = _as(grad_y.reshape(-1, grad_y.shape[-1]), x2.dtype)
         s_gu, s_d = ctx.scales
         gate, up = y_gu.chunk(2, dim=1)
         silu = F.silu(gate)
         act = silu * up  # recomputed, not stored
-        g_act, grads_d = _group_backward(down, g, act, h_d, a_d, b_d, s_d, lora[4:], True, needs[8:10])
+        g_act, grads_d = _group_backward(down, g, act, h_d, a_d, b_d, s_d, lora[4:], True, needs[10:12])
         if torch.compiler.is_compiling():  # dynamo rejects out= into strided views; the compiler fuses anyway
             g_gate_up = torch.cat([torch.ops.aten.silu_backward(g_act * up, gate), g_act * silu], dim=1)
         else:  # eager: both halves written in place, no concatenation copy
@@ -324,8 +362,11 @@ class FusedSwiGLU(torch.autograd.Function):
             torch.mul(g_act, silu, out=g_up)
             torch.ops.aten.silu_backward.grad_input(g_act.mul_(up), gate, grad_input=g_gate)
         gx, grads_gu = _group_backward(
-            gate_up, g_gate_up, x2, h_gu, a_gu, b_gu, s_gu, lora[:4], needs[0], needs[4:8]
+            gate_up, g_gate_up, x2, h_gu, a_gu, b_gu, s_gu, lora[:4], needs[0] or needs[2], needs[6:10]
         )
+        grad_w = None
         if gx is not None:
-            gx = _as(gx.view(*grad_y.shape[:-1], gx.shape[-1]), ctx.input_dtype)
-        return (gx, _residual_grad(grad_y, ctx.residual_dtype), None, None, *grads_gu, *grads_d)
+            gx = gx.view(*grad_y.shape[:-1], gx.shape[-1])
+            gx, grad_w = _norm_grads(gx, source, norm_weight, rstd, needs[0], needs[2])
+            gx = _as(gx, ctx.input_dtype) if needs[0] else None
+        return (gx, _residual_grad(grad_y, ctx.residual_dtype), grad_w, None, None, None, *grads_gu, *grads_d)

@@ -13,11 +13,12 @@ are supported PEFT LoRA layers:
 * MLP: the MLP's forward becomes one :class:`~.functions.FusedSwiGLU` call.
 * base stack: every Llama/Mistral/Qwen2/Qwen3 ``RMSNorm`` module runs :func:`~.base_stack.rms_norm`
   (one node). Where the whole decoder block is fused and is one of those four families (transformers
-  5 layout), the block's forward is replaced too: RMSNorm -> :class:`~.functions.FusedQKV` (RoPE of q
-  and k inside) -> [Qwen3: q/k RMSNorm, then :func:`~.base_stack.rotary`] -> the model's attention
-  function (on CPU with SDPA and padding-free packed rows: causal attention per packed sequence,
-  :func:`~.base_stack.packed_causal_attention`) -> o projection with the residual add inside its Function -> RMSNorm -> SwiGLU with the
-  residual add likewise inside. On CUDA with liger-kernel installed, RMSNorm and RoPE run liger's Triton
+  5 layout), the block's forward is replaced too: :class:`~.functions.FusedQKV` (input RMSNorm and
+  RoPE of q and k inside) -> [Qwen3: q/k RMSNorm, then :func:`~.base_stack.rotary`] -> the model's
+  attention function (on CPU with SDPA and padding-free packed rows: causal attention per packed
+  sequence, :func:`~.base_stack.packed_causal_attention`) -> o projection with the residual add
+  inside its Function -> :class:`~.functions.FusedSwiGLU` with the post-attention RMSNorm and the
+  residual add inside. On CUDA with liger-kernel installed, RMSNorm and RoPE run liger's Triton
   kernels. The block keeps HF's path (with the part-level fusion above) when module hooks sit on its
   attention or MLP (e.g. output capture), and honours gradient checkpointing itself (transformers
   checkpoints the class ``forward``, which an instance forward would bypass).
@@ -185,7 +186,9 @@ def _fused_mlp_forward(self: nn.Module, x, *args, **kwargs):
     gate_up, down = self.__dict__["_grit_fused"]
     if args or kwargs or not (gate_up.active() and down.active()):
         return self._grit_previous_forward(x, *args, **kwargs)
-    return FusedSwiGLU.apply(x, None, gate_up, down, *gate_up.lora_weights(), *down.lora_weights())
+    return FusedSwiGLU.apply(
+        x, None, None, None, gate_up, down, *gate_up.lora_weights(), *down.lora_weights()
+    )
 
 
 def _fused_rms_norm_forward(self: nn.Module, hidden_states):
@@ -216,8 +219,8 @@ class _DecoderState:
         modeling = sys.modules[type(attn).__module__]
         self.eager_attention = modeling.eager_attention_forward
         self.attention_functions = ALL_ATTENTION_FUNCTIONS
-        device = block.input_layernorm.weight.device
-        self.inner_rope = not hasattr(attn, "q_norm") and not uses_liger(device)  # RoPE inside FusedQKV
+        self.liger = uses_liger(block.input_layernorm.weight.device)  # liger's RMSNorm / RoPE (CUDA)
+        self.inner_rope = not hasattr(attn, "q_norm") and not self.liger  # RoPE inside FusedQKV
         self.mistral_window = type(attn).__name__.startswith("Mistral")  # Mistral: config.sliding_window
 
     def active(self) -> bool:
@@ -280,10 +283,13 @@ def _fused_decoder_body(
     cache = kwargs.pop("past_key_values", cache)
     cos, sin = position_embeddings
     norm1 = state.norms[0]
-    x = rms_norm(hidden_states, norm1._parameters["weight"], norm1.variance_epsilon)
+    norm = (norm1._parameters["weight"], norm1.variance_epsilon)
+    x = hidden_states
+    if state.liger:  # liger's Triton RMSNorm, then the projections
+        x, norm = rms_norm(x, *norm), (None, None)
     inner_rope = state.inner_rope
     rope = (cos, sin) if inner_rope else (None, None)
-    q, k, v = FusedQKV.apply(x, state.qkv, state.heads, *rope, *state.qkv.lora_weights())
+    q, k, v = FusedQKV.apply(x, *norm, state.qkv, state.heads, *rope, *state.qkv.lora_weights())
     if state.qk_norms is not None:  # Qwen3: RMSNorm over the head dim before RoPE
         q_norm, k_norm = state.qk_norms
         q = rms_norm(q, q_norm._parameters["weight"], q_norm.variance_epsilon)
@@ -328,9 +334,12 @@ def _fused_decoder_tail(state: _DecoderState, hidden_states, out):
     norm2 = state.norms[1]
     out = out.reshape(*hidden_states.shape[:-1], -1)
     hidden = FusedProjections.apply(out, hidden_states, state.o, *state.o.lora_weights())  # residual + o(out)
-    x = rms_norm(hidden, norm2._parameters["weight"], norm2.variance_epsilon)
-    return FusedSwiGLU.apply(
-        x, hidden, state.gate_up, state.down, *state.gate_up.lora_weights(), *state.down.lora_weights()
+    norm = (norm2._parameters["weight"], norm2.variance_epsilon)
+    x = hidden
+    if state.liger:
+        x, norm = rms_norm(x, *norm), (None, None)
+    return FusedSwiGLU.apply(  # hidden + mlp(norm(hidden))
+        x, hidden, *norm, state.gate_up, state.down, *state.gate_up.lora_weights(), *state.down.lora_weights()
     )
 
 
