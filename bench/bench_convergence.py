@@ -674,6 +674,10 @@ def resummarise(path: Path, out: Path, name: str | None = None) -> int:
 def main(argv=None, prog: str | None = None) -> int:
     from bench_e2e import device_info, git_commit, versions
 
+    from grit_kernels._noise import silence_known_noise
+
+    silence_known_noise()  # two harmless third-party messages (grit_kernels/_noise.py)
+
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="1 seed, 2 lrs per arm, 40 steps, small base (<= 3 min)")
