@@ -251,6 +251,8 @@ ARMS: dict[str, Arm] = {
     "grit_adamw": Arm("adamw", {}, (4e-3, 8e-3, 1.6e-2, 3.2e-2), "GRIT + AdamW (defaults)"),
     "grit_sgd": Arm("sgd", {}, (0.25, 0.5, 1.0, 2.0), "GRIT + SGD (defaults)"),
     "grit_loraplus": Arm("loraplus", {}, (1e-3, 2e-3, 4e-3, 8e-3), "GRIT + LoRA+ (defaults)"),
+    "eigen_loraplus": Arm("eigen_loraplus", {"kl_clip": None}, (1.41e-3, 2e-3, 2.83e-3, 4e-3),
+                          "EigenAdamW + LoRA+ groups"),
 }
 DEFAULT_ARMS = ("adamw", "loraplus", "sgd", "grit_adamw", "grit_sgd")
 #: --variant inner kinds that run :class:`grit_kernels.EigenAdamW` (Adam in the factors' eigenbasis) instead of
