@@ -302,9 +302,10 @@ class FusedSwiGLU(torch.autograd.Function):
     """``residual + down(silu(gate(x')) * up(x'))`` with LoRA on all three projections, in one Function;
     ``x' = RMSNorm(x)`` when the Function owns the block's post-attention norm, else ``x``.
 
-    Args (of ``apply``): ``x [..., d]``; ``residual [..., d]`` or ``None``; ``norm_weight [d]`` and
-    ``eps`` (or ``None``); the gate/up and down groups; then ``gate_up.lora_weights()`` and
-    ``down.lora_weights()``. (A decoder block passes ``x`` as its own residual: autograd sums the two.)
+    Args (of ``apply``): ``x [..., d]``; ``residual [..., d]``, ``True`` (the residual is ``x`` itself,
+    as in a decoder block: its gradient is added inside, and dynamo traces no duplicate input) or
+    ``None``; ``norm_weight [d]`` and ``eps`` (or ``None``); the gate/up and down groups; then
+    ``gate_up.lora_weights()`` and ``down.lora_weights()``.
     """
 
     @staticmethod
@@ -330,9 +331,10 @@ class FusedSwiGLU(torch.autograd.Function):
         act = F.silu(gate).mul_(up)
         a_d, b_d, s_d = _lora_factors(down, lora_d, dtype)
         y, h_d = _group_forward(down, act, a_d, b_d, s_d)
-        y = _add_residual(y, residual)
+        ctx.self_residual = residual is True
+        y = _add_residual(y, x if ctx.self_residual else residual)
         ctx.groups, ctx.input_dtype, ctx.scales = (gate_up, down), x.dtype, (s_gu, s_d)
-        ctx.residual_dtype = None if residual is None else residual.dtype
+        ctx.residual_dtype = None if residual is None or ctx.self_residual else residual.dtype
         source = x2 if norm_weight is None else x  # the normalised input is recomputed from x
         ctx.save_for_backward(source, norm_weight, rstd, y_gu, h_gu, h_d, a_gu, b_gu, a_d, b_d, *lora)
         return y.view(*lead, y.shape[-1])
@@ -369,4 +371,6 @@ class FusedSwiGLU(torch.autograd.Function):
             gx = gx.view(*grad_y.shape[:-1], gx.shape[-1])
             gx, grad_w = _norm_grads(gx, source, norm_weight, rstd, needs[0], needs[2])
             gx = _as(gx, ctx.input_dtype) if needs[0] else None
+            if gx is not None and ctx.self_residual:  # + d(x + ...)/dx: gx is a fresh tensor of x's dtype
+                gx.add_(_as(grad_y, gx.dtype))
         return (gx, _residual_grad(grad_y, ctx.residual_dtype), grad_w, None, None, None, *grads_gu, *grads_d)

@@ -339,7 +339,13 @@ def _fused_decoder_tail(state: _DecoderState, hidden_states, out):
     if state.liger:
         x, norm = rms_norm(x, *norm), (None, None)
     return FusedSwiGLU.apply(  # hidden + mlp(norm(hidden))
-        x, hidden, *norm, state.gate_up, state.down, *state.gate_up.lora_weights(), *state.down.lora_weights()
+        x,
+        True if x is hidden else hidden,
+        *norm,
+        state.gate_up,
+        state.down,
+        *state.gate_up.lora_weights(),
+        *state.down.lora_weights(),
     )
 
 
