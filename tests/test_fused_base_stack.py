@@ -314,3 +314,25 @@ def test_hooks_on_attention_take_the_part_level_path():
     assert rel(f_logits, logits) < FP32_RTOL
     assert all(rel(f_grads[n], g) < FP32_RTOL for n, g in grads.items())
     assert lora_params(model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_trainable_norm_weights_get_peft_gradients(arch):
+    """RMSNorm weights trained alongside the adapters (e.g. modules_to_save): the norms inside the
+    fused Functions give them the same gradients as HF's modules."""
+    model = lora_model(arch, seed=8)
+    model.train()
+    norms = {n: p for n, p in model.named_parameters() if "norm" in n}
+    for p in norms.values():
+        p.requires_grad_(True)
+        with torch.no_grad():
+            p.add_(0.1 * torch.randn_like(p))
+    batch = packed_batch(5)
+    run(model, batch)
+    ref = {n: p.grad.clone() for n, p in norms.items()}
+    gk.fuse(model)
+    run(model, batch)
+    assert len(ref) == (9 if arch == "qwen3" else 5)
+    for name, p in norms.items():
+        assert ref[name].abs().sum() > 0, name
+        assert rel(p.grad, ref[name]) < FP32_RTOL, name
