@@ -336,3 +336,15 @@ def test_trainable_norm_weights_get_peft_gradients(arch):
     for name, p in norms.items():
         assert ref[name].abs().sum() > 0, name
         assert rel(p.grad, ref[name]) < FP32_RTOL, name
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_fused_decoder_generates_with_kv_cache_like_peft(arch):
+    model = lora_model(arch, seed=3).eval()
+    ids = torch.randint(0, 512, (2, 7))
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)  # noqa: C408
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, **kwargs)
+        gk.fuse(model)
+        got = model.generate(input_ids=ids, **kwargs)
+    assert torch.equal(got, expected)
