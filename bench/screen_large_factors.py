@@ -2,7 +2,8 @@
 ``d x d`` factors ``X = E[x x^T]`` (input side of lora_A) and ``G = E[g g^T]`` (output side of lora_B) are
 replaced by their diagonals (``--large-factors diagonal``) or by the identity (``--large-factors identity``:
 rank-space K-FAC, but on ``FullKFAC``'s path: no graft, KL-clip on the gradient, so that only the large
-factors differ from ``--large-factors full``).
+factors differ from ``--large-factors full``); ``input-only`` keeps ``X`` and drops ``G`` (``G = I``),
+``output-only`` the reverse.
 
 An experiment, not a feature: it swaps ``FullKFAC._damped_inverse`` in this process, then runs
 ``bench_convergence.main`` with the remaining arguments (every GRIT variant must use
@@ -39,13 +40,24 @@ def identity_inverse(factor: torch.Tensor, damping: float, eps_abs: float) -> to
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
-    parser.add_argument("--large-factors", choices=("full", "diagonal", "identity"), required=True)
+    parser.add_argument(
+        "--large-factors", choices=("full", "diagonal", "identity", "input-only", "output-only"), required=True
+    )
     args, rest = parser.parse_known_args(argv)
     from grit_kernels import fisher
 
     swap = {"diagonal": diagonal_inverse, "identity": identity_inverse}.get(args.large_factors)
     if swap is not None:
         fisher.FullKFAC._damped_inverse = staticmethod(swap)
+    if args.large_factors in ("input-only", "output-only"):
+        dropped = "output_inverse" if args.large_factors == "input-only" else "input_inverse"
+        refresh = fisher.FullKFAC._refresh
+
+        def refresh_one_side(self, damping, eps_abs):
+            refresh(self, damping, eps_abs)
+            setattr(self, dropped, [torch.eye(t.shape[0], device=t.device) for t in getattr(self, dropped)])
+
+        fisher.FullKFAC._refresh = refresh_one_side
     import bench_convergence
 
     return bench_convergence.main(rest)
