@@ -80,7 +80,12 @@ class CaptureSlot:
         alias of ``h`` (storage lora_B's product saves anyway; no reference cycle through ``h.grad_fn``).
         """
         values = h.detach()
-        h.register_hook(lambda delta: self.record(values, delta))
+        add = RECORDER.direct_adder(self.bank, h.device) if self.bank is not None else None
+        if add is None:
+            h.register_hook(lambda delta: self.record(values, delta))
+        else:  # CPU: straight into the bank, no recorder frames (hundreds of calls per backward)
+            stat_sum, rows, indices = self.bank.stat_sum, self.bank.rows, (self.index,)
+            h.register_hook(lambda delta: add(stat_sum, rows, indices, values, delta, ZERO_ROW_TOLERANCE))
 
     def record(self, h: torch.Tensor, delta: torch.Tensor) -> None:
         """Batched :meth:`capture`: deferred to the end of backward when the slot knows its bank."""
@@ -136,11 +141,8 @@ class StatsRecorder:
             grams, rows = batched_statistics(h.reshape(-1, k, r), delta.reshape(-1, k, r))
             _add_traceable(bank, indices, grams, rows)
             return
-        if self.eager_grams if self.eager_grams is not None else h.device.type == "cpu":
-            key = (getattr(bank, "backend", "auto"), h.device.type)
-            add = self._kernels.get(key)
-            if add is None:
-                add = self._kernels[key] = kernel(ops.resolve_backend(key[0], h.device), "accumulate_rank_statistics_")
+        add = self.direct_adder(bank, h.device)
+        if add is not None:
             add(bank.stat_sum, bank.rows, indices, h, delta, ZERO_ROW_TOLERANCE)
             return
         h, delta = h.reshape(-1, h.shape[-1]), delta.reshape(-1, delta.shape[-1])
@@ -151,6 +153,17 @@ class StatsRecorder:
                 self._queued = True
             except RuntimeError:  # not inside a backward pass
                 self.flush()
+
+    def direct_adder(self, bank: Any, device: torch.device):
+        """The ``accumulate_rank_statistics_`` implementation that adds at record time on ``device`` (the bank's
+        backend), or ``None`` where statistics wait for the end of backward (CUDA, or ``eager_grams=False``)."""
+        if not (self.eager_grams if self.eager_grams is not None else device.type == "cpu"):
+            return None
+        key = (getattr(bank, "backend", "auto"), device.type)
+        add = self._kernels.get(key)
+        if add is None:
+            add = self._kernels[key] = kernel(ops.resolve_backend(key[0], device), "accumulate_rank_statistics_")
+        return add
 
     def flush(self) -> None:
         """Form and add every pending statistic (a no-op when nothing is pending)."""

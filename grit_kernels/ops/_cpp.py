@@ -126,11 +126,17 @@ def _on_cpu(tensors) -> bool:
 # on the hot path: hundreds of tensors per call.
 
 
+_rank_statistics_op = None  #: torch.ops.grit_kernels_cpp.rank_statistics_, looked up once (called per module)
+
+
 def accumulate_rank_statistics_(stat_sum, rows, indices, h, delta, tolerance: float) -> None:
     """See :func:`grit_kernels.ops.statistics.accumulate_rank_statistics_`: one C++ call (mask, Grams, bank add)."""
+    global _rank_statistics_op
     if h.device.type == "cpu":
+        if _rank_statistics_op is None:
+            _rank_statistics_op = _ops().rank_statistics_
         try:
-            return _ops().rank_statistics_(stat_sum, rows, indices, h, delta, tolerance)
+            return _rank_statistics_op(stat_sum, rows, indices, h, delta, tolerance)
         except RuntimeError:
             pass
     return _torch("accumulate_rank_statistics_")(stat_sum, rows, indices, h, delta, tolerance)
