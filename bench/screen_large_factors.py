@@ -1,8 +1,8 @@
 """Screen: what do K-FAC's large factors buy? ``bench_convergence.py`` with ``fisher="kfac_full"`` whose
 ``d x d`` factors ``X = E[x x^T]`` (input side of lora_A) and ``G = E[g g^T]`` (output side of lora_B) are
 replaced by their diagonals (``--large-factors diagonal``) or by the identity (``--large-factors identity``:
-rank-space K-FAC, but on ``FullKFAC``'s path: no graft, KL-clip on the gradient, so that only the large
-factors differ from ``--large-factors full``); ``input-only`` keeps ``X`` and drops ``G`` (``G = I``),
+rank-space K-FAC, but on ``FullKFAC``'s path: no graft, and under ``GritOptimizer`` the KL-clip on the step
+taken, so that only the large factors differ from ``--large-factors full``); ``input-only`` keeps ``X`` and drops ``G`` (``G = I``),
 ``output-only`` the reverse.
 
 An experiment, not a feature: it swaps ``FullKFAC._damped_inverse`` in this process, then runs
