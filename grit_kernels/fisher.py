@@ -1,8 +1,11 @@
 """Fisher options beside rank-space K-FAC: ``GritConfig(fisher="diagonal" | "kfac_full")``.
 
 ``"kfac"`` (the default) is :class:`~grit_kernels.GritPreconditioner`'s own step. The two options here
-take over its ``step()`` (it dispatches to ``fisher.step``), keep its warm-up, KL-clip and the
-rank-space bank (folded every step, so logging and ``curvature_summary`` stay meaningful):
+take over its ``step()`` (it dispatches to ``fisher.step``), keep its warm-up and the rank-space bank
+(folded every step, so logging and ``curvature_summary`` stay meaningful). KL-clip: under
+:class:`~grit_kernels.GritOptimizer` (which calls ``step()`` without ``lr``) the clip is the one on the step
+taken, with the rank-space quadratic form (``GritPreconditioner.clip_update_``); the gradient-level clip here
+runs only when ``step(lr=...)`` is called directly:
 
 * :class:`DiagonalFisher`: ``v <- beta v + (1 - beta) g^2`` per LoRA entry (``beta = ema_decay``, the
   first step initialises ``v = g^2``), ``g <- g / (v + lam)`` with ``lam = damping * mean(v) + eps_abs``
