@@ -1,4 +1,5 @@
-"""DDP: two gloo processes on CPU give the factors and parameters of one process on the concatenated batch."""
+"""DDP: two gloo processes on CPU (PEFT's layers, or gk.fuse on every rank) give the factors and parameters
+of one unfused process on the concatenated batch."""
 
 import os
 import socket
@@ -9,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+import grit_kernels as gk
 from grit_kernels import GritConfig, GritPreconditioner
 from grit_kernels.bank import FactorBank
 from grit_kernels.data import IGNORE_INDEX
@@ -60,12 +62,15 @@ def make_model_and_optimizer():
     return model, pre, opt
 
 
-def _worker(rank, port, out_dir):
+def _worker(rank, port, out_dir, fuse=False):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         model, pre, opt = make_model_and_optimizer()
+        if fuse:  # fused decoder blocks on every rank; the reference stays one unfused process
+            report = gk.fuse(model)
+            assert report.base_stack_blocks == report.num_blocks == 2
         ddp = nn.parallel.DistributedDataParallel(model)
         for ids, labels in global_batches():
             local = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
@@ -104,9 +109,11 @@ def single_process():
     return pre.bank.factor.clone(), params
 
 
-def test_ddp_two_processes_match_one_process_on_concatenated_batch(tmp_path, single_process):
-    """GritPreconditioner.step all-reduces the statistics (scaled by 1/W^2) right before its fold."""
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("fuse", [False, True], ids=["peft", "fused"])
+def test_ddp_two_processes_match_one_process_on_concatenated_batch(tmp_path, single_process, fuse):
+    """GritPreconditioner.step all-reduces the statistics (scaled by 1/W^2) right before its fold; with
+    gk.fuse on every rank, the fused Functions' statistics and gradients give the same answer."""
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), fuse), nprocs=WORLD, join=True)
     ref_factor, ref_params = single_process
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for r, res in enumerate(results):
