@@ -8,6 +8,19 @@ from torch import nn
 from grit_kernels.models import build_lora_model, tiny_llama_config
 
 
+#: a tiny OPT (``OPTConfig(**TINY_OPT)``): OPT derives positions and masks from attention_mask only, so
+#: padding-free packed rows attend across sequences there (the negative case of the packing tests)
+TINY_OPT = dict(
+    vocab_size=300,
+    hidden_size=32,
+    num_hidden_layers=1,
+    ffn_dim=64,
+    num_attention_heads=2,
+    max_position_embeddings=600,
+    word_embed_proj_dim=32,
+)
+
+
 class TwoLayer(nn.Module):
     """y = fc2(tanh(fc1(x))): two LoRA targets of different shapes."""
 

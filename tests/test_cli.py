@@ -53,9 +53,9 @@ def test_bench_e2e_writes_json_with_every_key(tmp_path, capsys):
 
 def test_bench_e2e_packed_refuses_a_model_that_leaks(tmp_path, capsys):
     """OPT derives its masks from attention_mask only: packed rows would attend across samples."""
-    opt = {"model_type": "opt", "vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 1, "ffn_dim": 64,
-           "num_attention_heads": 2, "max_position_embeddings": 600, "word_embed_proj_dim": 32}
-    argv = ["bench", "e2e", "--model-config", json.dumps(opt), "--arms", "peft-adamw", "--steps", "1"]
+    from helpers import TINY_OPT
+
+    argv = ["bench", "e2e", "--model-config", json.dumps({"model_type": "opt", **TINY_OPT}), "--arms", "peft-adamw", "--steps", "1"]
     argv += ["--warmup", "1", "--batch-size", "2", "--max-length", "256", "--no-memory", "--no-progress"]
     cli.main(argv + ["--out", str(tmp_path)])
     arm = json.loads((tmp_path / "e2e.json").read_text())["arms"]["peft-adamw"]

@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from helpers import TINY_OPT
+
 from grit_kernels import cli, finetune
 from grit_kernels.data import (
     IGNORE_INDEX,
@@ -379,15 +381,7 @@ def test_finetune_falls_back_to_padding_where_packing_would_leak(alpaca_file, tm
     from transformers import AutoModelForCausalLM, OPTConfig
 
     torch.manual_seed(0)
-    config = OPTConfig(
-        vocab_size=300,
-        hidden_size=32,
-        num_hidden_layers=1,
-        ffn_dim=64,
-        num_attention_heads=2,
-        max_position_embeddings=512,
-        word_embed_proj_dim=32,
-    )
+    config = OPTConfig(**TINY_OPT)
     path = tmp_path / "opt"
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     base = ["finetune", "--model", str(path), "--data", str(alpaca_file), *COMMON, "--max-steps", "1"]

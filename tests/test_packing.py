@@ -5,7 +5,7 @@ attention implementations (fp32)."""
 
 import pytest
 import torch
-from helpers import small_llama
+from helpers import TINY_OPT, small_llama
 
 import grit_kernels as gk
 from grit_kernels.data import IGNORE_INDEX, DynamicPaddingCollator, PackedCollator, packing_isolates
@@ -159,15 +159,7 @@ def test_packing_isolates_tells_llama_from_opt():
     gk.fuse(llama)
     assert packing_isolates(llama)
     torch.manual_seed(0)
-    opt_config = OPTConfig(
-        vocab_size=300,
-        hidden_size=32,
-        num_hidden_layers=1,
-        ffn_dim=64,
-        num_attention_heads=2,
-        max_position_embeddings=64,
-        word_embed_proj_dim=32,
-    )
+    opt_config = OPTConfig(**TINY_OPT)
     opt = AutoModelForCausalLM.from_config(opt_config).eval()
     assert not packing_isolates(opt) and not opt.training
     with pytest.raises(ValueError, match="two lengths >= 2"):
