@@ -7,7 +7,6 @@ from torch import nn
 
 from grit_kernels.models import build_lora_model, tiny_llama_config
 
-
 #: a tiny OPT (``OPTConfig(**TINY_OPT)``): OPT derives positions and masks from attention_mask only, so
 #: padding-free packed rows attend across sequences there (the negative case of the packing tests)
 TINY_OPT = dict(

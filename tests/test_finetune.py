@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-
 from helpers import TINY_OPT
 
 from grit_kernels import cli, finetune
