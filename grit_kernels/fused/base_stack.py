@@ -18,6 +18,7 @@ fused QKV Function also uses.
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any
 
 import torch
@@ -164,7 +165,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 
 # ----------------------------------------------------------------------------- packed (varlen) attention
-_SEGMENTS: dict = {}  #: the last validated mask: {"mask": weakref, "position_ids": weakref, "segments": ...}
+_SEGMENTS: dict = {}  #: the last checked mask: {"key": (weakref to the mask, to position_ids), "segments": ...}
 
 
 def packed_segments(attention_mask, position_ids) -> list | None:
@@ -176,8 +177,6 @@ def packed_segments(attention_mask, position_ids) -> list | None:
     mask is the same computation. The check (one ``[B, S, S]`` comparison and a host read of the
     boundaries) runs once per mask object: the decoder blocks of one forward share it.
     """
-    import weakref
-
     if (
         not isinstance(attention_mask, torch.Tensor)
         or attention_mask.dtype != torch.bool
