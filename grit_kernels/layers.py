@@ -23,7 +23,7 @@ from torch import nn
 
 from . import ops
 from .ops._backend import kernel
-from .ops.statistics import add_rank_statistics_, rank_statistics
+from .ops.statistics import rank_statistics, torch_accumulate_rank_statistics_
 
 ZERO_ROW_TOLERANCE = 1e-6  #: a row of delta below this fraction of the micro-batch's largest is "no gradient"
 
@@ -95,18 +95,6 @@ class CaptureSlot:
             RECORDER.record(self.bank, (self.index,), h, delta)
 
 
-def batched_statistics(h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grams and row counts of ``K`` modules at once, with :meth:`CaptureSlot.capture`'s row rule.
-
-    Args:
-        h, delta: ``[N, K, r]`` rank-space activations and their gradients (any float dtype).
-    Returns:
-        ``grams [2, K, r, r]`` fp32 (``[0] = sum h h^T`` over rows that carry gradient,
-        ``[1] = sum delta delta^T``) and ``rows [K]`` fp32 (:func:`grit_kernels.ops.statistics.rank_statistics`).
-    """
-    return rank_statistics(h, delta, ZERO_ROW_TOLERANCE)
-
-
 class StatsRecorder:
     """Collects the rank-space statistics of many modules during one backward and adds them to the
     bank: on CUDA with one op per ``(bank, rank)`` group when that backward ends, on CPU at once.
@@ -136,10 +124,7 @@ class StatsRecorder:
         """Add (CPU) or queue (CUDA) ``h, delta [..., len(indices) * r]`` (rows: the leading dims; modules side by
         side, equal rank) of bank ``indices``."""
         if torch.compiler.is_compiling():  # traced (torch.compile): no Python state, add at once
-            k = len(indices)
-            r = h.shape[-1] // k
-            grams, rows = batched_statistics(h.reshape(-1, k, r), delta.reshape(-1, k, r))
-            _add_traceable(bank, indices, grams, rows)
+            torch_accumulate_rank_statistics_(bank.stat_sum, bank.rows, indices, h, delta, ZERO_ROW_TOLERANCE)
             return
         add = self.direct_adder(bank, h.device)
         if add is not None:
@@ -177,13 +162,8 @@ class StatsRecorder:
             n = items[0][1].shape[0]
             h = torch.cat([item[1] for item in items], dim=1) if len(items) > 1 else items[0][1]
             delta = torch.cat([item[2] for item in items], dim=1) if len(items) > 1 else items[0][2]
-            grams, rows = batched_statistics(h.reshape(n, -1, r), delta.reshape(n, -1, r))
+            grams, rows = rank_statistics(h.reshape(n, -1, r), delta.reshape(n, -1, r), ZERO_ROW_TOLERANCE)
             bank.add_statistics_(indices, grams, rows)
-
-
-def _add_traceable(bank: Any, indices: tuple[int, ...], grams: torch.Tensor, rows: torch.Tensor) -> None:
-    """``bank.add_statistics_`` with in-place ops on bank views only (no index cache), for dynamo."""
-    add_rank_statistics_(bank.stat_sum, bank.rows, indices, grams, rows)
 
 
 RECORDER = StatsRecorder()  #: the process-wide recorder used by patched and fused LoRA layers
