@@ -8,7 +8,7 @@ import torch
 from conftest import rel_err
 from helpers import lora_pairs, two_layer_lora
 
-from grit_kernels import EigenAdamW, ops, FactorBank, GritConfig, GritOptimizer, GritPreconditioner, reference
+from grit_kernels import EigenAdamW, FactorBank, GritConfig, GritOptimizer, GritPreconditioner, ops, reference
 from grit_kernels.bank import BACKWARD, FORWARD
 from grit_kernels.eigen_adam import batched_eigenbasis
 
