@@ -224,7 +224,10 @@ def test_refresh_with_floor_matches_reference(fresh_seed):
     x = torch.randn(2, M, R, 2 * R)
     bank.factor.copy_(x @ x.mT * torch.logspace(-6, 3, 2 * M).view(2, M, 1, 1))
     bank.initialized.fill_(True)
-    floor = torch.rand(2, M) * torch.diagonal(bank.factor, dim1=2, dim2=3).sum(-1) / R * 3  # some active, some not
+    scale = torch.diagonal(bank.factor, dim1=2, dim2=3).sum(-1) / torch.tensor(ranks, dtype=torch.float32)  # tr(C)/r
+    # active where the factor is > 1, inactive where < 1 (by a random margin; a mix of both, every run)
+    above = torch.tensor([[True, False, True], [False, True, False]])
+    floor = scale * torch.where(above, 1.1 + torch.rand(2, M), 0.9 * torch.rand(2, M))
     damping, eps_abs = 1e-2, 1e-9
     bank.refresh_inverses(damping, eps_abs, 100.0, backend="torch", floor=floor)
     lam = bank.damping_values(damping, eps_abs, floor)
