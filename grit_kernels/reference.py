@@ -12,6 +12,7 @@ is (factors).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -308,6 +309,20 @@ def swiglu_mlp(x: torch.Tensor, gate: tuple, up: tuple, down: tuple) -> torch.Te
     :func:`lora_linear`; ``silu(z) = z / (1 + exp(-z))``."""
     g = lora_linear(x, *gate)
     return lora_linear(g / (1 + torch.exp(-g)) * lora_linear(x, *up), *down)
+
+
+def geglu_mlp(
+    x: torch.Tensor, gate: tuple, up: tuple, down: tuple, approximate: str = "tanh"
+) -> torch.Tensor:
+    """``down(gelu(gate(x)) * up(x))`` (Gemma's MLP), projections as in :func:`swiglu_mlp`;
+    ``gelu(z) = z/2 (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3)))`` (``approximate="tanh"``) or
+    ``z/2 (1 + erf(z / sqrt(2)))`` (``"none"``)."""
+    g = lora_linear(x, *gate)
+    if approximate == "tanh":
+        act = 0.5 * g * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g**3)))
+    else:
+        act = 0.5 * g * (1 + torch.erf(g / math.sqrt(2)))
+    return lora_linear(act * lora_linear(x, *up), *down)
 
 
 def packed_causal_attention(

@@ -19,6 +19,23 @@ TINY_OPT = dict(
     word_embed_proj_dim=32,
 )
 
+#: a tiny Gemma (``GemmaConfig(**TINY_GEMMA)``; test_fused's tiny Llama shapes, head_dim 16): (1 + w)
+#: RMSNorm in fp32, GeGLU MLP (tanh-approximate GELU), embeddings scaled by sqrt(hidden)
+TINY_GEMMA = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 256,
+}
+#: a tiny Gemma2 (``Gemma2Config(**TINY_GEMMA2)``): as TINY_GEMMA plus pre/post feed-forward norms,
+#: attention logit soft-capping, a sliding-window first layer (window 8: shorter than the test rows, so
+#: it bites) and query_pre_attn_scalar != head_dim
+TINY_GEMMA2 = {**TINY_GEMMA, "sliding_window": 8, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 50.0}
+
 
 class TwoLayer(nn.Module):
     """y = fc2(tanh(fc1(x))): two LoRA targets of different shapes."""

@@ -6,6 +6,9 @@ HF's module code records, and no ``rotate_half`` ``cat`` chains):
 * :class:`RMSNormFunction`: ``y = w * (x * rsqrt(mean(x^2) + eps))`` with the statistics in fp32 and the
   normalised value cast back to ``x.dtype`` before the weight, exactly as HF's Llama/Mistral/Qwen
   ``RMSNorm``. Saves ``x`` and ``rstd [..., 1]`` (fp32).
+* :class:`GemmaRMSNormFunction`: Gemma's variant, ``y = (x * rstd * (1 + w)).to(x.dtype)`` all in fp32
+  up to the cast (HF's ``GemmaRMSNorm`` / ``Gemma2RMSNorm``), with an optional residual add inside
+  (Gemma2 adds the residual after its post-attention and post-feedforward norms).
 * :class:`RotaryFunction`: ``q' = q cos + rotate_half(q) sin`` and the same for ``k`` in one node; its
   backward applies the inverse rotation ``g cos + rotate_half^T(g sin)``. Saves only ``cos, sin``.
 
@@ -112,6 +115,48 @@ class RMSNormFunction(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+class GemmaRMSNormFunction(torch.autograd.Function):
+    """Gemma's RMSNorm, optionally followed by a residual add, in one node:
+    ``y [..., d] = [residual +] (x32 * rstd * (1 + weight32)).to(x.dtype)``, with ``x32 = x.float()``,
+    ``rstd = rsqrt(mean(x32^2, -1) + eps)`` and everything up to the cast in fp32 (HF's ``GemmaRMSNorm``
+    / ``Gemma2RMSNorm``: the scale is ``1 + weight``, and the weight multiplies *before* the cast, unlike
+    Llama's). ``residual [..., d]`` or ``None`` (Gemma2's ``residual + post_norm(out)``; added after the
+    cast, in ``residual``'s dtype when it is wider, as HF's ``residual + hidden``). Saves ``x`` and
+    ``rstd [..., 1]`` (fp32); the weight gradient is formed only when needed.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float, residual) -> torch.Tensor:
+        rstd = rms_norm_rstd(x, eps)
+        y = ((x if x.dtype == torch.float32 else x.float()) * rstd).mul_(1.0 + weight.float())
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        ctx.residual_dtype = None if residual is None else residual.dtype
+        ctx.save_for_backward(x, weight, rstd)
+        if residual is None:
+            return y
+        return y.add_(residual) if residual.dtype == y.dtype else residual + y
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        needs_x, needs_weight = ctx.needs_input_grad[:2]
+        g32 = grad_y.float()
+        xhat = (x if x.dtype == torch.float32 else x.float()) * rstd
+        grad_x = grad_w = grad_residual = None
+        if needs_x:  # dL/dxhat = g (1 + w); dx = rstd (dL/dxhat - xhat mean(dL/dxhat * xhat))
+            gh = g32 * (1.0 + weight.float())
+            proj = torch.mean(gh * xhat, dim=-1, keepdim=True)
+            grad_x = torch.addcmul(gh, xhat, proj, value=-1.0).mul_(rstd)
+            if grad_x.dtype != x.dtype:
+                grad_x = grad_x.to(x.dtype)
+        if needs_weight:
+            grad_w = (g32 * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        if ctx.residual_dtype is not None and ctx.needs_input_grad[3]:
+            grad_residual = grad_y if grad_y.dtype == ctx.residual_dtype else grad_y.to(ctx.residual_dtype)
+        return grad_x, grad_w, None, grad_residual
+
+
 class RotaryFunction(torch.autograd.Function):
     """``(q', k')`` = HF's ``apply_rotary_pos_emb(q, k, cos, sin)`` with ``cos, sin`` already
     broadcastable to ``q [..., Hq, S, D]`` / ``[..., S, Hq, D]`` and ``k`` (any layout); one node."""
@@ -152,6 +197,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.is_cuda and not torch.compiler.is_compiling() and liger_ops() is not None:
         return liger_ops()[0].apply(x, weight, eps, 0.0, "llama", False)
     return RMSNormFunction.apply(x, weight, eps)
+
+
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual=None) -> torch.Tensor:
+    """Gemma's RMSNorm of ``x [..., d]`` (scale ``1 + weight [d]``, fp32 inside; :class:`GemmaRMSNormFunction`),
+    plus ``residual [..., d]`` when given. Our Function on every device (liger's Gemma mode is not wired)."""
+    return GemmaRMSNormFunction.apply(x, weight, eps, residual)
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

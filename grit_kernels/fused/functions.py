@@ -51,6 +51,10 @@ class ProjectionGroup:
         weights: the block's :class:`~grit_kernels.fused.weights.BlockWeights`.
     """
 
+    #: gate/up groups: the MLP activation applied to the gate, ``"silu"`` (SwiGLU) or a GeGLU
+    #: ``"gelu_tanh"`` / ``"gelu"`` (``F.gelu`` with ``approximate="tanh"`` / ``"none"``)
+    activation = "silu"
+
     def __init__(self, name: str, layers: list, adapter: str, weights):
         self.name, self.layers, self.adapter, self.weights = name, list(layers), adapter, weights
         self.out_features = [layer.base_layer.out_features for layer in self.layers]
@@ -89,6 +93,9 @@ class ProjectionGroup:
         for k, slot in enumerate(slots):
             if slot is not None:
                 slot.record(h[:, k * r : (k + 1) * r], delta[:, k * r : (k + 1) * r])
+
+
+_GELU_APPROXIMATE = {"gelu_tanh": "tanh", "gelu": "none"}  #: GeGLU activations -> F.gelu's ``approximate``
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -300,7 +307,8 @@ class FusedQKV(torch.autograd.Function):
 
 class FusedSwiGLU(torch.autograd.Function):
     """``residual + down(silu(gate(x')) * up(x'))`` with LoRA on all three projections, in one Function;
-    ``x' = RMSNorm(x)`` when the Function owns the block's post-attention norm, else ``x``.
+    ``x' = RMSNorm(x)`` when the Function owns the block's post-attention norm, else ``x``. The gate's
+    activation is ``gate_up.activation``: SiLU (SwiGLU) or GELU, tanh-approximate or exact (GeGLU: Gemma).
 
     Args (of ``apply``): ``x [..., d]``; ``residual [..., d]``, ``True`` (the residual is ``x`` itself,
     as in a decoder block: its gradient is added inside, and dynamo traces no duplicate input) or
@@ -328,7 +336,10 @@ class FusedSwiGLU(torch.autograd.Function):
         a_gu, b_gu, s_gu = _lora_factors(gate_up, lora_gu, dtype)
         y_gu, h_gu = _group_forward(gate_up, x2, a_gu, b_gu, s_gu)
         gate, up = y_gu.chunk(2, dim=1)
-        act = F.silu(gate).mul_(up)
+        if gate_up.activation == "silu":
+            act = F.silu(gate).mul_(up)
+        else:  # GeGLU
+            act = F.gelu(gate, approximate=_GELU_APPROXIMATE[gate_up.activation]).mul_(up)
         a_d, b_d, s_d = _lora_factors(down, lora_d, dtype)
         y, h_d = _group_forward(down, act, a_d, b_d, s_d)
         ctx.self_residual = residual is True
@@ -353,16 +364,27 @@ class FusedSwiGLU(torch.autograd.Function):
         g = _as(grad_y.reshape(-1, grad_y.shape[-1]), x2.dtype)
         s_gu, s_d = ctx.scales
         gate, up = y_gu.chunk(2, dim=1)
-        silu = F.silu(gate)
+        gelu = _GELU_APPROXIMATE.get(gate_up.activation)  # None: SiLU
+        silu = F.silu(gate) if gelu is None else F.gelu(gate, approximate=gelu)  # the activation's value
         act = silu * up  # recomputed, not stored
         g_act, grads_d = _group_backward(down, g, act, h_d, a_d, b_d, s_d, lora[4:], True, needs[10:12])
         if torch.compiler.is_compiling():  # dynamo rejects out= into strided views; the compiler fuses anyway
-            g_gate_up = torch.cat([torch.ops.aten.silu_backward(g_act * up, gate), g_act * silu], dim=1)
+            g_gate = (
+                torch.ops.aten.silu_backward(g_act * up, gate)
+                if gelu is None
+                else torch.ops.aten.gelu_backward(g_act * up, gate, approximate=gelu)
+            )
+            g_gate_up = torch.cat([g_gate, g_act * silu], dim=1)
         else:  # eager: both halves written in place, no concatenation copy
             g_gate_up = torch.empty_like(y_gu)
             g_gate, g_up = g_gate_up.chunk(2, dim=1)
             torch.mul(g_act, silu, out=g_up)
-            torch.ops.aten.silu_backward.grad_input(g_act.mul_(up), gate, grad_input=g_gate)
+            if gelu is not None:  # GeGLU: d gelu(gate) / d gate
+                torch.ops.aten.gelu_backward.grad_input(
+                    g_act.mul_(up), gate, approximate=gelu, grad_input=g_gate
+                )
+            else:
+                torch.ops.aten.silu_backward.grad_input(g_act.mul_(up), gate, grad_input=g_gate)
         gx, grads_gu = _group_backward(
             gate_up, g_gate_up, x2, h_gu, a_gu, b_gu, s_gu, lora[:4], needs[0] or needs[2], needs[6:10]
         )

@@ -38,19 +38,36 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..layers import install_dispatch_forward, is_lora_layer, release_dispatch_forward, unsupported_reason
-from .base_stack import packed_causal_attention, packed_segments, rms_norm, rotary, uses_liger
+from .base_stack import gemma_rms_norm, packed_causal_attention, packed_segments, rms_norm, rotary, uses_liger
 from .functions import FusedProjections, FusedQKV, FusedSwiGLU, ProjectionGroup
 from .weights import BlockWeights, clear_cache, weights_unsupported_reason
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 #: decoder blocks whose whole forward fuse() replaces (transformers 5 layout; others: part-level only)
-BASE_STACK_DECODERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
-#: RMSNorm classes computing ``weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)`` (not Gemma's ``1 + weight``)
-RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+BASE_STACK_DECODERS = (
+    "LlamaDecoderLayer",
+    "MistralDecoderLayer",
+    "Qwen2DecoderLayer",
+    "Qwen3DecoderLayer",
+    "GemmaDecoderLayer",
+    "Gemma2DecoderLayer",
+)
+#: RMSNorm classes routed through the fused RMSNorm: Llama's ``weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)``
+#: and, for the names in GEMMA_RMS_NORMS, Gemma's ``(x * rsqrt(mean(x^2) + eps) * (1 + weight)).to(dtype)``
+RMS_NORMS = (
+    "LlamaRMSNorm",
+    "MistralRMSNorm",
+    "Qwen2RMSNorm",
+    "Qwen3RMSNorm",
+    "GemmaRMSNorm",
+    "Gemma2RMSNorm",
+)
+GEMMA_RMS_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm")  #: fp32 throughout, scale ``1 + weight``
 
 
 @dataclass
@@ -131,8 +148,20 @@ def _part_reason(parent: nn.Module, names: tuple[str, ...]) -> str | None:
     return None
 
 
-def _is_silu(act: nn.Module | None) -> bool:
-    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+def _activation(act: nn.Module | None) -> str | None:
+    """``act``'s kind for :class:`~.functions.FusedSwiGLU` (``"silu"``, ``"gelu_tanh"``, ``"gelu"``), or
+    ``None`` when the fused MLP would not compute exactly what ``act`` computes."""
+    name = type(act).__name__
+    if isinstance(act, nn.SiLU) or name == "SiLUActivation":
+        return "silu"
+    if isinstance(act, nn.GELU):
+        return {"tanh": "gelu_tanh", "none": "gelu"}.get(act.approximate)
+    fn = getattr(act, "act", None)  # transformers' GELUTanh / GELUActivation: F.gelu, or a Python formula
+    if name in ("GELUTanh", "PytorchGELUTanh") and isinstance(fn, partial) and fn.func is F.gelu:
+        return "gelu_tanh" if fn.keywords == {"approximate": "tanh"} and not fn.args else None
+    if name == "GELUActivation" and fn is F.gelu:
+        return "gelu"
+    return None
 
 
 def _same_rank(layers) -> bool:
@@ -195,6 +224,10 @@ def _fused_rms_norm_forward(self: nn.Module, hidden_states):
     return rms_norm(hidden_states, self._parameters["weight"], self.variance_epsilon)
 
 
+def _fused_gemma_rms_norm_forward(self: nn.Module, x):
+    return gemma_rms_norm(x, self._parameters["weight"], self.eps)
+
+
 class _NormState:
     """``_grit_fused`` of an RMSNorm module routed through :func:`~.base_stack.rms_norm`."""
 
@@ -213,6 +246,14 @@ class _DecoderState:
         q_out, k_out, _ = self.qkv.out_features
         self.heads = (q_out // d, k_out // d, d)
         self.norms = (block.input_layernorm, block.post_attention_layernorm)
+        #: Gemma2: the attention and MLP outputs are normalised too, before their residual adds
+        self.sandwich = hasattr(block, "pre_feedforward_layernorm")
+        if self.sandwich:
+            self.norms += (block.pre_feedforward_layernorm, block.post_feedforward_layernorm)
+        #: Gemma's ``1 + weight`` RMSNorm runs as its own Function (:func:`~.base_stack.gemma_rms_norm`)
+        #: before the projections instead of inside FusedQKV / FusedSwiGLU (whose norm is Llama's)
+        self.gemma_norms = type(block.input_layernorm).__name__ in GEMMA_RMS_NORMS
+        self.softcap = getattr(attn, "attn_logit_softcapping", None)  # Gemma2: tanh soft-capped logits
         self.qk_norms = (attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") else None
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -226,13 +267,28 @@ class _DecoderState:
     def active(self) -> bool:
         return self.qkv.active() and self.o.active() and self.gate_up.active() and self.down.active()
 
-    def sliding_window(self, attn: nn.Module) -> dict:
-        """The attention function's ``sliding_window`` keyword as the HF attention passes it (or none)."""
+    def attention_kwargs(self, attn: nn.Module) -> dict:
+        """The attention function's ``sliding_window`` (and Gemma2's ``softcap``) keywords as the HF
+        attention passes them (or none)."""
+        kwargs = {}
         if self.mistral_window:
-            return {"sliding_window": getattr(attn.config, "sliding_window", None)}
-        if hasattr(attn, "sliding_window"):
-            return {"sliding_window": attn.sliding_window}
-        return {}
+            kwargs["sliding_window"] = getattr(attn.config, "sliding_window", None)
+        elif hasattr(attn, "sliding_window"):
+            kwargs["sliding_window"] = attn.sliding_window
+        if hasattr(attn, "attn_logit_softcapping"):
+            kwargs["softcap"] = self.softcap
+        return kwargs
+
+    def input_norm(self, i: int, x: torch.Tensor):
+        """``(group input, (norm_weight, eps))`` for a Function fed from ``x`` through ``self.norms[i]``:
+        the norm goes inside the Function (Llama's RMSNorm on CPU) or runs here first (liger, Gemma)."""
+        module = self.norms[i]
+        weight = module._parameters["weight"]
+        if self.gemma_norms:
+            return gemma_rms_norm(x, weight, module.eps), (None, None)
+        if self.liger:  # liger's Triton RMSNorm, then the projections
+            return rms_norm(x, weight, module.variance_epsilon), (None, None)
+        return x, (weight, module.variance_epsilon)
 
 
 def _base_stack_reason(block: nn.Module) -> str | None:
@@ -243,8 +299,17 @@ def _base_stack_reason(block: nn.Module) -> str | None:
     attn = block.self_attn
     if hasattr(attn, "q_norm"):
         norms += [attn.q_norm, getattr(attn, "k_norm", None)]
-    if not all(type(n).__name__ in RMS_NORMS for n in norms):
+    sandwich = hasattr(block, "pre_feedforward_layernorm")
+    if sandwich:
+        norms += [block.pre_feedforward_layernorm, getattr(block, "post_feedforward_layernorm", None)]
+    names = [type(n).__name__ for n in norms]
+    if not all(n in RMS_NORMS for n in names):
         return "a norm that is not a standard RMSNorm"
+    gemma = {n in GEMMA_RMS_NORMS for n in names}
+    if len(gemma) > 1:
+        return "Gemma and Llama RMSNorms mixed in one block"
+    if (sandwich or hasattr(attn, "attn_logit_softcapping")) and gemma != {True}:
+        return "a Gemma2-style block without Gemma RMSNorms"
     params = inspect.signature(type(block).forward).parameters
     if "position_embeddings" not in params or "cache" not in params:
         return "decoder forward without (position_embeddings, cache): not the transformers 5 layout"
@@ -282,11 +347,7 @@ def _fused_decoder_body(
     attn = self.self_attn
     cache = kwargs.pop("past_key_values", cache)
     cos, sin = position_embeddings
-    norm1 = state.norms[0]
-    norm = (norm1._parameters["weight"], norm1.variance_epsilon)
-    x = hidden_states
-    if state.liger:  # liger's Triton RMSNorm, then the projections
-        x, norm = rms_norm(x, *norm), (None, None)
+    x, norm = state.input_norm(0, hidden_states)
     inner_rope = state.inner_rope
     rope = (cos, sin) if inner_rope else (None, None)
     q, k, v = FusedQKV.apply(x, *norm, state.qkv, state.heads, *rope, *state.qkv.lora_weights())
@@ -306,6 +367,7 @@ def _fused_decoder_body(
         and cache is None
         and q.device.type == "cpu"
         and (attn.attention_dropout == 0 or not attn.training)
+        and state.softcap is None  # SDPA has no logit soft-capping
         and not torch.compiler.is_compiling()  # the segment check reads the mask on the host
     ):
         segments = packed_segments(attention_mask, position_ids)
@@ -323,7 +385,7 @@ def _fused_decoder_body(
         scaling=attn.scaling,
         position_ids=position_ids,
         use_cache=use_cache,
-        **state.sliding_window(attn),
+        **state.attention_kwargs(attn),
         **kwargs,
     )
     return _fused_decoder_tail(state, hidden_states, out)
@@ -331,13 +393,11 @@ def _fused_decoder_body(
 
 def _fused_decoder_tail(state: _DecoderState, hidden_states, out):
     """o projection + residual, RMSNorm, SwiGLU MLP + residual, from the attention output ``out [B, S, H, D]``."""
-    norm2 = state.norms[1]
     out = out.reshape(*hidden_states.shape[:-1], -1)
+    if state.sandwich:
+        return _sandwich_tail(state, hidden_states, out)
     hidden = FusedProjections.apply(out, hidden_states, state.o, *state.o.lora_weights())  # residual + o(out)
-    norm = (norm2._parameters["weight"], norm2.variance_epsilon)
-    x = hidden
-    if state.liger:
-        x, norm = rms_norm(x, *norm), (None, None)
+    x, norm = state.input_norm(1, hidden)
     return FusedSwiGLU.apply(  # hidden + mlp(norm(hidden))
         x,
         True if x is hidden else hidden,
@@ -347,6 +407,28 @@ def _fused_decoder_tail(state: _DecoderState, hidden_states, out):
         *state.gate_up.lora_weights(),
         *state.down.lora_weights(),
     )
+
+
+def _sandwich_tail(state: _DecoderState, hidden_states, out):
+    """Gemma2's tail from the attention output ``out [B, S, Hq * D]``: ``h = residual + post_norm(o(out))``,
+    then ``h + post_ff_norm(mlp(pre_ff_norm(h)))``; each norm (and the residual add after it) one node."""
+    _, post_attention, pre_feedforward, post_feedforward = state.norms
+    attention = FusedProjections.apply(out, None, state.o, *state.o.lora_weights())
+    hidden = gemma_rms_norm(
+        attention, post_attention._parameters["weight"], post_attention.eps, hidden_states
+    )
+    x = gemma_rms_norm(hidden, pre_feedforward._parameters["weight"], pre_feedforward.eps)
+    mlp = FusedSwiGLU.apply(
+        x,
+        None,
+        None,
+        None,
+        state.gate_up,
+        state.down,
+        *state.gate_up.lora_weights(),
+        *state.down.lora_weights(),
+    )
+    return gemma_rms_norm(mlp, post_feedforward._parameters["weight"], post_feedforward.eps, hidden)
 
 
 def _install(module: nn.Module, state, forward) -> None:
@@ -395,9 +477,11 @@ def fuse(model: nn.Module) -> FusionReport:
         if attn_reason is None and not _same_rank([getattr(attn, n) for n in ATTENTION_PROJECTIONS[:3]]):
             attn_reason = "q/k/v LoRA ranks differ"
         mlp_reason = _part_reason(mlp, MLP_PROJECTIONS)
-        if mlp_reason is None and not _is_silu(getattr(mlp, "act_fn", None)):
+        activation = _activation(getattr(mlp, "act_fn", None))
+        if mlp_reason is None and activation is None:
             mlp_reason = (
-                f"activation {type(getattr(mlp, 'act_fn', None)).__name__} (fused MLP is SwiGLU: SiLU only)"
+                f"activation {type(getattr(mlp, 'act_fn', None)).__name__} "
+                "(the fused gated MLP computes SiLU or GELU, tanh or erf, exactly)"
             )
         if mlp_reason is None and not _same_rank([mlp.gate_proj, mlp.up_proj]):
             mlp_reason = "gate/up LoRA ranks differ"
@@ -419,6 +503,8 @@ def fuse(model: nn.Module) -> FusionReport:
         if parts:
             weights = BlockWeights({k: [layer.base_layer for layer in v] for k, v in parts.items()})
             groups = {k: ProjectionGroup(k, v, v[0].active_adapters[0], weights) for k, v in parts.items()}
+            if "gate_up" in groups:
+                groups["gate_up"].activation = activation
             if "qkv" in groups:
                 stashes = [_StashedOutput() for _ in range(3)]
                 for layer, stash in zip(parts["qkv"], stashes):
@@ -443,8 +529,12 @@ def fuse(model: nn.Module) -> FusionReport:
                 report.unfused[f"{name}.mlp"] = mlp_reason
     if report.fused_modules:
         for module in model.modules():
-            if type(module).__name__ in RMS_NORMS and "_grit_fused" not in module.__dict__:
-                _install(module, _NormState(), _fused_rms_norm_forward)
+            kind = type(module).__name__
+            if kind in RMS_NORMS and "_grit_fused" not in module.__dict__:
+                gemma = kind in GEMMA_RMS_NORMS
+                _install(
+                    module, _NormState(), _fused_gemma_rms_norm_forward if gemma else _fused_rms_norm_forward
+                )
                 report.rms_norms += 1
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         report.kernels = "liger" if uses_liger(device) else "torch"

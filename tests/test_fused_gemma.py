@@ -1,0 +1,326 @@
+"""gk.fuse on Gemma and Gemma2: the (1 + w) fp32 RMSNorm Function and the GeGLU MLP Function against HF's
+modules and the float64 oracles in grit_kernels.reference; whole fused decoder blocks (Gemma2: sandwich
+norms, soft-capped sliding-window attention kept as HF's code) against PEFT, plain and NF4, with and
+without checkpointing, padded and packed; GRIT's factors with and without fuse; the report; unfuse."""
+
+import pytest
+import torch
+from helpers import TINY_GEMMA, TINY_GEMMA2
+from test_fused import (
+    BF16_RTOL,
+    FP32_RTOL,
+    batch,
+    enable_checkpointing,
+    grit_steps,
+    lora_params,
+    rel,
+    run,
+)
+from test_fused_base_stack import autograd_of, packed_batch, padded_batch
+
+import grit_kernels as gk
+from grit_kernels import reference
+from grit_kernels.fused import base_stack, patch
+from grit_kernels.models import build_lora_model
+
+ARCHS = ["gemma", "gemma2"]
+
+
+def gemma_config(arch: str, num_layers: int = 2, **overrides):
+    from transformers import Gemma2Config, GemmaConfig
+
+    if arch == "gemma":
+        return GemmaConfig(**{**TINY_GEMMA, "num_hidden_layers": num_layers, **overrides})
+    return Gemma2Config(**{**TINY_GEMMA2, "num_hidden_layers": num_layers, **overrides})
+
+
+def gemma_model(arch="gemma", num_layers=2, seed=0, config_overrides=None, **kwargs):
+    """Tiny Gemma/Gemma2 with LoRA on all 7 projections, random B, and random RMSNorm weights (Gemma
+    initialises them to 0, i.e. scale 1 + 0: a norm that ignored the ``1 +`` would pass unnoticed)."""
+    kwargs.setdefault("init_lora_weights", False)
+    model = build_lora_model(gemma_config(arch, num_layers, **(config_overrides or {})), seed=seed, **kwargs)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def blocks(model):
+    return model.base_model.model.model.layers
+
+
+# ----------------------------------------------------------------------------- the Functions
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemma_rms_norm_matches_hf_and_float64(dtype, residual):
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    d, eps = 48, 1e-6
+    x = (torch.randn(3, 7, d) * 3 + 0.5).to(dtype)
+    res = torch.randn(3, 7, d).to(dtype) if residual else None
+    g = torch.randn(3, 7, d)
+    hf = GemmaRMSNorm(d, eps=eps).to(dtype)
+    with torch.no_grad():
+        hf.weight.normal_()
+    w = hf.weight.detach()
+
+    def ours(x, w, *r):
+        return base_stack.gemma_rms_norm(x, w, eps, *r)
+
+    def theirs(x, w, *r):
+        out = torch.func.functional_call(hf, {"weight": w}, (x,))
+        return out + r[0] if r else out
+
+    inputs = [x, w] + ([res] if residual else [])
+    y, grads = autograd_of(ours, inputs, g)
+    y_hf, grads_hf = autograd_of(theirs, inputs, g)
+    assert y.dtype == dtype and all(a.dtype == dtype for a in grads)
+    y64, grads64 = autograd_of(
+        lambda x, w, *r: reference.rms_norm(x, 1 + w, eps) + (r[0] if r else 0),
+        [t.double() for t in inputs],
+        g.double(),
+    )
+    for ours_t, hf_t, ref_t in ((y, y_hf, y64), *zip(grads, grads_hf, grads64)):
+        assert ours_t.abs().sum() > 0
+        if dtype == torch.float32:
+            assert rel(ours_t, hf_t) < FP32_RTOL
+            assert rel(ours_t, ref_t) < FP32_RTOL
+        else:  # the forward does HF's ops in HF's order; the backward rounds once, in fp32
+            assert rel(ours_t.float(), hf_t.float()) < 1e-2
+            assert rel(ours_t.float(), ref_t) < 1e-2
+    if dtype == torch.bfloat16:
+        assert torch.equal(y, y_hf)
+
+
+def test_gemma_rms_norm_weight_gradient_only_when_needed():
+    x = torch.randn(4, 16, requires_grad=True)
+    w = torch.randn(16)
+    base_stack.gemma_rms_norm(x, w, 1e-6).sum().backward()
+    assert x.grad is not None and w.grad is None
+
+
+@pytest.mark.parametrize(
+    ("act", "kind"),
+    [("hf", "gelu_tanh"), (torch.nn.GELU(approximate="tanh"), "gelu_tanh"), (torch.nn.GELU(), "gelu")],
+    ids=["GELUTanh", "nn.GELU-tanh", "nn.GELU-erf"],
+)
+def test_fused_geglu_matches_hf_mlp_and_float64(act, kind):
+    model = gemma_model("gemma", num_layers=1, seed=4)
+    mlp = blocks(model)[0].mlp
+    if act != "hf":
+        mlp.act_fn = act
+    assert patch._activation(mlp.act_fn) == kind
+    x = torch.randn(2, 6, 64)
+    g = torch.randn(2, 6, 64)
+    params = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+
+    def grads_of():
+        xl = x.clone().requires_grad_()
+        model.zero_grad(set_to_none=True)
+        y = mlp(xl)
+        y.backward(g)
+        lora = [
+            p.grad.clone() for m in params for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)
+        ]
+        return y.detach(), xl.grad, lora
+
+    y_hf, gx_hf, lora_hf = grads_of()
+    gk.fuse(model)
+    assert "_grit_fused" in mlp.__dict__
+    y, gx, lora = grads_of()
+
+    def ref_fn(x, *ab):
+        projs = [
+            (m.base_layer.weight.double(), ab[2 * i], ab[2 * i + 1], m.scaling["default"])
+            for i, m in enumerate(params)
+        ]
+        return reference.geglu_mlp(x, *projs, approximate="tanh" if kind == "gelu_tanh" else "none")
+
+    ab = [t.double() for m in params for t in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
+    y64, (gx64, *lora64) = autograd_of(ref_fn, [x.double(), *ab], g.double())
+    for ours, hf, ref in ((y, y_hf, y64), (gx, gx_hf, gx64), *zip(lora, lora_hf, lora64)):
+        assert ours.abs().sum() > 0
+        assert rel(ours, hf) < FP32_RTOL
+        assert rel(ours, ref) < FP32_RTOL
+
+
+def test_activations_that_are_not_computed_exactly_keep_peft_path():
+    from transformers.activations import ACT2FN, GELUTanh
+
+    assert patch._activation(ACT2FN["gelu_new"]) is None  # tanh GELU written out: other rounding
+    assert patch._activation(GELUTanh(use_gelu_tanh_python=True)) is None
+    assert patch._activation(ACT2FN["gelu"]) == "gelu" and patch._activation(ACT2FN["silu"]) == "silu"
+    model = gemma_model("gemma", config_overrides={"hidden_act": "gelu_new"})
+    report = gk.fuse(model)
+    assert report.summary == "fused 0/2 blocks (8 LoRA modules); 6 LoRA modules keep PEFT's path"
+    assert set(report.unfused) == {f"base_model.model.model.layers.{i}.mlp" for i in range(2)}
+    assert all("activation NewGELUActivation" in r for r in report.unfused.values())
+    assert report.base_stack_blocks == 0 and report.rms_norms == 5  # attention part-level, norms fused
+    inputs = batch()
+    gk.unfuse(model)
+    logits, loss, grads = run(model, inputs)
+    gk.fuse(model)
+    f_logits, f_loss, f_grads = run(model, inputs)
+    assert rel(f_loss, loss) < FP32_RTOL and rel(f_logits, logits) < FP32_RTOL
+    assert all(rel(f_grads[n], g) < FP32_RTOL for n, g in grads.items())
+
+
+# ----------------------------------------------------------------------------- whole models vs PEFT
+CASES = [(a, c) for a in ARCHS for c in (None, "non-reentrant")] + [("gemma2", "reentrant")]
+
+
+@pytest.mark.parametrize("quantize_4bit", [False, True], ids=["plain", "nf4"])
+@pytest.mark.parametrize(("arch", "checkpointing"), CASES)
+def test_fused_gemma_matches_peft(arch, quantize_4bit, checkpointing):
+    model = gemma_model(arch, quantize_4bit=quantize_4bit)
+    model.train()
+    enable_checkpointing(model, checkpointing)
+    inputs = batch()
+    logits, loss, grads = run(model, inputs)
+    report = gk.fuse(model)
+    assert report.summary == "fused 2/2 blocks (14 LoRA modules)"
+    assert report.base_stack_blocks == 2
+    calls = []
+    original = patch._fused_decoder_body
+    try:  # the fused decoder forward runs (recomputed in backward when checkpointing)
+        patch._fused_decoder_body = lambda *a, **k: calls.append(1) or original(*a, **k)
+        f_logits, f_loss, f_grads = run(model, inputs)
+    finally:
+        patch._fused_decoder_body = original
+    assert len(calls) == (2 if checkpointing is None else 4)
+    assert rel(f_loss, loss) < FP32_RTOL
+    assert rel(f_logits, logits) < FP32_RTOL
+    assert f_grads.keys() == grads.keys() and len(grads) == 28
+    for name, g in grads.items():
+        assert g.abs().sum() > 0, name
+        assert rel(f_grads[name], g) < FP32_RTOL, name
+
+
+@pytest.mark.parametrize("inputs", ["padded", "packed"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_gemma_decoder_blocks_match_peft_and_unfuse_round_trips(arch, inputs):
+    model = gemma_model(arch, seed=2)
+    model.train()
+    forwards = {n for n, m in model.named_modules() if "forward" in m.__dict__}
+    data = packed_batch() if inputs == "packed" else padded_batch()
+    logits, loss, grads = run(model, data)
+    report = gk.fuse(model)
+    assert report.base_stack_blocks == 2 and report.rms_norms == (9 if arch == "gemma2" else 5)
+    calls = []
+    original = base_stack.packed_causal_attention
+    try:
+        patch.packed_causal_attention = lambda *a: calls.append(1) or original(*a)
+        f_logits, f_loss, f_grads = run(model, data)
+    finally:
+        patch.packed_causal_attention = original
+    # Gemma (SDPA): per-sequence attention on packed rows; Gemma2: HF's eager soft-capped attention
+    assert len(calls) == (2 if inputs == "packed" and arch == "gemma" else 0)
+    assert rel(f_loss, loss) < FP32_RTOL
+    assert rel(f_logits, logits) < FP32_RTOL
+    for name, g in grads.items():
+        assert g.abs().sum() > 0, name
+        assert rel(f_grads[name], g) < FP32_RTOL, name
+    gk.unfuse(model)
+    assert {n for n, m in model.named_modules() if "forward" in m.__dict__} == forwards
+    assert not any(k.startswith("_grit") for m in model.modules() for k in m.__dict__)
+    u_logits, _, u_grads = run(model, data)
+    assert torch.equal(u_logits, logits)
+    assert all(torch.equal(u_grads[n], g) for n, g in grads.items())
+
+
+def test_gemma2_without_soft_capping_and_window_matches_peft():
+    """Gemma2 with attn_logit_softcapping=None and full attention in every layer: other attention kwargs."""
+    overrides = {"attn_logit_softcapping": None, "layer_types": ["full_attention"] * 2}
+    model = gemma_model("gemma2", seed=9, config_overrides=overrides)
+    assert all(b.self_attn.sliding_window is None for b in blocks(model))
+    logits, loss, grads = run(model, batch())
+    gk.fuse(model)
+    f_logits, f_loss, f_grads = run(model, batch())
+    assert rel(f_loss, loss) < FP32_RTOL and rel(f_logits, logits) < FP32_RTOL
+    assert all(rel(f_grads[n], g) < FP32_RTOL for n, g in grads.items())
+
+
+def test_fused_gemma2_bf16_base_within_bounds():
+    model = gemma_model("gemma2", dtype=torch.bfloat16)
+    logits, loss, grads = run(model, batch())
+    gk.fuse(model)
+    f_logits, f_loss, f_grads = run(model, batch())
+    assert f_logits.dtype == logits.dtype
+    assert rel(f_loss, loss) < BF16_RTOL
+    assert rel(f_logits.float(), logits.float()) < BF16_RTOL
+    for name, g in grads.items():
+        assert f_grads[name].dtype == torch.float32
+        assert rel(f_grads[name], g) < BF16_RTOL, name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_trainable_gemma_norm_weights_get_peft_gradients(arch):
+    model = gemma_model(arch, seed=8)
+    norms = {n: p for n, p in model.named_parameters() if "norm" in n}
+    for p in norms.values():
+        p.requires_grad_(True)
+    data = packed_batch(5)
+    run(model, data)
+    expected = {n: p.grad.clone() for n, p in norms.items()}
+    gk.fuse(model)
+    run(model, data)
+    assert len(expected) == (9 if arch == "gemma2" else 5)
+    for name, p in norms.items():
+        assert expected[name].abs().sum() > 0, name
+        assert rel(p.grad, expected[name]) < FP32_RTOL, name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_gemma_generates_with_kv_cache_like_peft(arch):
+    model = gemma_model(arch, seed=3).eval()
+    ids = torch.randint(0, 512, (2, 7))
+    kwargs = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 6, "do_sample": False}
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, **kwargs)
+        gk.fuse(model)
+        got = model.generate(input_ids=ids, **kwargs)
+    assert torch.equal(got, expected)
+
+
+# ----------------------------------------------------------------------------- GRIT, report
+@pytest.mark.parametrize("checkpointing", [None, "non-reentrant"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_grit_factors_and_steps_equal_with_fuse(arch, checkpointing):
+    plain = gemma_model(arch, seed=3)
+    fused = gemma_model(arch, seed=3)
+    enable_checkpointing(fused, checkpointing)
+    before = {n: p.detach().clone() for n, p in lora_params(fused).items()}
+    pre_plain, stats_plain = grit_steps(plain)
+    gk.fuse(fused)
+    pre_fused, stats_fused = grit_steps(fused)
+    for step, ((s_p, r_p), (s_f, r_f)) in enumerate(zip(stats_plain, stats_fused)):
+        assert r_p.sum() > 0 and torch.equal(r_f, r_p), step  # once per micro-batch under checkpointing too
+        assert rel(s_f, s_p) < FP32_RTOL, step
+    assert rel(pre_fused.bank.factor, pre_plain.bank.factor) < FP32_RTOL
+    assert rel(pre_fused.bank.inverse, pre_plain.bank.inverse) < 1e-4  # as test_fused: cond(factor) ~ 1e2
+    for name, p in lora_params(fused).items():
+        assert not torch.equal(p, before[name]), f"{name} did not move"
+        assert rel(p, lora_params(plain)[name]) < FP32_RTOL, name
+
+
+def test_gemma_report_counts_and_reasons():
+    report = gk.fuse(gemma_model("gemma2", num_layers=3))
+    assert (len(report.fused_blocks), report.num_blocks, report.fused_modules) == (3, 3, 21)
+    assert not report.unfused
+    assert str(report) == (
+        "fused 3/3 blocks (21 LoRA modules)\n"
+        "  base stack (torch): 13 RMSNorm modules; RoPE and residual adds fused in 3/3 blocks"
+    )  # 4 per Gemma2 block + final
+    report = gk.fuse(gemma_model("gemma", num_layers=3))
+    assert (report.base_stack_blocks, report.rms_norms, report.fused_modules) == (3, 7, 21)
+
+    dropout = gemma_model("gemma", dropout=0.1)
+    report = gk.fuse(dropout)
+    assert report.summary == "fused 0/2 blocks (0 LoRA modules); 14 LoRA modules keep PEFT's path"
+    assert all("lora_dropout" in r for r in report.unfused.values()) and len(report.unfused) == 4
+
+    model = gemma_model("gemma2", targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    report = gk.fuse(model)
+    assert report.fused_modules == 8 and report.fused_blocks == [] and report.base_stack_blocks == 0
+    assert "2 x gate_proj has no LoRA adapter" in str(report)
