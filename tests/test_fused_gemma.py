@@ -324,3 +324,20 @@ def test_gemma_report_counts_and_reasons():
     report = gk.fuse(model)
     assert report.fused_modules == 8 and report.fused_blocks == [] and report.base_stack_blocks == 0
     assert "2 x gate_proj has no LoRA adapter" in str(report)
+
+
+def test_gemma3_fuses_attention_and_mlp_parts_only():
+    """Gemma3 (q/k norms, its own block layout) is not a base-stack family: its attention and GeGLU MLP
+    parts are fused inside HF's block forward, and the model still matches PEFT."""
+    from transformers import Gemma3TextConfig
+
+    config = Gemma3TextConfig(**{k: v for k, v in TINY_GEMMA2.items() if k != "attn_logit_softcapping"})
+    model = build_lora_model(config, seed=5, init_lora_weights=False)
+    logits, loss, grads = run(model, batch())
+    report = gk.fuse(model)
+    assert report.summary == "fused 2/2 blocks (14 LoRA modules)"
+    assert (report.base_stack_blocks, report.rms_norms) == (0, 0)
+    f_logits, f_loss, f_grads = run(model, batch())
+    assert rel(f_loss, loss) < FP32_RTOL and rel(f_logits, logits) < FP32_RTOL
+    for name, g in grads.items():
+        assert g.abs().sum() > 0 and rel(f_grads[name], g) < FP32_RTOL, name

@@ -1,7 +1,9 @@
 """``fuse`` / ``unfuse``: route Llama-family decoder blocks through the fused Functions.
 
 A decoder block is a module with a ``self_attn`` (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``) and an
-``mlp`` (``gate_proj``, ``up_proj``, ``down_proj``, SiLU ``act_fn``), as in Llama, Mistral, Qwen2/Qwen3.
+``mlp`` (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``), as in Llama, Mistral, Qwen2/Qwen3 (SiLU:
+SwiGLU) and Gemma/Gemma2 (tanh-approximate GELU: GeGLU). An MLP whose activation the fused MLP would not
+compute exactly (e.g. ``gelu_new``, a Python GELU formula) keeps PEFT's path.
 Per block, the attention part and the MLP part are fused independently when all their projections
 are supported PEFT LoRA layers:
 
@@ -11,15 +13,20 @@ are supported PEFT LoRA layers:
   return the precomputed outputs when called with that very input. ``o_proj`` runs its own
   :class:`~.functions.FusedProjections`.
 * MLP: the MLP's forward becomes one :class:`~.functions.FusedSwiGLU` call.
-* base stack: every Llama/Mistral/Qwen2/Qwen3 ``RMSNorm`` module runs :func:`~.base_stack.rms_norm`
-  (one node). Where the whole decoder block is fused and is one of those four families (transformers
+* base stack: every Llama/Mistral/Qwen2/Qwen3 ``RMSNorm`` module runs :func:`~.base_stack.rms_norm`,
+  every Gemma/Gemma2 one :func:`~.base_stack.gemma_rms_norm` (one node each). Where the whole decoder
+  block is fused and is one of those six families (transformers
   5 layout), the block's forward is replaced too: :class:`~.functions.FusedQKV` (input RMSNorm and
   RoPE of q and k inside) -> [Qwen3: q/k RMSNorm, then :func:`~.base_stack.rotary`] -> the model's
   attention function (on CPU with SDPA and padding-free packed rows: causal attention per packed
   sequence, :func:`~.base_stack.packed_causal_attention`) -> o projection with the residual add
   inside its Function -> :class:`~.functions.FusedSwiGLU` with the post-attention RMSNorm and the
   residual add inside. On CUDA with liger-kernel installed, RMSNorm and RoPE run liger's Triton
-  kernels. The block keeps HF's path (with the part-level fusion above) when module hooks sit on its
+  kernels. Gemma: the same, but its ``(1 + w)`` fp32 RMSNorm runs as its own Function before FusedQKV /
+  FusedSwiGLU (their built-in norm is Llama's). Gemma2: FusedQKV (RoPE inside) -> HF's attention
+  function with its soft-capping and sliding window (eager by default; the per-sequence SDPA path is
+  never taken with soft-capping) -> o projection -> post-attention norm + residual (one node) ->
+  pre-feedforward norm -> GeGLU MLP -> post-feedforward norm + residual (one node). The block keeps HF's path (with the part-level fusion above) when module hooks sit on its
   attention or MLP (e.g. output capture), and honours gradient checkpointing itself (transformers
   checkpoints the class ``forward``, which an instance forward would bypass).
 
@@ -462,9 +469,12 @@ def fuse(model: nn.Module) -> FusionReport:
     """Route every supported decoder block of ``model`` through the fused LoRA Functions.
 
     Args:
-        model: a PEFT model (or any module) with Llama-family decoder blocks and PEFT LoRA layers
-            (plain ``nn.Linear`` or bitsandbytes 4-bit base weights, one active adapter, dropout 0,
-            no DoRA). Parts that do not qualify keep PEFT's path; the report says why.
+        model: a PEFT model (or any module) with Llama-family decoder blocks (Llama, Mistral,
+            Qwen2/Qwen3, Gemma, Gemma2; the whole block forward of those six, attention and MLP parts
+            of any block with the same module names) and PEFT LoRA layers (plain ``nn.Linear`` or
+            bitsandbytes 4-bit base weights, one active adapter, dropout 0, no DoRA). Parts that do not
+            qualify (other MLP activations than SiLU / exact GELU included) keep PEFT's path; the report
+            says why.
     Returns:
         a :class:`FusionReport` (``print(report)`` for the summary and the reasons).
     """
