@@ -341,3 +341,19 @@ def test_gemma3_fuses_attention_and_mlp_parts_only():
     assert rel(f_loss, loss) < FP32_RTOL and rel(f_logits, logits) < FP32_RTOL
     for name, g in grads.items():
         assert g.abs().sum() > 0 and rel(f_grads[name], g) < FP32_RTOL, name
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_compiled_fused_gemma2_is_one_graph_with_eager_gradients():
+    """torch.compile(fullgraph=True) traces the fused Gemma2 block (GeGLU Function, Gemma RMSNorm
+    Function, soft-capped attention) without a graph break, and gives the eager loss and gradients."""
+    torch._dynamo.reset()
+    model = gemma_model("gemma2", seed=1)
+    gk.fuse(model)
+    logits, loss, grads = run(model, batch())
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    c_logits, c_loss, c_grads = run(compiled, batch())
+    assert rel(c_loss, loss) < FP32_RTOL and rel(c_logits, logits) < FP32_RTOL
+    assert len(c_grads) == len(grads) == 28
+    for name, g in grads.items():
+        assert rel(c_grads["_orig_mod." + name], g) < FP32_RTOL, name
