@@ -3,7 +3,10 @@
 replaced by their diagonals (``--large-factors diagonal``) or by the identity (``--large-factors identity``:
 rank-space K-FAC, but on ``FullKFAC``'s path: no graft, and under ``GritOptimizer`` the KL-clip on the step
 taken, so that only the large factors differ from ``--large-factors full``); ``input-only`` keeps ``X`` and drops ``G`` (``G = I``),
-``output-only`` the reverse.
+``output-only`` the reverse. ``lowrank`` keeps the top ``--factor-rank k`` eigenpairs of each large factor and
+replaces the rest of the spectrum by its mean (``U diag(s) U^T + s_rest (I - U U^T)``: what a scalable sketch
+would store, ``O(d k)`` per factor). ``--sample-rows F`` (any mode) forms the ``d x d`` sums from every F-th
+carrying row only, scaled by F (an unbiased estimate at 1/F of the Gram cost).
 
 An experiment, not a feature: it swaps ``FullKFAC._damped_inverse`` in this process, then runs
 ``bench_convergence.main`` with the remaining arguments (every GRIT variant must use
@@ -38,15 +41,96 @@ def identity_inverse(factor: torch.Tensor, damping: float, eps_abs: float) -> to
     return torch.eye(factor.shape[0], dtype=torch.float32, device=factor.device)
 
 
+def lowrank_inverse(k: int):
+    """``(U diag(s) U^T + s_rest (I - U U^T) + lam I)^-1`` from the top-``k`` eigenpairs of ``C``, ``s_rest`` the
+    mean of the other ``d - k`` eigenvalues, ``lam`` as in ``FullKFAC``."""
+
+    def inverse(factor: torch.Tensor, damping: float, eps_abs: float) -> torch.Tensor:
+        c = factor.double()
+        d = c.shape[0]
+        lam = damping * torch.trace(c) / d + eps_abs
+        values, vectors = torch.linalg.eigh(c)  # ascending
+        top_values, top = values[d - k :].clamp_min(0.0), vectors[:, d - k :]
+        rest = values[: d - k].clamp_min(0.0).mean() if d > k else values.new_zeros(())
+        eye = torch.eye(d, dtype=c.dtype, device=c.device)
+        inv = (eye - top @ top.T) / (rest + lam) + (top / (top_values + lam)) @ top.T
+        return inv.float()
+
+    return inverse
+
+
+def nystrom_low_rank(c: torch.Tensor, test: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` eigenpairs ``(values [k], vectors [d, k])`` of PSD ``c`` from the sketch ``Y = c @ test`` only
+    (``test [d, m]`` orthonormal, ``m >= k``): the stabilised single-view Nystrom approximation
+    ``Y (test^T Y)^+ Y^T`` (shift ``nu``, Cholesky, SVD), as a streaming sketch of an EMA factor would form it."""
+    y = c @ test
+    nu = torch.finfo(torch.float32).eps * torch.linalg.matrix_norm(y)
+    y_nu = y + nu * test
+    core = test.T @ y_nu
+    chol = torch.linalg.cholesky(0.5 * (core + core.T))
+    b = torch.linalg.solve_triangular(chol, y_nu.T, upper=False).T  # y_nu chol^-T
+    u, sigma, _ = torch.linalg.svd(b, full_matrices=False)
+    values = (sigma**2 - nu).clamp_min(0.0)
+    return values[:k], u[:, :k]
+
+
+def nystrom_inverse(k: int, m: int):
+    """``lowrank_inverse`` with the top-``k`` pairs from a Nystrom sketch of ``m`` fixed Gaussian test vectors
+    (one test matrix per dimension, seed 0) and the rest of the spectrum from the exact trace."""
+    tests: dict[int, torch.Tensor] = {}
+
+    def inverse(factor: torch.Tensor, damping: float, eps_abs: float) -> torch.Tensor:
+        c = factor.double()
+        d = c.shape[0]
+        if d not in tests:
+            g = torch.Generator().manual_seed(0)
+            tests[d] = torch.linalg.qr(torch.randn(d, m, generator=g, dtype=torch.float64))[0].to(c.device)
+        trace = torch.trace(c)
+        lam = damping * trace / d + eps_abs
+        values, top = nystrom_low_rank(c, tests[d], k)
+        rest = ((trace - values.sum()) / (d - k)).clamp_min(0.0)
+        eye = torch.eye(d, dtype=c.dtype, device=c.device)
+        inv = (eye - top @ top.T) / (rest + lam) + (top / (values + lam)) @ top.T
+        return inv.float()
+
+    return inverse
+
+
+def sampled_capture(every: int):
+    """``FullKFAC._capture`` on every ``every``-th row, the sums scaled by ``every`` (row count unchanged)."""
+    from grit_kernels.layers import ZERO_ROW_TOLERANCE
+
+    def capture(self, index: int, x: torch.Tensor, g: torch.Tensor) -> None:
+        x, g = x.reshape(-1, x.shape[-1]).float(), g.reshape(-1, g.shape[-1]).float()
+        row_max = g.abs().amax(dim=1)
+        carries = row_max > ZERO_ROW_TOLERANCE * row_max.amax()
+        xs, gs = x[::every] * carries[::every, None], g[::every]
+        self.input_sum[index].addmm_(xs.T, xs, alpha=every)
+        self.output_sum[index].addmm_(gs.T, gs, alpha=every)
+        self.rows[index] += carries.sum()
+
+    return capture
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
     parser.add_argument(
-        "--large-factors", choices=("full", "diagonal", "identity", "input-only", "output-only"), required=True
+        "--large-factors", choices=("full", "diagonal", "identity", "input-only", "output-only", "lowrank", "nystrom"),
+        required=True,
     )
+    parser.add_argument("--factor-rank", type=int, default=16, help="eigenpairs kept by --large-factors lowrank")
+    parser.add_argument("--sketch-size", type=int, default=32, help="test vectors of --large-factors nystrom")
+    parser.add_argument("--sample-rows", type=int, default=1, help="form the d x d sums from every F-th row")
     args, rest = parser.parse_known_args(argv)
     from grit_kernels import fisher
 
     swap = {"diagonal": diagonal_inverse, "identity": identity_inverse}.get(args.large_factors)
+    if args.large_factors == "lowrank":
+        swap = lowrank_inverse(args.factor_rank)
+    if args.large_factors == "nystrom":
+        swap = nystrom_inverse(args.factor_rank, args.sketch_size)
+    if args.sample_rows > 1:
+        fisher.FullKFAC._capture = sampled_capture(args.sample_rows)
     if swap is not None:
         fisher.FullKFAC._damped_inverse = staticmethod(swap)
     if args.large_factors in ("input-only", "output-only"):

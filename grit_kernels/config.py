@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 
 BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
-FISHERS = ("kfac", "diagonal", "kfac_full")
+FISHERS = ("kfac", "diagonal", "kfac_full", "kfac_lowrank")
 REPROJECTIONS = ("off", "one_sided", "two_sided")
 RANK_SCHEDULES = ("linear", "cosine", "adaptive")
 
@@ -79,9 +79,15 @@ class GritConfig:
             LoRA entry, ``g <- g / (v + lam)`` with ``lam = damping * mean(v) + eps_abs`` per tensor.
             ``"kfac_full"``: full K-FAC with the ``d_in x d_in`` input and ``d_out x d_out`` output
             factors as well (a reference for small models; per-module loops, refused above
-            ``kfac_full_max_bytes``).
+            ``kfac_full_max_bytes``). ``"kfac_lowrank"``: those large factors kept as streaming Nystrom
+            sketches, ``top-k eigenpairs + the mean of the rest of the spectrum`` (``O(d m)`` memory per
+            factor; any model size). Measured on the convergence benchmark in ``bench/README.md``.
         kfac_full_max_bytes: memory limit of ``fisher="kfac_full"``'s large factors (sum, EMA and
             inverse of every module's ``d_in^2 + d_out^2`` fp32 entries). Range [1, inf).
+        large_factor_rank: ``fisher="kfac_lowrank"``: eigenpairs ``k`` kept of each large factor (cut to
+            ``d - 1``). Integer >= 1, default 16.
+        large_factor_sketch: ``fisher="kfac_lowrank"``: test vectors ``m`` of each sketch (cut to ``d``),
+            ``None`` (default) for ``2 * large_factor_rank``. Integer >= ``large_factor_rank``.
         reprojection: periodic re-basing of every module onto its Fisher eigenbasis
             (:class:`grit_kernels.compress.RankAdapter`): ``"off"``, ``"one_sided"`` (eigenvectors of
             ``H^1/2 B^T B H^1/2``) or ``"two_sided"`` (of ``H^1/2 D H^1/2``). Applied after the optimizer
@@ -119,6 +125,8 @@ class GritConfig:
     graft: bool = True
     fisher: str = "kfac"
     kfac_full_max_bytes: int = 2**30
+    large_factor_rank: int = 16
+    large_factor_sketch: int | None = None
     reprojection: str = "off"
     reprojection_freq: int = 100
     reprojection_start: int = 0
@@ -167,6 +175,9 @@ class GritConfig:
             raise ValueError(f"GritConfig.rank_schedule must be None or one of {RANK_SCHEDULES}, got {self.rank_schedule!r}")
         for name, lo in (("kfac_full_max_bytes", 1), ("reprojection_freq", 1), ("reprojection_start", 0), ("min_rank", 1)):
             self._check_int(name, lo)
+        self._check_int("large_factor_rank", 1)
+        if self.large_factor_sketch is not None:
+            self._check_int("large_factor_sketch", self.large_factor_rank)
         self._check_int("rank_schedule_steps", self.reprojection_start + 1 if self.rank_schedule is not None else 1)
         for name in ("rank_start", "rank_end", "rank_energy"):
             self._check_range(name, 0.0, 1.0, lo_open=True)

@@ -1,4 +1,4 @@
-"""Fisher options beside rank-space K-FAC: ``GritConfig(fisher="diagonal" | "kfac_full")``.
+"""Fisher options beside rank-space K-FAC: ``GritConfig(fisher="diagonal" | "kfac_full" | "kfac_lowrank")``.
 
 ``"kfac"`` (the default) is :class:`~grit_kernels.GritPreconditioner`'s own step. The two options here
 take over its ``step()`` (it dispatches to ``fisher.step``), keep its warm-up and the rank-space bank
@@ -18,8 +18,20 @@ runs only when ``step(lr=...)`` is called directly:
   ``g = dL/dy`` scaled like ``D``: ``rows * sum g g^T / loss_scale^2``). With ``X = G = I`` it reduces to
   rank-space K-FAC. A reference for small models: per-module Python loops and forward/tensor hooks,
   refused above ``kfac_full_max_bytes``. Single process (no DDP reduction of ``X`` and ``G``).
+* :class:`LowRankKFAC`: :class:`FullKFAC`'s step with each large factor kept as a *streaming Nystrom
+  sketch*: for a fixed orthonormal test matrix ``V [d, m]`` (one per dimension, seeded), the EMA of
+  ``Y = C V`` (linear in ``C``, so the EMA of the per-step sketches is the sketch of the EMA factor) and of
+  ``tr C``. At a refresh, the top ``k`` eigenpairs ``(s, U)`` of the Nystrom approximation
+  ``Y (V^T Y)^+ Y^T`` and the mean ``s_rest = (tr C - sum s) / (d - k)`` of the rest of the spectrum
+  give ``C ~ U diag(s) U^T + s_rest (I - U U^T)``, inverted in closed form:
+  ``(C + lam I)^-1 = (I - U U^T) / (s_rest + lam) + U diag(1 / (s + lam)) U^T``. Memory and work are
+  ``O(d m)`` per factor (capture ``2 N d m`` flops), never ``d x d``: it runs at Llama-3-8B shapes.
+  ``k = large_factor_rank``, ``m = large_factor_sketch`` (both cut to ``d - 1`` and ``d``); with
+  ``m = d`` the sketch is exact and ``k = d - 1`` gives :class:`FullKFAC`'s step. Same damping, clip,
+  hooks (PEFT's ``lora_A``/``lora_B`` modules: not under :func:`grit_kernels.fuse`) and single-process
+  limits as :class:`FullKFAC`; a per-module loop (a reference implementation, not yet batched).
 
-Both options' state (the diagonal moments; the ``d x d`` sums, factors and inverses) is part of
+Every option's state (the diagonal moments; the ``d x d`` or sketched sums, factors and inverses) is part of
 ``GritPreconditioner.state_dict()`` under ``"fisher_state"``, with the kind under ``"fisher"``: a resumed
 run continues bit-for-bit.
 """
@@ -41,6 +53,8 @@ def make_fisher(preconditioner):
         return DiagonalFisher(preconditioner)
     if kind == "kfac_full":
         return FullKFAC(preconditioner)
+    if kind == "kfac_lowrank":
+        return LowRankKFAC(preconditioner)
     raise ValueError(f"unknown fisher {kind!r}")
 
 
@@ -112,42 +126,35 @@ class DiagonalFisher:
         self.second_moment = [v.to(device=p.device, dtype=torch.float32, copy=True) for v, p in zip(moments, params)]
 
 
-class FullKFAC:
-    """Full K-FAC with ``d x d`` factors (see the module docstring).
+class _LargeFactorKFAC:
+    """What :class:`FullKFAC` and :class:`LowRankKFAC` share: capture of each LoRA layer's input ``x`` (forward
+    hook on ``lora_A``) and output gradient ``g`` (tensor hook on ``lora_B``'s output, divided by the LoRA
+    scale), the fold of per-step sums into EMA state, the step, and the state dict. A subclass says what it
+    sums (``_accumulate``), how its state folds (``_INPUT_FOLDS``/``_OUTPUT_FOLDS``: ``(ema, sum)`` attribute
+    pairs, lists in bank order; input sums are divided by the rows, output sums multiplied by
+    ``rows / loss_scale^2`` as the bank does for ``D``), how it refreshes (``_refresh``) and how it applies
+    the large factors' inverses (``_input_side``, ``_output_side``)."""
 
-    Attributes (per module, bank order): ``input_sum [d_in, d_in]``, ``output_sum [d_out, d_out]``,
-    ``rows``; EMA factors ``input_factor`` (``X``) and ``output_factor`` (``G``); inverses of the
-    damped factors ``input_inverse``, ``output_inverse`` (identity until the first refresh).
-    """
+    _INPUT_FOLDS: tuple[tuple[str, str], ...] = ()
+    _OUTPUT_FOLDS: tuple[tuple[str, str], ...] = ()
+    _STATE_LISTS: tuple[str, ...] = ()
 
     def __init__(self, preconditioner):
-        self.pre = pre = preconditioner
-        cfg = pre.config
-        dims = [(m.lora_A.shape[1], m.lora_B.shape[0]) for m in pre.modules]
-        need = 3 * 4 * sum(d_in * d_in + d_out * d_out for d_in, d_out in dims)
-        if need > cfg.kfac_full_max_bytes:
-            raise ValueError(
-                f"fisher='kfac_full' would need {need / 2**20:.1f} MiB for the d x d factors of "
-                f"{len(dims)} modules (sum, EMA and inverse in fp32), above kfac_full_max_bytes="
-                f"{cfg.kfac_full_max_bytes / 2**20:.1f} MiB; it is a reference for small models -- use "
-                "fisher='kfac' or raise the limit"
-            )
-        device = pre.bank.device
-        self.memory_bytes = need
-        self.input_sum = [torch.zeros(d, d, device=device) for d, _ in dims]
-        self.output_sum = [torch.zeros(d, d, device=device) for _, d in dims]
-        self.rows = torch.zeros(len(dims), device=device)
-        self.input_factor = [torch.zeros_like(t) for t in self.input_sum]
-        self.output_factor = [torch.zeros_like(t) for t in self.output_sum]
-        self.input_inverse = [torch.eye(d, device=device) for d, _ in dims]
-        self.output_inverse = [torch.eye(d, device=device) for _, d in dims]
+        self.pre = preconditioner
+        self.rows = torch.zeros(len(preconditioner.modules), device=preconditioner.bank.device)
         self.initialized = False
         self._inputs: dict[int, torch.Tensor] = {}
         self._handles = []
-        for m in pre.modules:
+
+    def _register_hooks(self) -> None:
+        for m in self.pre.modules:
             adapter = m.layer.active_adapters[0]
             self._handles.append(m.layer.lora_A[adapter].register_forward_hook(self._input_hook(m.index)))
             self._handles.append(m.layer.lora_B[adapter].register_forward_hook(self._output_hook(m)))
+
+    @staticmethod
+    def _dims(pre) -> list[tuple[int, int]]:
+        return [(m.lora_A.shape[1], m.lora_B.shape[0]) for m in pre.modules]
 
     # ------------------------------------------------------------------ capture
     def _input_hook(self, index: int):
@@ -170,18 +177,26 @@ class FullKFAC:
         return hook
 
     def _capture(self, index: int, x: torch.Tensor, g: torch.Tensor) -> None:
-        """``g = dL/dy [..., d_out]`` of the layer output; ``x`` its LoRA input (after dropout)."""
+        """``g = dL/dy [..., d_out]`` of the layer output; ``x`` its LoRA input (after dropout). Rows whose
+        gradient is zero (padding, masked labels) do not count and contribute no ``x``."""
         x, g = x.reshape(-1, x.shape[-1]).float(), g.reshape(-1, g.shape[-1]).float()
         row_max = g.abs().amax(dim=1)
         carries = row_max > ZERO_ROW_TOLERANCE * row_max.amax()
-        x = x * carries[:, None]
-        self.input_sum[index].addmm_(x.T, x)
-        self.output_sum[index].addmm_(g.T, g)
+        self._accumulate(index, x * carries[:, None], g)
         self.rows[index] += carries.sum()
+
+    def _accumulate(self, index: int, x: torch.Tensor, g: torch.Tensor) -> None:
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ the step
     def step(self, lr=None, loss_scale=None) -> None:
         pre, cfg = self.pre, self.pre.config
+        if bool(self.rows.sum() == 0) and bool(pre.bank.rows.sum() > 0):
+            raise RuntimeError(
+                f"fisher={cfg.fisher!r}: the rank-space statistics were captured this step but the large factors "
+                "were not: they are captured by hooks on PEFT's lora_A / lora_B modules, which grit_kernels.fuse "
+                "bypasses. Call grit_kernels.unfuse(model) or use fisher='kfac'"
+            )
         pre.bank.fold(cfg.ema_decay, loss_scale=loss_scale, backend=pre.backend)
         self._fold(cfg.ema_decay, loss_scale)
         since = pre.step_count - cfg.warmup_steps
@@ -190,27 +205,124 @@ class FullKFAC:
                 pre.bank.refresh_inverses(
                     cfg.damping, cfg.eps_abs, cfg.retry_damping_factor, backend=pre.backend
                 )
-                self._refresh(cfg.damping, cfg.eps_abs)
+                if self.initialized:
+                    self._refresh(cfg.damping, cfg.eps_abs)
             self._precondition(lr)
         pre.step_count += 1
 
     def _fold(self, decay: float, loss_scale) -> None:
         scale2 = 1.0 if loss_scale is None else torch.as_tensor(loss_scale, dtype=torch.float32) ** 2
-        for i in range(len(self.input_sum)):
+        for i in range(len(self.rows)):
             rows = self.rows[i]
             if bool(rows > 0):
-                x_step = self.input_sum[i] / rows
-                g_step = self.output_sum[i] * rows / scale2
-                if bool(torch.isfinite(x_step).all() & torch.isfinite(g_step).all()):
-                    for factor, step in ((self.input_factor[i], x_step), (self.output_factor[i], g_step)):
+                pairs = [(getattr(self, e)[i], getattr(self, s)[i] / rows) for e, s in self._INPUT_FOLDS]
+                pairs += [(getattr(self, e)[i], getattr(self, s)[i] * rows / scale2) for e, s in self._OUTPUT_FOLDS]
+                if all(bool(torch.isfinite(step).all()) for _, step in pairs):
+                    for ema, step in pairs:
                         if self.initialized:
-                            factor.mul_(decay).add_(step, alpha=1.0 - decay)
+                            ema.mul_(decay).add_(step, alpha=1.0 - decay)
                         else:
-                            factor.copy_(step)
-            self.input_sum[i].zero_()
-            self.output_sum[i].zero_()
+                            ema.copy_(step)
+            for _, name in self._INPUT_FOLDS + self._OUTPUT_FOLDS:
+                getattr(self, name)[i].zero_()
         self.initialized = self.initialized or bool(self.rows.sum() > 0)
         self.rows.zero_()
+
+    def _refresh(self, damping: float, eps_abs: float) -> None:
+        raise NotImplementedError
+
+    def _input_side(self, index: int, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _output_side(self, index: int, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _precondition(self, lr) -> None:
+        """``grad_A <- (D + lam)^-1 grad_A (X + lam)^-1``, ``grad_B <- (G + lam)^-1 grad_B (H + lam)^-1``."""
+        pre, bank = self.pre, self.pre.bank
+        grads, raws = [], []
+        for m in pre.modules:
+            ga, gb = m.lora_A.grad, m.lora_B.grad
+            if ga is None or gb is None:
+                continue
+            r = bank.module_ranks[m.index]
+            inv_d = bank.inverse[BACKWARD, m.index, :r, :r]
+            inv_h = bank.inverse[FORWARD, m.index, :r, :r]
+            if pre.config.kl_clip is not None and lr is not None:
+                raws += [ga.clone(), gb.clone()]
+            ga.copy_(self._input_side(m.index, inv_d @ ga.float()))
+            gb.copy_(self._output_side(m.index, gb.float() @ inv_h))
+            grads += [ga, gb]
+        if raws:
+            _kl_clip_(grads, raws, pre.config.kl_clip, lr)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Every list of ``_STATE_LISTS`` (bank order, clones), ``rows`` and ``initialized``."""
+        state = {name: [t.clone() for t in getattr(self, name)] for name in self._STATE_LISTS}
+        state.update(rows=self.rows.clone(), initialized=self.initialized)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Copy a saved state onto this model's device (every tensor's shape must match)."""
+        kind = type(self).__name__
+        for name in self._STATE_LISTS:
+            mine, saved = getattr(self, name), state[name]
+            shapes = [tuple(t.shape) for t in saved]
+            if shapes != [tuple(t.shape) for t in mine]:
+                raise ValueError(
+                    f"{kind}.load_state_dict: saved {name} shapes {shapes[:4]}... ({len(shapes)} modules) do not "
+                    f"match this model's {[tuple(t.shape) for t in mine][:4]}... ({len(mine)})"
+                )
+        for name in self._STATE_LISTS:
+            for t, v in zip(getattr(self, name), state[name]):
+                t.copy_(v)
+        self.rows.copy_(state["rows"])
+        self.initialized = bool(state["initialized"])
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class FullKFAC(_LargeFactorKFAC):
+    """Full K-FAC with ``d x d`` factors (see the module docstring).
+
+    Attributes (per module, bank order): ``input_sum [d_in, d_in]``, ``output_sum [d_out, d_out]``,
+    ``rows``; EMA factors ``input_factor`` (``X``) and ``output_factor`` (``G``); inverses of the
+    damped factors ``input_inverse``, ``output_inverse`` (identity until the first refresh).
+    """
+
+    _INPUT_FOLDS = (("input_factor", "input_sum"),)
+    _OUTPUT_FOLDS = (("output_factor", "output_sum"),)
+    _STATE_LISTS = ("input_sum", "output_sum", "input_factor", "output_factor", "input_inverse", "output_inverse")
+
+    def __init__(self, preconditioner):
+        super().__init__(preconditioner)
+        cfg = preconditioner.config
+        dims = self._dims(preconditioner)
+        need = 3 * 4 * sum(d_in * d_in + d_out * d_out for d_in, d_out in dims)
+        if need > cfg.kfac_full_max_bytes:
+            raise ValueError(
+                f"fisher='kfac_full' would need {need / 2**20:.1f} MiB for the d x d factors of "
+                f"{len(dims)} modules (sum, EMA and inverse in fp32), above kfac_full_max_bytes="
+                f"{cfg.kfac_full_max_bytes / 2**20:.1f} MiB; it is a reference for small models -- use "
+                "fisher='kfac_lowrank' or 'kfac', or raise the limit"
+            )
+        device = preconditioner.bank.device
+        self.memory_bytes = need
+        self.input_sum = [torch.zeros(d, d, device=device) for d, _ in dims]
+        self.output_sum = [torch.zeros(d, d, device=device) for _, d in dims]
+        self.input_factor = [torch.zeros_like(t) for t in self.input_sum]
+        self.output_factor = [torch.zeros_like(t) for t in self.output_sum]
+        self.input_inverse = [torch.eye(d, device=device) for d, _ in dims]
+        self.output_inverse = [torch.eye(d, device=device) for _, d in dims]
+        self._register_hooks()
+
+    def _accumulate(self, index: int, x: torch.Tensor, g: torch.Tensor) -> None:
+        self.input_sum[index].addmm_(x.T, x)
+        self.output_sum[index].addmm_(g.T, g)
 
     @staticmethod
     def _damped_inverse(factor: torch.Tensor, damping: float, eps_abs: float) -> torch.Tensor:
@@ -224,55 +336,107 @@ class FullKFAC:
         return torch.cholesky_inverse(chol).float()
 
     def _refresh(self, damping: float, eps_abs: float) -> None:
-        if not self.initialized:
-            return
         for i in range(len(self.input_factor)):
             self.input_inverse[i] = self._damped_inverse(self.input_factor[i], damping, eps_abs)
             self.output_inverse[i] = self._damped_inverse(self.output_factor[i], damping, eps_abs)
 
-    def _precondition(self, lr) -> None:
-        pre, bank = self.pre, self.pre.bank
-        grads, raws = [], []
-        for m in pre.modules:
-            ga, gb = m.lora_A.grad, m.lora_B.grad
-            if ga is None or gb is None:
-                continue
-            r = bank.module_ranks[m.index]
-            inv_d = bank.inverse[BACKWARD, m.index, :r, :r]
-            inv_h = bank.inverse[FORWARD, m.index, :r, :r]
-            if pre.config.kl_clip is not None and lr is not None:
-                raws += [ga.clone(), gb.clone()]
-            ga.copy_(inv_d @ ga.float() @ self.input_inverse[m.index])
-            gb.copy_(self.output_inverse[m.index] @ gb.float() @ inv_h)
-            grads += [ga, gb]
-        if raws:
-            _kl_clip_(grads, raws, pre.config.kl_clip, lr)
+    def _input_side(self, index: int, t: torch.Tensor) -> torch.Tensor:
+        return t @ self.input_inverse[index]
 
-    _STATE_LISTS = ("input_sum", "output_sum", "input_factor", "output_factor", "input_inverse", "output_inverse")
+    def _output_side(self, index: int, t: torch.Tensor) -> torch.Tensor:
+        return self.output_inverse[index] @ t
 
-    def state_dict(self) -> dict:
-        """The ``d x d`` sums, EMA factors and inverses (lists in bank order), ``rows`` and ``initialized``."""
-        state = {name: [t.clone() for t in getattr(self, name)] for name in self._STATE_LISTS}
-        state.update(rows=self.rows.clone(), initialized=self.initialized)
-        return state
 
-    def load_state_dict(self, state: dict) -> None:
-        """Copy a saved state onto this model's device (every factor's shape must match)."""
-        for name in self._STATE_LISTS:
-            mine, saved = getattr(self, name), state[name]
-            shapes = [tuple(t.shape) for t in saved]
-            if shapes != [tuple(t.shape) for t in mine]:
-                raise ValueError(
-                    f"FullKFAC.load_state_dict: saved {name} shapes {shapes[:4]}... ({len(shapes)} modules) do not "
-                    f"match this model's {[tuple(t.shape) for t in mine][:4]}... ({len(mine)})"
-                )
-        for name in self._STATE_LISTS:
-            for t, v in zip(getattr(self, name), state[name]):
-                t.copy_(v)
-        self.rows.copy_(state["rows"])
-        self.initialized = bool(state["initialized"])
+def sketch_test_matrix(d: int, m: int, device=None) -> torch.Tensor:
+    """The fixed orthonormal test matrix ``V [d, m]`` of :class:`LowRankKFAC` (seeded by ``(d, m)``, so a
+    resumed run and every module of width ``d`` get the same one). fp32."""
+    gen = torch.Generator().manual_seed(1_000_003 * d + m)
+    test = torch.linalg.qr(torch.randn(d, m, generator=gen, dtype=torch.float64))[0]
+    return test.float().to(device)
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+
+def nystrom_eigenpairs(sketch: torch.Tensor, test: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` eigenpairs of the Nystrom approximation ``Y (V^T Y)^+ Y^T`` of a PSD ``C`` from its sketch
+    ``Y = C V`` only (``sketch [..., d, m]``, ``test [d, m]`` orthonormal, ``k <= m``), in float64 with a
+    shift ``nu = eps32 * |Y|`` for stability (Tropp et al. 2017): ``values [..., k]`` (descending, >= 0),
+    ``vectors [..., d, k]``. With ``m = d`` it is the eigendecomposition of ``C`` (up to the shift)."""
+    y, v = sketch.double(), test.double()
+    nu = torch.finfo(torch.float32).eps * torch.linalg.matrix_norm(y)[..., None, None]
+    y = y + nu * v
+    core = v.T @ y
+    core = 0.5 * (core + core.transpose(-1, -2))
+    values, vectors = torch.linalg.eigh(core)  # core^-1/2 by eigh: robust where Cholesky fails
+    tiny = values.amax(dim=-1, keepdim=True).clamp_min(1e-300) * 1e-12
+    inv_sqrt = vectors * values.clamp_min(tiny).rsqrt()[..., None, :] @ vectors.transpose(-1, -2)
+    u, sigma, _ = torch.linalg.svd(y @ inv_sqrt, full_matrices=False)
+    return (sigma[..., :k] ** 2 - nu[..., 0]).clamp_min(0.0), u[..., :k]
+
+
+class LowRankKFAC(_LargeFactorKFAC):
+    """K-FAC with Nystrom-sketched large factors (see the module docstring).
+
+    Attributes (per module, bank order): ``input_sketch_sum [d_in, m]`` (``sum x (x^T V)`` this step),
+    ``input_trace_sum []``, and their EMAs ``input_sketch``, ``input_trace``; the same for the output side
+    (``g``); after a refresh ``input_vectors [d_in, k]`` (``U``), ``input_gain [k]``
+    (``1 / (s + lam) - 1 / (s_rest + lam)``) and ``input_rest []`` (``1 / (s_rest + lam)``) so that
+    ``(X + lam I)^-1 t = t * rest + U diag(gain) U^T t`` (identity until the first refresh). ``memory_bytes``:
+    what all of it takes.
+    """
+
+    _INPUT_FOLDS = (("input_sketch", "input_sketch_sum"), ("input_trace", "input_trace_sum"))
+    _OUTPUT_FOLDS = (("output_sketch", "output_sketch_sum"), ("output_trace", "output_trace_sum"))
+    _STATE_LISTS = tuple(n for pair in _INPUT_FOLDS + _OUTPUT_FOLDS for n in pair) + (
+        "input_vectors", "input_gain", "input_rest", "output_vectors", "output_gain", "output_rest"
+    )
+
+    def __init__(self, preconditioner):
+        super().__init__(preconditioner)
+        cfg = preconditioner.config
+        device = preconditioner.bank.device
+        dims = self._dims(preconditioner)
+        self.tests: dict[tuple[int, int], torch.Tensor] = {}
+        for side, widths in (("input", [d for d, _ in dims]), ("output", [d for _, d in dims])):
+            ms = [min(cfg.large_factor_sketch or 2 * cfg.large_factor_rank, d) for d in widths]
+            ks = [min(cfg.large_factor_rank, m, d - 1) for m, d in zip(ms, widths)]
+            for d, m in zip(widths, ms):
+                if (d, m) not in self.tests:
+                    self.tests[(d, m)] = sketch_test_matrix(d, m, device)
+            setattr(self, f"_{side}_shapes", list(zip(widths, ms, ks)))
+            setattr(self, f"{side}_sketch_sum", [torch.zeros(d, m, device=device) for d, m in zip(widths, ms)])
+            setattr(self, f"{side}_sketch", [torch.zeros(d, m, device=device) for d, m in zip(widths, ms)])
+            for name in ("trace_sum", "trace"):
+                setattr(self, f"{side}_{name}", [torch.zeros((), device=device) for _ in widths])
+            setattr(self, f"{side}_vectors", [torch.zeros(d, k, device=device) for d, k in zip(widths, ks)])
+            setattr(self, f"{side}_gain", [torch.zeros(k, device=device) for k in ks])
+            setattr(self, f"{side}_rest", [torch.ones((), device=device) for _ in widths])
+        state = sum(t.numel() for name in self._STATE_LISTS for t in getattr(self, name))
+        self.memory_bytes = 4 * (state + sum(t.numel() for t in self.tests.values()))
+        self._register_hooks()
+
+    def _accumulate(self, index: int, x: torch.Tensor, g: torch.Tensor) -> None:
+        for side, rows in (("input", x), ("output", g)):
+            d, m, _ = getattr(self, f"_{side}_shapes")[index]
+            getattr(self, f"{side}_sketch_sum")[index].addmm_(rows.T, rows @ self.tests[(d, m)])
+            getattr(self, f"{side}_trace_sum")[index].add_(rows.pow(2).sum())
+
+    def _refresh(self, damping: float, eps_abs: float) -> None:
+        for side in ("input", "output"):
+            shapes = getattr(self, f"_{side}_shapes")
+            sketches, traces = getattr(self, f"{side}_sketch"), getattr(self, f"{side}_trace")
+            vectors, gains, rests = (getattr(self, f"{side}_{n}") for n in ("vectors", "gain", "rest"))
+            for i, (d, m, k) in enumerate(shapes):
+                values, top = nystrom_eigenpairs(sketches[i], self.tests[(d, m)], k)
+                trace = traces[i].double()
+                lam = damping * trace / d + eps_abs
+                rest = ((trace - values.sum()) / (d - k)).clamp_min(0.0)
+                vectors[i].copy_(top)
+                gains[i].copy_(1.0 / (values + lam) - 1.0 / (rest + lam))
+                rests[i].copy_(1.0 / (rest + lam))
+
+    def _input_side(self, index: int, t: torch.Tensor) -> torch.Tensor:
+        u = self.input_vectors[index]
+        return t * self.input_rest[index] + ((t @ u) * self.input_gain[index]) @ u.T
+
+    def _output_side(self, index: int, t: torch.Tensor) -> torch.Tensor:
+        u = self.output_vectors[index]
+        return t * self.output_rest[index] + u @ (self.output_gain[index][:, None] * (u.T @ t))

@@ -341,3 +341,23 @@ def packed_causal_attention(
                 weights = torch.exp(scores - scores.max())
                 out[bi, h, i] = (weights / weights.sum()) @ v[bi, h // group, keep]
     return out
+
+
+def nystrom_approximation(c: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """``Y (V^T Y)^+ Y^T`` with ``Y = c @ test``: the Nystrom approximation of a PSD ``c [d, d]`` from the test
+    matrix ``test [d, m]``, by pseudo-inverse (float64 in, float64 out)."""
+    y = c @ test
+    return y @ torch.linalg.pinv(test.T @ y, hermitian=True) @ y.T
+
+
+def low_rank_damped_inverse(approx: torch.Tensor, trace: torch.Tensor, k: int, damping: float, eps_abs: float):
+    """``(U diag(s) U^T + s_rest (I - U U^T) + lam I)^-1`` from the top-``k`` eigenpairs ``(s, U)`` of
+    ``approx [d, d]``, with ``s_rest = (trace - sum s) / (d - k)`` (clamped at 0) and
+    ``lam = damping * trace / d + eps_abs`` (``fisher="kfac_lowrank"``'s large-factor inverse)."""
+    d = approx.shape[0]
+    values, vectors = torch.linalg.eigh(approx)
+    s, u = values[d - k :].clamp_min(0.0), vectors[:, d - k :]
+    rest = ((trace - s.sum()) / (d - k)).clamp_min(0.0)
+    lam = damping * trace / d + eps_abs
+    eye = torch.eye(d, dtype=approx.dtype, device=approx.device)
+    return torch.linalg.inv(u @ torch.diag(s) @ u.T + rest * (eye - u @ u.T) + lam * eye)

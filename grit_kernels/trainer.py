@@ -101,10 +101,17 @@ class GritTrainingArguments(TrainingArguments):
         default=_DEFAULTS.graft, metadata={"help": "GRIT's direction with the raw gradient's norm, per tensor."}
     )
     grit_fisher: str = field(
-        default=_DEFAULTS.fisher, metadata={"help": "kfac | diagonal | kfac_full: the curvature model."}
+        default=_DEFAULTS.fisher, metadata={"help": "kfac | diagonal | kfac_full | kfac_lowrank: the curvature model."}
     )
     grit_kfac_full_max_bytes: int = field(
         default=_DEFAULTS.kfac_full_max_bytes, metadata={"help": "Memory limit of fisher=kfac_full's d x d factors."}
+    )
+    grit_large_factor_rank: int = field(
+        default=_DEFAULTS.large_factor_rank, metadata={"help": "fisher=kfac_lowrank: eigenpairs kept per large factor."}
+    )
+    grit_large_factor_sketch: int | None = field(
+        default=_DEFAULTS.large_factor_sketch,
+        metadata={"help": "fisher=kfac_lowrank: sketch test vectors per large factor (default 2 x rank)."},
     )
     grit_reprojection: str = field(
         default=_DEFAULTS.reprojection,
@@ -171,6 +178,8 @@ class GritTrainingArguments(TrainingArguments):
             graft=self.grit_graft,
             fisher=self.grit_fisher,
             kfac_full_max_bytes=self.grit_kfac_full_max_bytes,
+            large_factor_rank=self.grit_large_factor_rank,
+            large_factor_sketch=self.grit_large_factor_sketch,
             reprojection=self.grit_reprojection,
             reprojection_freq=self.grit_reprojection_freq,
             reprojection_start=self.grit_reprojection_start,

@@ -1,5 +1,5 @@
 """GritConfig(fisher=...): "kfac_full" against explicitly built Kronecker K-FAC and its reduction to
-"kfac"; "diagonal" against a float64 reference."""
+"kfac"; "diagonal" and "kfac_lowrank" against float64 references."""
 
 import helpers
 import pytest
@@ -7,6 +7,8 @@ import torch
 from helpers import small_llama
 
 import grit_kernels as gk
+from grit_kernels import reference
+from grit_kernels.fisher import nystrom_eigenpairs, sketch_test_matrix
 
 D_IN, D_OUT, RANK, ROWS = 5, 4, 3, 64
 
@@ -103,7 +105,7 @@ def test_diagonal_matches_reference(fresh_seed):
         model.zero_grad(set_to_none=True)
 
 
-@pytest.mark.parametrize("fisher", ["diagonal", "kfac_full"])
+@pytest.mark.parametrize("fisher", ["diagonal", "kfac_full", "kfac_lowrank"])
 def test_fisher_options_train_a_small_llama(fisher):
     model = small_llama(num_layers=1, r=4)
     pre = gk.GritPreconditioner(model, gk.GritConfig(fisher=fisher, warmup_steps=1, update_freq=2))
@@ -117,5 +119,119 @@ def test_fisher_options_train_a_small_llama(fisher):
     assert torch.isfinite(loss) and pre.step_count == 3
     assert all(torch.isfinite(p).all() for p in pre.parameters())
     pre.remove()
-    if fisher == "kfac_full":
+    if fisher != "diagonal":
         assert pre._fisher._handles == []
+
+
+# ---------------------------------------------------------------------------- fisher="kfac_lowrank"
+def psd_with_decaying_spectrum(d, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0]
+    values = torch.rand(d, generator=gen, dtype=torch.float64) * torch.logspace(2, -2, d, dtype=torch.float64)
+    return q @ torch.diag(values) @ q.T
+
+
+def test_nystrom_eigenpairs_match_the_reference_approximation(fresh_seed):
+    d, m, k = 40, 12, 6
+    c = psd_with_decaying_spectrum(d, fresh_seed)
+    test = sketch_test_matrix(d, m).double()
+    values, vectors = nystrom_eigenpairs((c @ test).float(), test.float(), k)
+    ref_values, ref_vectors = torch.linalg.eigh(reference.nystrom_approximation(c, test))
+    ref_values, ref_vectors = ref_values.flip(0)[:k], ref_vectors.flip(1)[:, :k]
+    assert values.shape == (k,) and vectors.shape == (d, k)
+    assert (values - ref_values).norm() / ref_values.norm() < 1e-5
+    projector = vectors @ vectors.T
+    assert (projector - ref_vectors @ ref_vectors.T).norm() / k**0.5 < 1e-3
+    assert (vectors.T @ vectors - torch.eye(k, dtype=torch.float64)).abs().max() < 1e-6
+
+
+def test_nystrom_with_a_full_sketch_is_the_eigendecomposition(fresh_seed):
+    d, k = 16, 5
+    c = psd_with_decaying_spectrum(d, fresh_seed)
+    test = sketch_test_matrix(d, d).double()
+    values, _ = nystrom_eigenpairs(c @ test, test, k)
+    exact = torch.linalg.eigvalsh(c).flip(0)[:k]
+    assert (values - exact).norm() / exact.norm() < 1e-6
+
+
+def lowrank_config(**kw):
+    return config("kfac_lowrank", **kw)
+
+
+def test_kfac_lowrank_step_matches_the_reference(fresh_seed):
+    """Three steps with EMA: the preconditioned grads equal ``(D + lam)^-1 grad_A Xinv`` and
+    ``Ginv grad_B (H + lam)^-1`` with ``Xinv``/``Ginv`` from reference.low_rank_damped_inverse of the Nystrom
+    approximation of the float64 EMA factors."""
+    d_in, d_out, rank, m, k = 12, 10, 3, 6, 3
+    damping, eps_abs, beta = 1e-2, 1e-8, 0.9
+    model = helpers.one_layer_lora(fresh_seed, d_in, d_out, rank)
+    cfg = lowrank_config(damping=damping, eps_abs=eps_abs, ema_decay=beta, large_factor_rank=k, large_factor_sketch=m)
+    pre = gk.GritPreconditioner(model, cfg)
+    A, B, s = weights(model)
+    x_factor = g_factor = d_factor = h_factor = None
+    ema = lambda old, new: new if old is None else beta * old + (1 - beta) * new
+    for _ in range(3):
+        x, w = torch.randn(ROWS, d_in) * torch.linspace(0.2, 3.0, d_in), torch.randn(ROWS, d_out)
+        backward_linear_loss(model, x, w)
+        grad_a, grad_b = A.grad.double().clone(), B.grad.double().clone()
+        x64, g = x.double(), w.double() / ROWS
+        h, delta = x64 @ A.detach().double().T, s * g @ B.detach().double()
+        x_factor, g_factor = ema(x_factor, x64.T @ x64 / ROWS), ema(g_factor, ROWS * g.T @ g)
+        d_factor, h_factor = ema(d_factor, ROWS * delta.T @ delta), ema(h_factor, h.T @ h / ROWS)
+        pre.step()
+        inverses = []
+        for c in (x_factor, g_factor):
+            test = sketch_test_matrix(c.shape[0], m).double()
+            approx = reference.nystrom_approximation(c, test)
+            inverses.append(reference.low_rank_damped_inverse(approx, torch.trace(c), k, damping, eps_abs))
+        ref_a = torch.linalg.inv(damped(d_factor, damping, eps_abs)) @ grad_a @ inverses[0]
+        ref_b = inverses[1] @ grad_b @ torch.linalg.inv(damped(h_factor, damping, eps_abs))
+        for out, ref in ((A.grad, ref_a), (B.grad, ref_b)):
+            assert (out.double() - ref).norm() / ref.norm() < 1e-4
+        model.zero_grad(set_to_none=True)
+
+
+def test_kfac_lowrank_with_a_full_sketch_equals_kfac_full(fresh_seed):
+    """``m = d`` and ``k = d - 1`` (both cut from larger requests): the sketch is exact and nothing is dropped."""
+    grads = {}
+    for fisher, extra in (("kfac_full", {}), ("kfac_lowrank", dict(large_factor_rank=64, large_factor_sketch=64))):
+        model = one_layer_lora(fresh_seed)
+        pre = gk.GritPreconditioner(model, config(fisher, damping=1e-2, eps_abs=1e-8, **extra))
+        gen = torch.Generator().manual_seed(fresh_seed)
+        for _ in range(2):
+            backward_linear_loss(model, torch.randn(ROWS, D_IN, generator=gen), torch.randn(ROWS, D_OUT, generator=gen))
+            pre.step()
+            A, B, _ = weights(model)
+            grads.setdefault(fisher, []).extend([A.grad.clone(), B.grad.clone()])
+            model.zero_grad(set_to_none=True)
+    for a, b in zip(grads["kfac_full"], grads["kfac_lowrank"]):
+        assert (a - b).norm() / a.norm() < 1e-4
+
+
+def test_kfac_lowrank_memory_is_linear_in_the_width():
+    model = small_llama(num_layers=1, r=4)
+    pre = gk.GritPreconditioner(model, gk.GritConfig(fisher="kfac_lowrank", large_factor_rank=4, large_factor_sketch=6))
+    low = pre._fisher
+    for name in low._STATE_LISTS:
+        for t, (d, m, k) in zip(getattr(low, name), getattr(low, "_input_shapes" if "input" in name else "_output_shapes")):
+            assert t.numel() <= d * m and (m, k) == (6, 4)
+    dims = [(mod.lora_A.shape[1], mod.lora_B.shape[0]) for mod in pre.modules]
+    assert low.memory_bytes < 4 * sum(a * a + b * b for a, b in dims)
+
+
+def test_kfac_lowrank_refuses_fused_blocks_that_bypass_its_hooks():
+    model = small_llama(num_layers=1, r=4)
+    pre = gk.GritPreconditioner(model, gk.GritConfig(fisher="kfac_lowrank", warmup_steps=0))
+    gk.fuse(model)
+    ids = torch.randint(0, 512, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    with pytest.raises(RuntimeError, match="grit_kernels.fuse bypasses"):
+        pre.step()
+    assert pre.step_count == 0
+
+
+def test_large_factor_options_are_validated():
+    with pytest.raises(ValueError, match="large_factor_rank"):
+        gk.GritConfig(fisher="kfac_lowrank", large_factor_rank=0)
+    with pytest.raises(ValueError, match="large_factor_sketch must be an integer >= 8"):
+        gk.GritConfig(fisher="kfac_lowrank", large_factor_rank=8, large_factor_sketch=4)

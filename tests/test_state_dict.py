@@ -105,6 +105,7 @@ def save_and_resume(model, opt, seed=7, **cfg):
 RESUME_CASES = {
     "diagonal": dict(fisher="diagonal"),
     "kfac_full": dict(fisher="kfac_full"),
+    "kfac_lowrank": dict(fisher="kfac_lowrank", large_factor_rank=4),
     # cuts at steps 2, 4 and 6: the resumed run must keep the schedule's r0, not the cut ranks
     "rank_schedule": dict(reprojection="one_sided", reprojection_freq=2, reprojection_start=2,
                           rank_schedule="linear", rank_end=0.25, rank_schedule_steps=6),

@@ -148,6 +148,8 @@ def test_training_arguments_map_onto_grit_config(tmp_path):
 FISHER_AND_RANK_ARGS = dict(
     fisher="kfac",
     kfac_full_max_bytes=12345,
+    large_factor_rank=8,
+    large_factor_sketch=12,
     reprojection="two_sided",
     reprojection_freq=7,
     reprojection_start=3,
@@ -168,6 +170,7 @@ def test_fisher_and_rank_schedule_arguments_map_and_name_the_field(tmp_path):
     bad = {
         "fisher": "block_diagonal",
         "kfac_full_max_bytes": 0,
+        "large_factor_rank": 0,
         "reprojection": "three_sided",
         "reprojection_freq": 0,
         "reprojection_start": -1,
