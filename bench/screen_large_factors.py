@@ -5,7 +5,9 @@ rank-space K-FAC, but on ``FullKFAC``'s path: no graft, and under ``GritOptimize
 taken, so that only the large factors differ from ``--large-factors full``); ``input-only`` keeps ``X`` and drops ``G`` (``G = I``),
 ``output-only`` the reverse. ``lowrank`` keeps the top ``--factor-rank k`` eigenpairs of each large factor and
 replaces the rest of the spectrum by its mean (``U diag(s) U^T + s_rest (I - U U^T)``: what a scalable sketch
-would store, ``O(d k)`` per factor). ``--sample-rows F`` (any mode) forms the ``d x d`` sums from every F-th
+would store, ``O(d k)`` per factor); ``lowrank-diagonal`` by the diagonal of the rest; ``nystrom`` is
+``lowrank`` with the eigenpairs from a Nystrom sketch of ``--sketch-size`` test vectors (what
+``fisher="kfac_lowrank"`` computes). ``--sample-rows F`` (any mode) forms the ``d x d`` sums from every F-th
 carrying row only, scaled by F (an unbiased estimate at 1/F of the Gram cost).
 
 An experiment, not a feature: it swaps ``FullKFAC._damped_inverse`` in this process, then runs
@@ -55,6 +57,23 @@ def lowrank_inverse(k: int):
         eye = torch.eye(d, dtype=c.dtype, device=c.device)
         inv = (eye - top @ top.T) / (rest + lam) + (top / (top_values + lam)) @ top.T
         return inv.float()
+
+    return inverse
+
+
+def lowrank_diagonal_inverse(k: int):
+    """``(U diag(s) U^T + diag(c - U diag(s) U^T)_+ + lam I)^-1``: the top-``k`` eigenpairs of ``C`` plus the
+    diagonal of what they leave (clamped at 0), ``lam`` as in ``FullKFAC`` (Woodbury would apply it in
+    ``O(d k)``; computed densely here)."""
+
+    def inverse(factor: torch.Tensor, damping: float, eps_abs: float) -> torch.Tensor:
+        c = factor.double()
+        d = c.shape[0]
+        lam = damping * torch.trace(c) / d + eps_abs
+        values, vectors = torch.linalg.eigh(c)
+        low = (vectors[:, d - k :] * values[d - k :].clamp_min(0.0)) @ vectors[:, d - k :].T
+        residual = (torch.diagonal(c) - torch.diagonal(low)).clamp_min(0.0)
+        return torch.linalg.inv(low + torch.diag(residual + lam)).float()
 
     return inverse
 
@@ -115,7 +134,7 @@ def sampled_capture(every: int):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
     parser.add_argument(
-        "--large-factors", choices=("full", "diagonal", "identity", "input-only", "output-only", "lowrank", "nystrom"),
+        "--large-factors", choices=("full", "diagonal", "identity", "input-only", "output-only", "lowrank", "lowrank-diagonal", "nystrom"),
         required=True,
     )
     parser.add_argument("--factor-rank", type=int, default=16, help="eigenpairs kept by --large-factors lowrank")
@@ -127,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     swap = {"diagonal": diagonal_inverse, "identity": identity_inverse}.get(args.large_factors)
     if args.large_factors == "lowrank":
         swap = lowrank_inverse(args.factor_rank)
+    if args.large_factors == "lowrank-diagonal":
+        swap = lowrank_diagonal_inverse(args.factor_rank)
     if args.large_factors == "nystrom":
         swap = nystrom_inverse(args.factor_rank, args.sketch_size)
     if args.sample_rows > 1:

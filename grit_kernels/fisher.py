@@ -347,6 +347,14 @@ class FullKFAC(_LargeFactorKFAC):
         return self.output_inverse[index] @ t
 
 
+def _group_by(keys: list) -> dict:
+    """``{key: [indices with that key]}`` in first-seen order."""
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
 def sketch_test_matrix(d: int, m: int, device=None) -> torch.Tensor:
     """The fixed orthonormal test matrix ``V [d, m]`` of :class:`LowRankKFAC` (seeded by ``(d, m)``, so a
     resumed run and every module of width ``d`` get the same one). fp32."""
@@ -420,18 +428,21 @@ class LowRankKFAC(_LargeFactorKFAC):
             getattr(self, f"{side}_trace_sum")[index].add_(rows.pow(2).sum())
 
     def _refresh(self, damping: float, eps_abs: float) -> None:
+        """Eigenpairs of every sketch, batched over the modules of one ``(d, m, k)`` shape."""
         for side in ("input", "output"):
             shapes = getattr(self, f"_{side}_shapes")
             sketches, traces = getattr(self, f"{side}_sketch"), getattr(self, f"{side}_trace")
             vectors, gains, rests = (getattr(self, f"{side}_{n}") for n in ("vectors", "gain", "rest"))
-            for i, (d, m, k) in enumerate(shapes):
-                values, top = nystrom_eigenpairs(sketches[i], self.tests[(d, m)], k)
-                trace = traces[i].double()
-                lam = damping * trace / d + eps_abs
-                rest = ((trace - values.sum()) / (d - k)).clamp_min(0.0)
-                vectors[i].copy_(top)
-                gains[i].copy_(1.0 / (values + lam) - 1.0 / (rest + lam))
-                rests[i].copy_(1.0 / (rest + lam))
+            for (d, m, k), members in _group_by(shapes).items():
+                values, top = nystrom_eigenpairs(torch.stack([sketches[i] for i in members]), self.tests[(d, m)], k)
+                trace = torch.stack([traces[i] for i in members]).double()
+                lam = (damping * trace / d + eps_abs)[:, None]
+                rest = ((trace[:, None] - values.sum(dim=1, keepdim=True)) / (d - k)).clamp_min(0.0)
+                gain, rest_inverse = 1.0 / (values + lam) - 1.0 / (rest + lam), 1.0 / (rest + lam)
+                for j, i in enumerate(members):
+                    vectors[i].copy_(top[j])
+                    gains[i].copy_(gain[j])
+                    rests[i].copy_(rest_inverse[j, 0])
 
     def _input_side(self, index: int, t: torch.Tensor) -> torch.Tensor:
         u = self.input_vectors[index]
