@@ -326,11 +326,17 @@ def geglu_mlp(
 
 
 def packed_causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_ids: torch.Tensor,
+    scale: float,
+    softcap: float | None = None,
 ):
     """Softmax attention where token ``i`` sees token ``j`` iff ``j <= i`` and both carry the same id in
     ``segment_ids [B, S]``; ``q [B, Hq, S, D]``, ``k, v [B, Hk, S, D]`` (query head ``h`` reads kv head
-    ``h // (Hq / Hk)``); returns ``[B, Hq, S, D]``. One query at a time."""
+    ``h // (Hq / Hk)``); returns ``[B, Hq, S, D]``. With ``softcap`` the scores ``z`` become
+    ``softcap * tanh(z / softcap)`` (Gemma2). One query at a time."""
     out = torch.empty_like(q)
     group = q.shape[1] // k.shape[1]
     for bi in range(q.shape[0]):
@@ -338,6 +344,8 @@ def packed_causal_attention(
             for i in range(q.shape[2]):
                 keep = (segment_ids[bi, : i + 1] == segment_ids[bi, i]).nonzero().flatten()
                 scores = (k[bi, h // group, keep] @ q[bi, h, i]) * scale
+                if softcap is not None:
+                    scores = softcap * torch.tanh(scores / softcap)
                 weights = torch.exp(scores - scores.max())
                 out[bi, h, i] = (weights / weights.sum()) @ v[bi, h // group, keep]
     return out

@@ -3,6 +3,8 @@ modules and the float64 oracles in grit_kernels.reference; whole fused decoder b
 norms, soft-capped sliding-window attention kept as HF's code) against PEFT, plain and NF4, with and
 without checkpointing, padded and packed; GRIT's factors with and without fuse; the report; unfuse."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from helpers import TINY_GEMMA, TINY_GEMMA2
@@ -16,7 +18,7 @@ from test_fused import (
     rel,
     run,
 )
-from test_fused_base_stack import autograd_of, packed_batch, padded_batch
+from test_fused_base_stack import autograd_of, block_causal_mask, packed_batch, packed_positions, padded_batch
 
 import grit_kernels as gk
 from grit_kernels import reference
@@ -166,6 +168,56 @@ def test_activations_that_are_not_computed_exactly_keep_peft_path():
     assert all(rel(f_grads[n], g) < FP32_RTOL for n, g in grads.items())
 
 
+def test_packed_eager_attention_matches_hf_eager_and_float64():
+    """Per-sequence eager attention (with and without Gemma2's soft-capping) against HF's Gemma2
+    eager_attention_forward over the whole packed row with its additive block-causal mask."""
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    pos = packed_positions([[5, 9, 2], [16]])
+    allowed = block_causal_mask(pos)
+    mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    segments = base_stack.packed_segments(mask, pos)
+    assert segments == [[(0, 5), (5, 14), (14, 16)], [(0, 16)]]
+    q, k, v = 3 * torch.randn(2, 4, 16, 8), 3 * torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8)
+    g = torch.randn(2, 16, 4, 8)
+    scale, seg = 8**-0.5, torch.cumsum(pos == 0, dim=-1)
+    module = SimpleNamespace(num_key_value_groups=2, training=False)
+    for softcap in (None, 2.0):  # 2.0: the scores (|z| up to ~20) are capped hard
+
+        def ours(q, k, v, softcap=softcap):
+            return base_stack.packed_eager_attention(q, k, v, segments, scale, softcap)
+
+        def theirs(q, k, v, softcap=softcap):
+            return eager_attention_forward(module, q, k, v, mask, scaling=scale, softcap=softcap)[0]
+
+        def oracle(q, k, v, softcap=softcap):
+            return reference.packed_causal_attention(q, k, v, seg, scale, softcap).transpose(1, 2)
+
+        out, grads = autograd_of(ours, [q, k, v], g)
+        out_hf, grads_hf = autograd_of(theirs, [q, k, v], g)
+        out64, grads64 = autograd_of(oracle, [q.double(), k.double(), v.double()], g.double())
+        for mine, hf, ref in ((out, out_hf, out64), *zip(grads, grads_hf, grads64)):
+            assert mine.abs().sum() > 0
+            assert rel(mine, hf) < FP32_RTOL, softcap
+            assert rel(mine, ref) < FP32_RTOL, softcap
+    capped = base_stack.packed_eager_attention(q, k, v, segments, scale, 2.0)
+    assert rel(capped, base_stack.packed_eager_attention(q, k, v, segments, scale)) > 1e-2  # it bites
+
+
+def test_packed_segments_takes_additive_masks_of_zero_and_minimum_only():
+    pos = packed_positions([[6, 10]])
+    allowed = block_causal_mask(pos)
+    lowest = torch.finfo(torch.float32).min
+    mask = torch.zeros(allowed.shape).masked_fill_(~allowed, lowest)
+    assert base_stack.packed_segments(mask, pos) == [[(0, 6), (6, 16)]]
+    biased = mask.clone()
+    biased[..., 3, 1] = -0.5  # an attention bias (ALiBi-like): not a pure mask
+    assert base_stack.packed_segments(biased, pos) is None
+    window = block_causal_mask(pos, window=4)
+    assert base_stack.packed_segments(torch.zeros(window.shape).masked_fill_(~window, lowest), pos) is None
+    assert base_stack.packed_segments(mask.masked_fill(~allowed, float("-inf")), pos) is None
+
+
 # ----------------------------------------------------------------------------- whole models vs PEFT
 CASES = [(a, c) for a in ARCHS for c in (None, "non-reentrant")] + [("gemma2", "reentrant")]
 
@@ -197,25 +249,33 @@ def test_fused_gemma_matches_peft(arch, quantize_4bit, checkpointing):
         assert rel(f_grads[name], g) < FP32_RTOL, name
 
 
+#: (arch, attention implementation) -> packed-row attention calls per forward (SDPA, eager): per sequence
+#: in every layer, except Gemma2's sliding layer 0 (window 8 < the 12-token sequence: its mask is not
+#: block-causal, so HF's masked eager attention runs there)
+PACKED_CALLS = {("gemma", "sdpa"): (2, 0), ("gemma", "eager"): (0, 2), ("gemma2", "eager"): (0, 1)}
+
+
 @pytest.mark.parametrize("inputs", ["padded", "packed"])
-@pytest.mark.parametrize("arch", ARCHS)
-def test_fused_gemma_decoder_blocks_match_peft_and_unfuse_round_trips(arch, inputs):
-    model = gemma_model(arch, seed=2)
+@pytest.mark.parametrize(("arch", "impl"), list(PACKED_CALLS))
+def test_fused_gemma_decoder_blocks_match_peft_and_unfuse_round_trips(arch, impl, inputs):
+    model = gemma_model(arch, seed=2, config_overrides={"attn_implementation": impl})
+    assert model.base_model.model.config._attn_implementation == impl
     model.train()
     forwards = {n for n, m in model.named_modules() if "forward" in m.__dict__}
     data = packed_batch() if inputs == "packed" else padded_batch()
     logits, loss, grads = run(model, data)
     report = gk.fuse(model)
     assert report.base_stack_blocks == 2 and report.rms_norms == (9 if arch == "gemma2" else 5)
-    calls = []
-    original = base_stack.packed_causal_attention
+    calls = {"sdpa": [], "eager": []}
+    originals = base_stack.packed_causal_attention, base_stack.packed_eager_attention
     try:
-        patch.packed_causal_attention = lambda *a: calls.append(1) or original(*a)
+        patch.packed_causal_attention = lambda *a: calls["sdpa"].append(1) or originals[0](*a)
+        patch.packed_eager_attention = lambda *a: calls["eager"].append(1) or originals[1](*a)
         f_logits, f_loss, f_grads = run(model, data)
     finally:
-        patch.packed_causal_attention = original
-    # Gemma (SDPA): per-sequence attention on packed rows; Gemma2: HF's eager soft-capped attention
-    assert len(calls) == (2 if inputs == "packed" and arch == "gemma" else 0)
+        patch.packed_causal_attention, patch.packed_eager_attention = originals
+    expected = PACKED_CALLS[arch, impl] if inputs == "packed" else (0, 0)
+    assert (len(calls["sdpa"]), len(calls["eager"])) == expected
     assert rel(f_loss, loss) < FP32_RTOL
     assert rel(f_logits, logits) < FP32_RTOL
     for name, g in grads.items():

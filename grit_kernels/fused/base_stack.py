@@ -216,21 +216,24 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 
 # ----------------------------------------------------------------------------- packed (varlen) attention
-_SEGMENTS: dict = {}  #: the last checked mask: {"key": (weakref to the mask, to position_ids), "segments": ...}
+#: the last checked masks, newest last: [(weakref to the mask, weakref to position_ids, segments), ...]; two,
+#: so that models alternating two masks over their layers (Gemma2: full and sliding) check each once
+_SEGMENTS: list = []
 
 
 def packed_segments(attention_mask, position_ids) -> list | None:
     """Per-row ``[(start, end), ...]`` of the packed sequences in a padding-free batch, or ``None``.
 
     Segments start where ``position_ids [B, S]`` is 0. They are returned only when ``attention_mask``
-    (``[B, 1, S, S]`` bool, True = attend) is *exactly* the block-diagonal causal mask of those segments
-    (what transformers builds for packed rows), so attention restricted to each segment with a causal
-    mask is the same computation. The check (one ``[B, S, S]`` comparison and a host read of the
+    (``[B, 1, S, S]`` bool, True = attend; or the additive float mask of eager attention, 0 = attend and
+    the dtype's minimum = masked, nothing else) is *exactly* the block-diagonal causal mask of those
+    segments (what transformers builds for packed rows), so attention restricted to each segment with a
+    causal mask is the same computation. The check (one ``[B, S, S]`` comparison and a host read of the
     boundaries) runs once per mask object: the decoder blocks of one forward share it.
     """
     if (
         not isinstance(attention_mask, torch.Tensor)
-        or attention_mask.dtype != torch.bool
+        or not (attention_mask.dtype == torch.bool or attention_mask.is_floating_point())
         or not isinstance(position_ids, torch.Tensor)
         or attention_mask.dim() != 4
         or attention_mask.shape[1] != 1
@@ -239,21 +242,26 @@ def packed_segments(attention_mask, position_ids) -> list | None:
         or attention_mask.shape[2:] != (position_ids.shape[1], position_ids.shape[1])
     ):
         return None
-    hit = _SEGMENTS.get("key")
-    if hit is not None and hit[0]() is attention_mask and hit[1]() is position_ids:
-        return _SEGMENTS["segments"]
+    for mask_ref, positions_ref, hit in _SEGMENTS:
+        if mask_ref() is attention_mask and positions_ref() is position_ids:
+            return hit
     seg = torch.cumsum(position_ids == 0, dim=-1)  # [B, S] segment id (rows may start mid-sequence: id 0)
     n = position_ids.shape[1]
     causal = torch.ones(n, n, dtype=torch.bool, device=seg.device).tril_()
     expected = (seg[:, :, None] == seg[:, None, :]) & causal
+    allowed = attention_mask[:, 0]
+    if allowed.is_floating_point():  # additive: only 0 (attend) and the minimum (masked) qualify
+        masked = allowed == torch.finfo(allowed.dtype).min
+        allowed = allowed == 0
+        if not torch.equal(allowed, ~masked):
+            allowed = None
     segments = None
-    if torch.equal(expected, attention_mask[:, 0]):
+    if allowed is not None and torch.equal(expected, allowed):
         segments = []
         for row in (position_ids == 0).tolist():
             starts = sorted({0, *(i for i, z in enumerate(row) if z)})
             segments.append(list(zip(starts, starts[1:] + [n])))
-    _SEGMENTS["key"] = (weakref.ref(attention_mask), weakref.ref(position_ids))
-    _SEGMENTS["segments"] = segments
+    _SEGMENTS[:] = [*_SEGMENTS[-1:], (weakref.ref(attention_mask), weakref.ref(position_ids), segments)]
     return segments
 
 
@@ -279,6 +287,41 @@ def packed_causal_attention(q, k, v, segments: list, scale: float) -> torch.Tens
             )
             for s, e in row
         ]
+        rows.append(outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))
+    out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+    return out.transpose(1, 2)
+
+
+def packed_eager_attention(
+    q, k, v, segments: list, scale: float, softcap: float | None = None
+) -> torch.Tensor:
+    """HF's eager attention within each packed segment: ``q [B, Hq, S, D]``, ``k, v [B, Hk, S, D]``
+    -> ``[B, S, Hq, D]``, with :func:`packed_segments`' ``segments``.
+
+    Per segment, HF's ``eager_attention_forward`` ops in HF's order: ``scores = q k^T * scale``; with
+    ``softcap``, ``tanh(scores / softcap) * softcap`` (Gemma2's logit soft-capping); the causal mask (the
+    dtype's minimum, as HF's additive mask); softmax in fp32 cast back to ``q``'s dtype; ``@ v``. Masked
+    scores get weight exactly 0 either way, so this is HF's computation over the whole packed row minus
+    the cross-segment blocks: ``sum_i s_i^2`` instead of ``S^2`` work and memory.
+    """
+    groups = q.shape[1] // k.shape[1]
+    masks: dict = {}
+    rows = []
+    for b, row in enumerate(segments):
+        outs = []
+        for s, e in row:
+            qs, ks, vs = q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e]
+            if groups > 1:  # HF's repeat_kv
+                ks, vs = ks.repeat_interleave(groups, dim=1), vs.repeat_interleave(groups, dim=1)
+            scores = torch.matmul(qs, ks.transpose(2, 3)) * scale
+            if softcap is not None:
+                scores = torch.tanh(scores / softcap) * softcap
+            n = e - s
+            if n not in masks:
+                masks[n] = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
+            scores = scores.masked_fill(masks[n], torch.finfo(scores.dtype).min)
+            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            outs.append(torch.matmul(weights, vs))
         rows.append(outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))
     out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
     return out.transpose(1, 2)

@@ -15,20 +15,23 @@ are supported PEFT LoRA layers:
 * MLP: the MLP's forward becomes one :class:`~.functions.FusedSwiGLU` call.
 * base stack: every Llama/Mistral/Qwen2/Qwen3 ``RMSNorm`` module runs :func:`~.base_stack.rms_norm`,
   every Gemma/Gemma2 one :func:`~.base_stack.gemma_rms_norm` (one node each). Where the whole decoder
-  block is fused and is one of those six families (transformers
-  5 layout), the block's forward is replaced too: :class:`~.functions.FusedQKV` (input RMSNorm and
-  RoPE of q and k inside) -> [Qwen3: q/k RMSNorm, then :func:`~.base_stack.rotary`] -> the model's
-  attention function (on CPU with SDPA and padding-free packed rows: causal attention per packed
-  sequence, :func:`~.base_stack.packed_causal_attention`) -> o projection with the residual add
-  inside its Function -> :class:`~.functions.FusedSwiGLU` with the post-attention RMSNorm and the
-  residual add inside. On CUDA with liger-kernel installed, RMSNorm and RoPE run liger's Triton
-  kernels. Gemma: the same, but its ``(1 + w)`` fp32 RMSNorm runs as its own Function before FusedQKV /
+  block is fused and is one of those six families (transformers 5 layout), the block's forward is
+  replaced too: :class:`~.functions.FusedQKV` (input RMSNorm and RoPE of q and k inside) -> [Qwen3: q/k
+  RMSNorm, then :func:`~.base_stack.rotary`] -> the model's attention function (on CPU with
+  padding-free packed rows: causal attention per packed sequence, :func:`~.base_stack.packed_causal_attention`
+  under SDPA, :func:`~.base_stack.packed_eager_attention` under eager attention) -> o projection with
+  the residual add inside its Function -> :class:`~.functions.FusedSwiGLU` with the post-attention
+  RMSNorm and the residual add inside. On CUDA with liger-kernel installed, RMSNorm and RoPE run
+  liger's Triton kernels.
+  Gemma: the same, but its ``(1 + w)`` fp32 RMSNorm runs as its own Function before FusedQKV /
   FusedSwiGLU (their built-in norm is Llama's). Gemma2: FusedQKV (RoPE inside) -> HF's attention
-  function with its soft-capping and sliding window (eager by default; the per-sequence SDPA path is
-  never taken with soft-capping) -> o projection -> post-attention norm + residual (one node) ->
-  pre-feedforward norm -> GeGLU MLP -> post-feedforward norm + residual (one node). The block keeps HF's path (with the part-level fusion above) when module hooks sit on its
-  attention or MLP (e.g. output capture), and honours gradient checkpointing itself (transformers
-  checkpoints the class ``forward``, which an instance forward would bypass).
+  function with its soft-capping and sliding window (eager by default; on packed rows whose layer mask
+  is block-causal, HF's eager math per sequence, soft-capping included) -> o projection ->
+  post-attention norm + residual (one node) -> pre-feedforward norm -> GeGLU MLP -> post-feedforward
+  norm + residual (one node).
+  The block keeps HF's path (with the part-level fusion above) when module hooks sit on its attention
+  or MLP (e.g. output capture), and honours gradient checkpointing itself (transformers checkpoints
+  the class ``forward``, which an instance forward would bypass).
 
 Adapters stay plain PEFT parameters (save/load with PEFT as usual). Statistics go to whichever
 :class:`~grit_kernels.GritPreconditioner` patched the layers, looked up at backward time, so ``fuse``
@@ -49,7 +52,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import install_dispatch_forward, is_lora_layer, release_dispatch_forward, unsupported_reason
-from .base_stack import gemma_rms_norm, packed_causal_attention, packed_segments, rms_norm, rotary, uses_liger
+from .base_stack import (
+    gemma_rms_norm,
+    packed_causal_attention,
+    packed_eager_attention,
+    packed_segments,
+    rms_norm,
+    rotary,
+    uses_liger,
+)
 from .functions import FusedProjections, FusedQKV, FusedSwiGLU, ProjectionGroup
 from .weights import BlockWeights, clear_cache, weights_unsupported_reason
 
@@ -64,8 +75,8 @@ BASE_STACK_DECODERS = (
     "GemmaDecoderLayer",
     "Gemma2DecoderLayer",
 )
-#: RMSNorm classes routed through the fused RMSNorm: Llama's ``weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)``
-#: and, for the names in GEMMA_RMS_NORMS, Gemma's ``(x * rsqrt(mean(x^2) + eps) * (1 + weight)).to(dtype)``
+#: RMSNorm classes routed through the fused RMSNorm: Llama's ``weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)``,
+#: or for the names in GEMMA_RMS_NORMS Gemma's ``(x * rsqrt(mean(x^2) + eps) * (1 + weight)).to(dtype)``
 RMS_NORMS = (
     "LlamaRMSNorm",
     "MistralRMSNorm",
@@ -370,16 +381,18 @@ def _fused_decoder_body(
     impl = attn.config._attn_implementation
     segments = None
     if (
-        impl == "sdpa"
+        (impl == "eager" or (impl == "sdpa" and state.softcap is None))  # SDPA has no logit soft-capping
         and cache is None
         and q.device.type == "cpu"
         and (attn.attention_dropout == 0 or not attn.training)
-        and state.softcap is None  # SDPA has no logit soft-capping
         and not torch.compiler.is_compiling()  # the segment check reads the mask on the host
     ):
         segments = packed_segments(attention_mask, position_ids)
     if segments is not None:  # padding-free packed rows: attention per sequence (varlen), no S x S mask
-        out = packed_causal_attention(q, k, v, segments, attn.scaling)
+        if impl == "eager":  # HF's eager math (Gemma2: with its soft-capping) per sequence
+            out = packed_eager_attention(q, k, v, segments, attn.scaling, state.softcap)
+        else:
+            out = packed_causal_attention(q, k, v, segments, attn.scaling)
         return _fused_decoder_tail(state, hidden_states, out)
     attention = state.attention_functions.get_interface(impl, state.eager_attention)
     out, _ = attention(
