@@ -12,6 +12,8 @@
 //   precondition_(grads_a[M], grads_b[M], inv_d[M',R,R], inv_h[M',R,R], compute_dot) -> dot (0-dim f32)
 //   rank_statistics_(stat_sum[2,M,R,R], rows[M], indices[K], h[...,K*r], delta[...,K*r], tolerance)
 //                                                            GRIT's per-module Grams, row mask and counts
+//   rank_statistics_many_(stat_sum, rows, indices, modules[G], hs[G], deltas[G], tolerance)
+//                                                            the same for G recorded groups in one call
 //   precondition_grafted_(grads_a, grads_b, inv_d, inv_h)      precondition_, then g *= |g_raw| / |g_new|
 //   sum_squares(xs[]) -> 0-dim float64;  clone_all(xs[]) -> copies
 //   kl_clip_update_(params_a, params_b, before_a, before_b, factor_d, factor_h, kl_clip) -> nu (0-dim f32)
@@ -246,105 +248,190 @@ GRIT_CLONES int64_t gather_rows(const X* __restrict x, int64_t ld, int r, int rw
   return carried;
 }
 
-// Module k of h, delta [N, K*r] (columns k*r .. k*r+r-1; unit column stride): rows t with
-// |delta_t|^2 > tol^2 * max_t |delta_t|^2 "carry gradient" (NaN anywhere: none does), and
-//   stat_sum[0, idx_k] += sum_{t carrying} h_t h_t^T,  stat_sum[1, idx_k] += sum_t delta_t delta_t^T,
-//   rows[idx_k] += number of carrying rows.
-// Two passes over row chunks (parallel over module x chunk); partial Grams summed in chunk order.
+// One module's rank-space rows: h_t = h[t * hs + 0 .. r-1], delta_t = d[t * ds + 0 .. r-1], t < n (unit
+// column stride), added to bank index ``index``.
+template <typename X>
+struct ModuleRows {
+  const X* h;
+  const X* d;
+  int64_t hs, ds, n;
+  int r;
+  int64_t index;
+};
+
+// For every module (in order): rows t with |delta_t|^2 > tol^2 * max_t |delta_t|^2 "carry gradient" (NaN
+// anywhere: none does), and
+//   stat_sum[0, index] += sum_{t carrying} h_t h_t^T,  stat_sum[1, index] += sum_t delta_t delta_t^T,
+//   rows[index] += number of carrying rows.
+// Two passes over 256-row chunks, parallel over (module, chunk) tasks of all modules; each module's partial
+// Grams are summed in chunk order and added to the bank in module order, so the result depends neither on
+// the thread count nor on how modules are grouped into calls (a module's numbers are those of a call of its own).
 template <typename X, typename T>
-void rank_statistics_impl(at::Tensor& stat_sum, at::Tensor& rows, const std::vector<int64_t>& idx,
-                          const at::Tensor& h, const at::Tensor& delta, double tol) {
-  const int64_t N = h.size(0), K = static_cast<int64_t>(idx.size());
-  const int r = static_cast<int>(h.size(1) / K);
-  const int rw = (r + 15) / 16 * 16;
+void rank_statistics_impl(at::Tensor& stat_sum, at::Tensor& rows, const std::vector<ModuleRows<X>>& mods, double tol) {
   constexpr int64_t kChunk = 256;
-  const int64_t chunks = (N + kChunk - 1) / kChunk, tasks = K * chunks;
-  const X* hp = h.data_ptr<X>();
-  const X* dp = delta.data_ptr<X>();
-  const int64_t hs = h.stride(0), ds = delta.stride(0);
-  std::vector<T> row_sq(static_cast<size_t>(K * N)), task_max(tasks, T(0));
-  std::vector<T> partial(static_cast<size_t>(tasks) * 2 * r * rw, T(0));
+  const int64_t M = static_cast<int64_t>(mods.size());
+  std::vector<int64_t> first_task(M + 1, 0), first_row(M + 1, 0);
+  int rmax = 1;
+  for (int64_t k = 0; k < M; ++k) {
+    first_task[k + 1] = first_task[k] + (mods[k].n + kChunk - 1) / kChunk;
+    first_row[k + 1] = first_row[k] + mods[k].n;
+    rmax = std::max(rmax, mods[k].r);
+  }
+  const int64_t tasks = first_task[M];
+  if (tasks == 0) return;
+  const int rwmax = (rmax + 15) / 16 * 16;
+  const int64_t slot = int64_t{2} * rmax * rwmax;  // partial Grams of one task: [2][rmax][rwmax]
+  std::vector<int64_t> task_module(tasks);
+  for (int64_t k = 0; k < M; ++k)
+    for (int64_t t = first_task[k]; t < first_task[k + 1]; ++t) task_module[t] = k;
+  std::vector<T> row_sq(static_cast<size_t>(std::max<int64_t>(first_row[M], 1))), task_max(tasks, T(0));
+  std::vector<T> partial(static_cast<size_t>(tasks) * slot, T(0));
   std::vector<int64_t> counts(tasks, 0);
   const T nan = std::numeric_limits<T>::quiet_NaN();
   // small inputs (one PEFT module of a CPU micro-batch) run inline: a parallel region costs more
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (kChunk * r));
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (kChunk * rmax));
   // pass 1: delta tiles -> squared row norms, their maximum per task, and sum delta delta^T
   at::parallel_for(0, tasks, grain, [&](int64_t b, int64_t e) {
-    std::vector<T> td(static_cast<size_t>(kChunk) * rw, T(0));
+    std::vector<T> td(static_cast<size_t>(kChunk) * rwmax, T(0));
     for (int64_t task = b; task < e; ++task) {
-      const int64_t k = task / chunks, t0 = (task % chunks) * kChunk, t1 = std::min(N, t0 + kChunk);
-      const T m = delta_rows<X, T>(dp + k * r, ds, r, rw, t0, t1, td.data(), row_sq.data() + k * N);
-      task_max[task] = m;
-      gram_tile<T>(td.data(), t1 - t0, r, rw, partial.data() + task * 2 * r * rw + r * rw);
+      const ModuleRows<X>& mod = mods[task_module[task]];
+      const int rw = (mod.r + 15) / 16 * 16;
+      const int64_t t0 = (task - first_task[task_module[task]]) * kChunk, t1 = std::min(mod.n, t0 + kChunk);
+      task_max[task] = delta_rows<X, T>(mod.d, mod.ds, mod.r, rw, t0, t1, td.data(),
+                                        row_sq.data() + first_row[task_module[task]]);
+      gram_tile<T>(td.data(), t1 - t0, mod.r, rw, partial.data() + task * slot + mod.r * rw);
     }
   });
-  std::vector<T> threshold(K);
-  for (int64_t k = 0; k < K; ++k) {
+  std::vector<T> threshold(M);
+  for (int64_t k = 0; k < M; ++k) {
     T m = 0;
-    for (int64_t c = 0; c < chunks; ++c) {
-      const T v = task_max[k * chunks + c];
+    for (int64_t c = first_task[k]; c < first_task[k + 1]; ++c) {
+      const T v = task_max[c];
       m = (std::isnan(v) || std::isnan(m)) ? nan : std::max(m, v);
     }
     threshold[k] = m * static_cast<T>(tol * tol);
   }
   // pass 2: sum h h^T over the rows that carry gradient
   at::parallel_for(0, tasks, grain, [&](int64_t b, int64_t e) {
-    std::vector<T> th(static_cast<size_t>(kChunk) * rw, T(0));
+    std::vector<T> th(static_cast<size_t>(kChunk) * rwmax, T(0));
     for (int64_t task = b; task < e; ++task) {
-      const int64_t k = task / chunks, t0 = (task % chunks) * kChunk, t1 = std::min(N, t0 + kChunk);
+      const int64_t k = task_module[task];
+      const ModuleRows<X>& mod = mods[k];
+      const int rw = (mod.r + 15) / 16 * 16;
+      const int64_t t0 = (task - first_task[k]) * kChunk, t1 = std::min(mod.n, t0 + kChunk);
       const int64_t carried =
-          gather_rows<X, T>(hp + k * r, hs, r, rw, t0, t1, row_sq.data() + k * N, threshold[k], th.data());
-      gram_tile<T>(th.data(), carried, r, rw, partial.data() + task * 2 * r * rw);
+          gather_rows<X, T>(mod.h, mod.hs, mod.r, rw, t0, t1, row_sq.data() + first_row[k], threshold[k], th.data());
+      gram_tile<T>(th.data(), carried, mod.r, rw, partial.data() + task * slot);
       counts[task] = carried;
     }
   });
   auto s = stat_sum.accessor<T, 4>();
   auto n = rows.accessor<T, 1>();
-  for (int64_t k = 0; k < K; ++k) {
-    const int64_t m = idx[k];
+  for (int64_t k = 0; k < M; ++k) {  // in module order: a module listed twice gets both additions in turn
+    const int64_t m = mods[k].index;
+    const int r = mods[k].r, rw = (r + 15) / 16 * 16;
     int64_t carried = 0;
-    for (int64_t c = 0; c < chunks; ++c) carried += counts[k * chunks + c];
+    for (int64_t c = first_task[k]; c < first_task[k + 1]; ++c) carried += counts[c];
     n[m] += static_cast<T>(carried);
     for (int which = 0; which < 2; ++which)
       for (int i = 0; i < r; ++i)
         for (int j = 0; j < r; ++j) {
           T v = 0;
-          for (int64_t c = 0; c < chunks; ++c) v += partial[((k * chunks + c) * 2 + which) * r * rw + i * rw + j];
+          for (int64_t c = first_task[k]; c < first_task[k + 1]; ++c) v += partial[c * slot + which * r * rw + i * rw + j];
           s[which][m][i][j] += v;
         }
   }
 }
 
-void rank_statistics_cpu(at::Tensor stat_sum, at::Tensor rows, at::IntArrayRef indices, const at::Tensor& h,
-                         const at::Tensor& delta, double tolerance) {
-  const int64_t K = static_cast<int64_t>(indices.size());
-  TORCH_CHECK(stat_sum.dim() == 4 && stat_sum.size(0) == 2 && stat_sum.size(2) == stat_sum.size(3),
-              "rank_statistics_: stat_sum must be [2, M, R, R]");
-  TORCH_CHECK(rows.dim() == 1 && rows.size(0) == stat_sum.size(1) && rows.scalar_type() == stat_sum.scalar_type(),
-              "rank_statistics_: rows must be [M] of stat_sum's dtype");
-  TORCH_CHECK(stat_sum.scalar_type() == at::kFloat || stat_sum.scalar_type() == at::kDouble,
-              "rank_statistics_: stat_sum must be float32 or float64");
+void check_bank(const at::Tensor& stat_sum, const at::Tensor& rows, const char* op) {
+  TORCH_CHECK(stat_sum.dim() == 4 && stat_sum.size(0) == 2 && stat_sum.size(2) == stat_sum.size(3), op,
+              ": stat_sum must be [2, M, R, R]");
+  TORCH_CHECK(rows.dim() == 1 && rows.size(0) == stat_sum.size(1) && rows.scalar_type() == stat_sum.scalar_type(), op,
+              ": rows must be [M] of stat_sum's dtype");
+  TORCH_CHECK(stat_sum.scalar_type() == at::kFloat || stat_sum.scalar_type() == at::kDouble, op,
+              ": stat_sum must be float32 or float64");
+}
+
+// Appends the K modules of one recorded group (h, delta [..., K * r], modules side by side, bank indices
+// idx[0..K)) to ``mods``; ``keep`` holds the 2-D (unit column stride) tensors the pointers refer to.
+template <typename X>
+void add_group(std::vector<ModuleRows<X>>& mods, std::vector<at::Tensor>& keep, const at::Tensor& h,
+               const at::Tensor& delta, const int64_t* idx, int64_t K) {
+  at::Tensor h2 = h.reshape({-1, h.size(-1)}), d2 = delta.reshape({-1, delta.size(-1)});
+  if (h2.stride(1) != 1) h2 = h2.contiguous();
+  if (d2.stride(1) != 1) d2 = d2.contiguous();
+  const int r = static_cast<int>(h.size(-1) / K);
+  for (int64_t k = 0; k < K; ++k)
+    mods.push_back({h2.data_ptr<X>() + k * r, d2.data_ptr<X>() + k * r, h2.stride(0), d2.stride(0), h2.size(0), r, idx[k]});
+  keep.push_back(std::move(h2));
+  keep.push_back(std::move(d2));
+}
+
+void check_group(const at::Tensor& stat_sum, const at::Tensor& h, const at::Tensor& delta, const int64_t* idx,
+                 int64_t K, const char* op) {
   TORCH_CHECK(K >= 1 && h.dim() >= 1 && h.sizes() == delta.sizes() && h.size(-1) % K == 0 &&
-                  h.scalar_type() == delta.scalar_type(),
-              "rank_statistics_: h and delta must be [..., K * r] of one dtype, K = len(indices) >= 1");
-  TORCH_CHECK(h.size(-1) / K <= stat_sum.size(2), "rank_statistics_: rank ", h.size(-1) / K,
-              " exceeds the bank's R = ", stat_sum.size(2));
-  std::vector<int64_t> idx(indices.begin(), indices.end());
-  for (int64_t m : idx) TORCH_CHECK(m >= 0 && m < stat_sum.size(1), "rank_statistics_: index ", m, " out of range");
-  if (h.numel() == 0) return;
-  const at::Tensor h2 = h.reshape({-1, h.size(-1)}), d2 = delta.reshape({-1, delta.size(-1)});
-  const at::Tensor hc = h2.stride(1) == 1 ? h2 : h2.contiguous();
-  const at::Tensor dc = d2.stride(1) == 1 ? d2 : d2.contiguous();
+                  h.scalar_type() == delta.scalar_type() && h.device().is_cpu() && delta.device().is_cpu(),
+              op, ": h and delta must be CPU [..., K * r] of one dtype, K = number of indices >= 1");
+  TORCH_CHECK(h.size(-1) / K <= stat_sum.size(2), op, ": rank ", h.size(-1) / K, " exceeds the bank's R = ",
+              stat_sum.size(2));
+  for (int64_t k = 0; k < K; ++k)
+    TORCH_CHECK(idx[k] >= 0 && idx[k] < stat_sum.size(1), op, ": index ", idx[k], " out of range");
+}
+
+// groups[g] = (h_g, delta_g, K_g modules with bank indices idx[offset_g ..]); one dtype for all h / delta.
+void rank_statistics_groups(at::Tensor& stat_sum, at::Tensor& rows, at::IntArrayRef indices, at::IntArrayRef modules,
+                            at::TensorList hs, at::TensorList deltas, double tolerance, const char* op) {
+  check_bank(stat_sum, rows, op);
+  const int64_t G = static_cast<int64_t>(hs.size());
+  TORCH_CHECK(static_cast<int64_t>(deltas.size()) == G && static_cast<int64_t>(modules.size()) == G, op,
+              ": one h, one delta and one module count per group");
+  int64_t total = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    TORCH_CHECK(modules[g] >= 1 && total + modules[g] <= static_cast<int64_t>(indices.size()), op,
+                ": module counts do not match the indices");
+    check_group(stat_sum, hs[g], deltas[g], indices.data() + total, modules[g], op);
+    TORCH_CHECK(hs[g].scalar_type() == hs[0].scalar_type(), op, ": every h / delta must have one dtype");
+    total += modules[g];
+  }
+  TORCH_CHECK(total == static_cast<int64_t>(indices.size()), op, ": module counts do not match the indices");
+  if (G == 0) return;
   AT_DISPATCH_FLOATING_TYPES(stat_sum.scalar_type(), "rank_statistics_", [&] {
     using T = scalar_t;
-    switch (hc.scalar_type()) {
-      case at::kFloat: rank_statistics_impl<float, T>(stat_sum, rows, idx, hc, dc, tolerance); break;
-      case at::kDouble: rank_statistics_impl<double, T>(stat_sum, rows, idx, hc, dc, tolerance); break;
-      case at::kBFloat16: rank_statistics_impl<c10::BFloat16, T>(stat_sum, rows, idx, hc, dc, tolerance); break;
-      case at::kHalf: rank_statistics_impl<c10::Half, T>(stat_sum, rows, idx, hc, dc, tolerance); break;
-      default: TORCH_CHECK(false, "rank_statistics_: h must be float32/64, bfloat16 or float16");
+    auto run = [&](auto tag) {
+      using X = decltype(tag);
+      std::vector<ModuleRows<X>> mods;
+      std::vector<at::Tensor> keep;
+      mods.reserve(total);
+      int64_t at = 0;
+      for (int64_t g = 0; g < G; ++g) {
+        if (hs[g].numel() > 0) add_group<X>(mods, keep, hs[g], deltas[g], indices.data() + at, modules[g]);
+        at += modules[g];
+      }
+      rank_statistics_impl<X, T>(stat_sum, rows, mods, tolerance);
+    };
+    switch (hs[0].scalar_type()) {
+      case at::kFloat: run(float{}); break;
+      case at::kDouble: run(double{}); break;
+      case at::kBFloat16: run(c10::BFloat16{}); break;
+      case at::kHalf: run(c10::Half{}); break;
+      default: TORCH_CHECK(false, op, ": h must be float32/64, bfloat16 or float16");
     }
   });
+}
+
+void rank_statistics_cpu(at::Tensor stat_sum, at::Tensor rows, at::IntArrayRef indices, const at::Tensor& h,
+                         const at::Tensor& delta, double tolerance) {
+  const std::vector<int64_t> count{static_cast<int64_t>(indices.size())};
+  TORCH_CHECK(!indices.empty(), "rank_statistics_: h and delta must be [..., K * r] of one dtype, K = len(indices) >= 1");
+  rank_statistics_groups(stat_sum, rows, indices, count, {h}, {delta}, tolerance, "rank_statistics_");
+}
+
+// rank_statistics_ of many recorded groups in one call (one backward's capture): group g is hs[g], deltas[g]
+// [..., modules[g] * r_g] with bank indices indices[sum_{j<g} modules[j] ..]; the same numbers as one
+// rank_statistics_ call per group, in group order.
+void rank_statistics_many_cpu(at::Tensor stat_sum, at::Tensor rows, at::IntArrayRef indices, at::IntArrayRef modules,
+                              at::TensorList hs, at::TensorList deltas, double tolerance) {
+  rank_statistics_groups(stat_sum, rows, indices, modules, hs, deltas, tolerance, "rank_statistics_many_");
 }
 
 // ---------------------------------------------------------------------------------- EMA fold
@@ -1050,6 +1137,9 @@ TORCH_LIBRARY(grit_kernels_cpp, m) {
   m.def(
       "rank_statistics_(Tensor(a!) stat_sum, Tensor(b!) rows, int[] indices, Tensor h, Tensor delta, float tolerance) "
       "-> ()");
+  m.def(
+      "rank_statistics_many_(Tensor(a!) stat_sum, Tensor(b!) rows, int[] indices, int[] modules, Tensor[] hs, "
+      "Tensor[] deltas, float tolerance) -> ()");
   m.def("precondition_grafted_(Tensor(a!)[] grads_a, Tensor(b!)[] grads_b, Tensor inv_d, Tensor inv_h) -> ()");
   m.def("sum_squares(Tensor[] xs) -> Tensor");
   m.def("clone_all(Tensor[] xs) -> Tensor[]");
@@ -1064,6 +1154,7 @@ TORCH_LIBRARY_IMPL(grit_kernels_cpp, CPU, m) {
   m.impl("damped_cholesky_inverse", &grit::damped_cholesky_inverse_cpu);
   m.impl("precondition_", &grit::precondition_cpu);
   m.impl("rank_statistics_", &grit::rank_statistics_cpu);
+  m.impl("rank_statistics_many_", &grit::rank_statistics_many_cpu);
   m.impl("precondition_grafted_", &grit::precondition_grafted_cpu);
   m.impl("sum_squares", &grit::sum_squares_cpu);
   m.impl("clone_all", &grit::clone_all_cpu);

@@ -15,6 +15,7 @@ by :func:`unsupported_reason` and left alone.
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Any
 
@@ -22,7 +23,6 @@ import torch
 from torch import nn
 
 from . import ops
-from .ops._backend import kernel
 from .ops.statistics import rank_statistics, torch_accumulate_rank_statistics_
 
 ZERO_ROW_TOLERANCE = 1e-6  #: a row of delta below this fraction of the micro-batch's largest is "no gradient"
@@ -33,7 +33,7 @@ class CaptureSlot:
 
     With ``bank`` and ``index`` given (what :class:`~grit_kernels.GritPreconditioner` does), backward
     only *records* ``(h, delta)`` and :data:`RECORDER` forms every module's mask and Grams in one
-    batched pass at the end of backward; without them, :meth:`capture` runs at once (per module).
+    op at the end of backward; without them, :meth:`capture` runs at once (per module).
     """
 
     __slots__ = ("backend", "backward_stat", "bank", "forward_stat", "index", "rows")
@@ -77,15 +77,15 @@ class CaptureSlot:
         """Record ``(h, dL/dh)`` when backward reaches ``h`` (a gradient hook on ``h``; eager mode).
 
         The cheap form of :class:`RankStatsCapture` (no extra autograd node): the hook holds a detached
-        alias of ``h`` (storage lora_B's product saves anyway; no reference cycle through ``h.grad_fn``).
+        alias of ``h`` (storage lora_B's product saves anyway; no reference cycle through ``h.grad_fn``)
+        and hands it with ``delta`` to :data:`RECORDER` (one Python call; the Grams are formed at the end of
+        backward).
         """
         values = h.detach()
-        add = RECORDER.direct_adder(self.bank, h.device) if self.bank is not None else None
-        if add is None:
-            h.register_hook(lambda delta: self.record(values, delta))
-        else:  # CPU: straight into the bank, no recorder frames (hundreds of calls per backward)
-            stat_sum, rows, indices = self.bank.stat_sum, self.bank.rows, (self.index,)
-            h.register_hook(lambda delta: add(stat_sum, rows, indices, values, delta, ZERO_ROW_TOLERANCE))
+        if self.bank is None:
+            h.register_hook(lambda delta: self.capture(values, delta))
+        else:
+            h.register_hook(functools.partial(RECORDER.record, self.bank, (self.index,), values))
 
     def record(self, h: torch.Tensor, delta: torch.Tensor) -> None:
         """Batched :meth:`capture`: deferred to the end of backward when the slot knows its bank."""
@@ -96,72 +96,81 @@ class CaptureSlot:
 
 
 class StatsRecorder:
-    """Collects the rank-space statistics of many modules during one backward and adds them to the
-    bank: on CUDA with one op per ``(bank, rank)`` group when that backward ends, on CPU at once.
+    """Collects the rank-space statistics of many modules during one backward and adds them to the bank
+    when that backward ends, with one op per bank.
 
-    On CUDA ``(h, delta)`` are kept and every mask and Gram is formed in one batched pass at the end
-    (a handful of launches per micro-batch). On CPU each recorded group goes into the bank at once, while
-    its tensors are still in cache (a batched pass over cold memory costs more there), with one
-    :func:`grit_kernels.ops.accumulate_rank_statistics_` call (one C++ op with the ``cpp`` backend; the
-    backend is the bank's ``backend`` attribute, set by :class:`~grit_kernels.GritPreconditioner`).
-    With ``eager_grams=False`` the CUDA strategy runs on the CPU too. The flush is queued on the running backward
-    with the autograd engine's final-callback hook (``Variable._execution_engine.queue_callback``),
-    so it runs once per ``backward()`` call (under reentrant activation checkpointing: once per
-    recomputed segment). Called outside a backward, :meth:`record` flushes at once.
+    :meth:`record` only keeps ``(h, delta)``; at the end of backward :meth:`flush` forms every mask and
+    Gram: on the CPU with one :func:`grit_kernels.ops.accumulate_rank_statistics_many_` call (one C++ op
+    over all modules with the ``cpp`` backend, parallel over modules; the backend is the bank's
+    ``backend`` attribute, set by :class:`~grit_kernels.GritPreconditioner`), elsewhere with one batched
+    pass per ``(bank, rank, rows)`` group. On the CPU the statistics are the same bit for bit as those of
+    one :func:`grit_kernels.ops.accumulate_rank_statistics_` call per record (each module's Grams are formed
+    on their own). The flush is queued on the running backward with the autograd engine's final-callback
+    hook (``Variable._execution_engine.queue_callback``), so it runs once per ``backward()`` call (under
+    reentrant activation checkpointing: once per recomputed segment); a backward that raised leaves its
+    records to the next flush. Called outside a backward, :meth:`record` adds at once. With
+    ``eager_grams=True`` every record is added at once (one op per record); ``batched=True`` / ``False``
+    forces the batched pass / the per-module op on every device.
 
     Under ``torch.compile`` (dynamo traces the backward of :class:`RankStatsCapture` and of the fused
     Functions into the compiled backward graph) there is no Python state to keep: :meth:`record`
     forms the Grams with the same ops and adds them into bank views in place, inside that graph.
     """
 
-    def __init__(self, eager_grams: bool | None = None):
+    def __init__(self, eager_grams: bool = False, batched: bool | None = None):
         self._pending: list = []
-        self._queued = False
-        self.eager_grams = eager_grams  #: add to the bank at record time; None: on CPU only
-        self._kernels: dict = {}  #: (backend, device type) -> accumulate_rank_statistics_ implementation
+        self._queued = False  #: a flush is queued on the backward ``_queued_task``
+        self._queued_task = -1
+        self.eager_grams = eager_grams  #: add to the bank at record time (one op per record)
+        self.batched = batched  #: flush with the batched torch pass (None: on non-CPU devices)
 
     def record(self, bank: Any, indices: tuple[int, ...], h: torch.Tensor, delta: torch.Tensor) -> None:
-        """Add (CPU) or queue (CUDA) ``h, delta [..., len(indices) * r]`` (rows: the leading dims; modules side by
-        side, equal rank) of bank ``indices``."""
+        """Queue ``h, delta [..., len(indices) * r]`` (rows: the leading dims; modules side by side, equal rank)
+        of bank ``indices`` for the flush at the end of the running backward (at once outside a backward)."""
         if torch.compiler.is_compiling():  # traced (torch.compile): no Python state, add at once
             torch_accumulate_rank_statistics_(bank.stat_sum, bank.rows, indices, h, delta, ZERO_ROW_TOLERANCE)
             return
-        add = self.direct_adder(bank, h.device)
-        if add is not None:
-            add(bank.stat_sum, bank.rows, indices, h, delta, ZERO_ROW_TOLERANCE)
+        self._pending.append((bank, indices, h, delta))
+        if self.eager_grams:
+            self.flush()
             return
-        h, delta = h.reshape(-1, h.shape[-1]), delta.reshape(-1, delta.shape[-1])
-        self._pending.append((bank, indices, h.shape[1] // len(indices), h, delta))
-        if not self._queued:
-            try:
-                torch.autograd.Variable._execution_engine.queue_callback(self.flush)
-                self._queued = True
-            except RuntimeError:  # not inside a backward pass
-                self.flush()
-
-    def direct_adder(self, bank: Any, device: torch.device):
-        """The ``accumulate_rank_statistics_`` implementation that adds at record time on ``device`` (the bank's
-        backend), or ``None`` where statistics wait for the end of backward (CUDA, or ``eager_grams=False``)."""
-        if not (self.eager_grams if self.eager_grams is not None else device.type == "cpu"):
-            return None
-        key = (getattr(bank, "backend", "auto"), device.type)
-        add = self._kernels.get(key)
-        if add is None:
-            add = self._kernels[key] = kernel(ops.resolve_backend(key[0], device), "accumulate_rank_statistics_")
-        return add
+        task = torch._C._current_graph_task_id()
+        if self._queued and (task < 0 or task == self._queued_task):
+            return
+        if task < 0:  # not inside a backward pass
+            self.flush()
+            return
+        torch.autograd.Variable._execution_engine.queue_callback(self.flush)
+        self._queued, self._queued_task = True, task
 
     def flush(self) -> None:
         """Form and add every pending statistic (a no-op when nothing is pending)."""
         pending, self._pending, self._queued = self._pending, [], False
+        if not pending:
+            return
+        banks: dict = {}
+        for bank, indices, h, delta in pending:
+            banks.setdefault((id(bank), h.device), (bank, []))[1].append((indices, h, delta))
+        for (_, device), (bank, items) in banks.items():
+            if not (self.batched if self.batched is not None else device.type != "cpu"):
+                ops.accumulate_rank_statistics_many_(
+                    bank.stat_sum, bank.rows, items, ZERO_ROW_TOLERANCE, backend=getattr(bank, "backend", "auto")
+                )
+            else:
+                self._flush_batched(bank, items)
+
+    @staticmethod
+    def _flush_batched(bank: Any, items: list) -> None:
+        """One :func:`rank_statistics` pass per ``(rank, rows)`` group (CUDA: a handful of launches)."""
         groups: dict = {}
-        for bank, indices, r, h, delta in pending:
-            groups.setdefault((id(bank), r, h.shape[0], h.device), (bank, r, []))[2].append((indices, h, delta))
-        for bank, r, items in groups.values():
-            items.sort(key=lambda item: item[0][0])
-            indices = tuple(i for item in items for i in item[0])
-            n = items[0][1].shape[0]
-            h = torch.cat([item[1] for item in items], dim=1) if len(items) > 1 else items[0][1]
-            delta = torch.cat([item[2] for item in items], dim=1) if len(items) > 1 else items[0][2]
+        for indices, h, delta in items:
+            h, delta = h.reshape(-1, h.shape[-1]), delta.reshape(-1, delta.shape[-1])
+            groups.setdefault((h.shape[1] // len(indices), h.shape[0]), []).append((indices, h, delta))
+        for (r, n), group in groups.items():
+            group.sort(key=lambda item: item[0][0])
+            indices = tuple(i for item in group for i in item[0])
+            h = torch.cat([item[1] for item in group], dim=1) if len(group) > 1 else group[0][1]
+            delta = torch.cat([item[2] for item in group], dim=1) if len(group) > 1 else group[0][2]
             grams, rows = rank_statistics(h.reshape(n, -1, r), delta.reshape(n, -1, r), ZERO_ROW_TOLERANCE)
             bank.add_statistics_(indices, grams, rows)
 

@@ -291,16 +291,18 @@ def test_fused_matches_peft_with_per_module_scales_and_rslora():
 
 
 @pytest.mark.parametrize(
-    "eager_grams", [True, False], ids=["grams-at-record (CPU)", "one-pass-at-flush (CUDA)"]
+    "eager_grams,batched",
+    [(True, False), (False, False), (False, True)],
+    ids=["op-per-record", "one-op-at-flush (CPU)", "one-pass-at-flush (CUDA)"],
 )
-def test_recorder_matches_per_module_capture(eager_grams):
-    """Both recorder strategies give the per-module statistics of CaptureSlot.capture (float64 reference)."""
+def test_recorder_matches_per_module_capture(eager_grams, batched):
+    """Every recorder strategy gives the per-module statistics of CaptureSlot.capture (float64 reference)."""
     from grit_kernels.bank import FactorBank
     from grit_kernels.layers import StatsRecorder
 
     n, r, groups = 40, 4, [(0, 1, 2), (3,), (5, 6), (4,)]  # out of order, like a backward pass
     bank = FactorBank([r] * 7)
-    recorder = StatsRecorder(eager_grams=eager_grams)
+    recorder = StatsRecorder(eager_grams=eager_grams, batched=batched)
     recorder._queued = True  # as inside a backward: everything waits for the flush at its end
     expected = torch.zeros(2, 7, r, r, dtype=torch.float64)
     expected_rows = torch.zeros(7, dtype=torch.float64)

@@ -56,6 +56,61 @@ def test_accumulate_rank_statistics_nonfinite_delta_counts_no_row(fresh_seed, ba
         ops.accumulate_rank_statistics_(stat_sum, rows, [0, 1], h[:, :7], delta[:, :7], 1e-6, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "x_dtype,bank_dtype",
+    [(torch.float64, torch.float64), (torch.float32, torch.float32), (torch.bfloat16, torch.float32)],
+)
+def test_accumulate_rank_statistics_many(fresh_seed, backend, x_dtype, bank_dtype):
+    """Several groups in one call (different K, r, row counts, a module recorded twice, an empty group):
+    the oracle group by group, and bit for bit the numbers of one accumulate_rank_statistics_ call per group."""
+    M, R = 9, 16
+    plan = [((6, 2, 4), 12, 700), ((1,), 16, 300), ((2,), 12, 41), ((8, 0), 8, 0), ((5,), 16, 257)]
+    stat_sum = torch.full((2, M, R, R), float("nan"), dtype=bank_dtype)
+    rows = torch.full((M,), float("nan"), dtype=bank_dtype)
+    for indices, r, _ in plan:
+        for m in indices:
+            stat_sum[:, m, :r, :r] = torch.randn(2, r, r, dtype=bank_dtype)
+            rows[m] = float(torch.randint(0, 50, ()))
+    groups = []
+    for indices, r, n in plan:
+        h, delta = torch.randn(n, len(indices) * r).to(x_dtype), torch.randn(n, len(indices) * r).to(x_dtype)
+        delta[: min(n, 9)] = 0  # padding: no gradient
+        if n:
+            delta[-1, :r] = 1e-12  # rounding noise in the group's first module only
+        groups.append((indices, h, delta))
+    exp_sum, exp_rows = stat_sum.double(), rows.double()
+    for indices, h, delta in groups:
+        exp_sum, exp_rows = ref.rank_statistics(exp_sum, exp_rows, indices, h.double(), delta.double(), 1e-6)
+    one_by_one_sum, one_by_one_rows = stat_sum.clone(), rows.clone()
+    for indices, h, delta in groups:
+        ops.accumulate_rank_statistics_(one_by_one_sum, one_by_one_rows, indices, h, delta, 1e-6, backend=backend)
+    ops.accumulate_rank_statistics_many_(stat_sum, rows, groups, 1e-6, backend=backend)
+    touched = torch.zeros(2, M, R, R, dtype=torch.bool)
+    for indices, r, _ in plan:
+        for m in indices:
+            touched[:, m, :r, :r] = True
+    for indices, r, _ in plan:
+        for m in indices:
+            assert rel_err(stat_sum[:, m, :r, :r], exp_sum[:, m, :r, :r]) < (1e-12 if bank_dtype == torch.float64 else TOL)
+            assert rows[m].item() == exp_rows[m].item()
+    assert torch.isnan(stat_sum[~touched]).all()
+    listed = sorted({m for indices, _, _ in plan for m in indices})
+    assert torch.isnan(rows[[m for m in range(M) if m not in listed]]).all()
+    assert torch.equal(stat_sum[touched], one_by_one_sum[touched]) and torch.equal(rows[listed], one_by_one_rows[listed])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_accumulate_rank_statistics_many_rejects_bad_groups(backend):
+    stat_sum, rows = torch.zeros(2, 3, 8, 8), torch.zeros(3)
+    h = torch.randn(10, 8)
+    with pytest.raises(ValueError, match=r"\[\.\.\., K \* r\]"):
+        ops.accumulate_rank_statistics_many_(stat_sum, rows, [((0,), h, h), ((1, 2), h[:, :7], h[:, :7])], 1e-6, backend=backend)
+    with pytest.raises(ValueError, match="R >= r"):
+        ops.accumulate_rank_statistics_many_(stat_sum, rows, [((0,), torch.randn(4, 9), torch.randn(4, 9))], 1e-6, backend=backend)
+    assert not stat_sum.any() and not rows.any()  # checked before anything is added
+
+
 def _spd(n, r):
     x = torch.randn(n, 3 * r, r, dtype=torch.float64)
     return (x.transpose(1, 2) @ x / (3 * r) + 0.1 * torch.eye(r, dtype=torch.float64)).float()

@@ -9,13 +9,14 @@ from .fold import ema_fold_
 from .gram import accumulate_gram_, accumulate_grams_
 from .inverse import damped_cholesky_inverse
 from .precondition import precondition_, precondition_grafted_
-from .statistics import accumulate_rank_statistics_
+from .statistics import accumulate_rank_statistics_, accumulate_rank_statistics_many_
 from .step import clone_tensors, kl_clip_update_, sum_of_squares
 
 __all__ = [
     "accumulate_gram_",
     "accumulate_grams_",
     "accumulate_rank_statistics_",
+    "accumulate_rank_statistics_many_",
     "clone_tensors",
     "damped_cholesky_inverse",
     "ema_fold_",

@@ -19,6 +19,7 @@ _OPS = ("accumulate_gram_", "accumulate_grams_", "ema_fold_", "damped_cholesky_i
 #: optimizer-step and capture helpers: C++ on the CPU (``cpp``), the torch form on every other backend
 _STEP_OPS = {
     "accumulate_rank_statistics_": "grit_kernels.ops.statistics:torch_accumulate_rank_statistics_",
+    "accumulate_rank_statistics_many_": "grit_kernels.ops.statistics:torch_accumulate_rank_statistics_many_",
     "precondition_grafted_": "grit_kernels.ops.precondition:torch_precondition_grafted_",
     "kl_clip_update_": "grit_kernels.ops.step:torch_kl_clip_update_",
     "clone_tensors": "grit_kernels.ops.step:torch_clone_tensors",

@@ -142,6 +142,22 @@ def accumulate_rank_statistics_(stat_sum, rows, indices, h, delta, tolerance: fl
     return _torch("accumulate_rank_statistics_")(stat_sum, rows, indices, h, delta, tolerance)
 
 
+def accumulate_rank_statistics_many_(stat_sum, rows, groups, tolerance: float) -> None:
+    """See :func:`grit_kernels.ops.statistics.accumulate_rank_statistics_many_`: one C++ call for every group."""
+    if groups[0][1].device.type == "cpu":
+        indices = [i for group in groups for i in group[0]]
+        counts = [len(group[0]) for group in groups]
+        try:
+            return _ops().rank_statistics_many_(
+                stat_sum, rows, indices, counts, [g[1] for g in groups], [g[2] for g in groups], tolerance
+            )
+        except RuntimeError:  # mixed dtypes or devices: group by group (same numbers)
+            pass
+    for indices, h, delta in groups:
+        accumulate_rank_statistics_(stat_sum, rows, indices, h, delta, tolerance)
+    return None
+
+
 def precondition_grafted_(grads_a, grads_b, inv_d, inv_h) -> None:
     """See :func:`grit_kernels.ops.precondition_grafted_` (module ``i`` uses ``inv_*[i]``): one C++ call."""
     if _on_cpu(grads_a):

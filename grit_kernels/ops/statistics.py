@@ -7,8 +7,10 @@ not), and::
     stat_sum[0, m] += sum_{t carrying} h_t h_t^T     stat_sum[1, m] += sum_t delta_t delta_t^T
     rows[m]        += number of carrying rows
 
-One op per recorded group (one module on PEFT's path, a projection group in fused blocks): on the CPU the
-``cpp`` kernel does mask, both Grams and the bank update in one call (the torch form is ~15 small ops).
+:func:`accumulate_rank_statistics_` adds one recorded group (one module on PEFT's path, a projection group in
+fused blocks); :func:`accumulate_rank_statistics_many_` adds every group recorded in one backward in one call
+(what :data:`grit_kernels.layers.RECORDER` does on the CPU): the ``cpp`` kernel does masks, Grams and bank
+updates of all of them in one C++ op, parallel over modules (the torch form is ~15 small ops per group).
 """
 
 from __future__ import annotations
@@ -75,17 +77,50 @@ def accumulate_rank_statistics_(
         tolerance: relative row-norm threshold of "carries gradient" (``grit_kernels.layers.ZERO_ROW_TOLERANCE``).
     No host synchronisation. Oracle: :func:`grit_kernels.reference.rank_statistics`.
     """
-    k = len(indices)
-    if k == 0 or h.dim() < 1 or h.shape != delta.shape or h.shape[-1] % k:
-        raise ValueError(
-            f"accumulate_rank_statistics_: h and delta must be [..., K * r] with K = {k} modules, "
-            f"got {tuple(h.shape)} and {tuple(delta.shape)}"
-        )
-    if stat_sum.dim() != 4 or stat_sum.shape[0] != 2 or h.shape[-1] // k > stat_sum.shape[-1]:
-        raise ValueError(f"accumulate_rank_statistics_: stat_sum must be [2, M, R, R] with R >= r, got {tuple(stat_sum.shape)}")
+    _check_group(stat_sum, indices, h, delta, "accumulate_rank_statistics_")
     kernel(resolve_backend(backend, h.device), "accumulate_rank_statistics_")(
         stat_sum, rows, indices, h, delta, tolerance
     )
+
+
+def _check_group(stat_sum: torch.Tensor, indices: Sequence[int], h: torch.Tensor, delta: torch.Tensor, op: str) -> None:
+    k = len(indices)
+    if k == 0 or h.dim() < 1 or h.shape != delta.shape or h.shape[-1] % k:
+        raise ValueError(
+            f"{op}: h and delta must be [..., K * r] with K = {k} modules, got {tuple(h.shape)} and {tuple(delta.shape)}"
+        )
+    if stat_sum.dim() != 4 or stat_sum.shape[0] != 2 or h.shape[-1] // k > stat_sum.shape[-1]:
+        raise ValueError(f"{op}: stat_sum must be [2, M, R, R] with R >= r, got {tuple(stat_sum.shape)}")
+
+
+def accumulate_rank_statistics_many_(
+    stat_sum: torch.Tensor,
+    rows: torch.Tensor,
+    groups: Sequence[tuple[Sequence[int], torch.Tensor, torch.Tensor]],
+    tolerance: float,
+    backend: str = "auto",
+) -> None:
+    """:func:`accumulate_rank_statistics_` of many groups at once: for each ``(indices, h, delta)`` of ``groups``
+    (in order; ``h, delta [..., len(indices) * r]``, ranks and row counts may differ between groups, one dtype),
+    the same additions as ``accumulate_rank_statistics_(stat_sum, rows, indices, h, delta, tolerance)``, with
+    the same result bit for bit (each module's Grams are formed on their own; a module listed twice is added twice).
+
+    One C++ op over all groups with the ``cpp`` backend (parallel over modules); one call per group otherwise.
+    No host synchronisation. Oracle: :func:`grit_kernels.reference.rank_statistics`, group by group.
+    """
+    if not groups:
+        return
+    for indices, h, delta in groups:
+        _check_group(stat_sum, indices, h, delta, "accumulate_rank_statistics_many_")
+    kernel(resolve_backend(backend, groups[0][1].device), "accumulate_rank_statistics_many_")(
+        stat_sum, rows, groups, tolerance
+    )
+
+
+def torch_accumulate_rank_statistics_many_(stat_sum, rows, groups, tolerance) -> None:
+    """Torch backend of :func:`accumulate_rank_statistics_many_`: one :func:`torch_accumulate_rank_statistics_` per group."""
+    for indices, h, delta in groups:
+        torch_accumulate_rank_statistics_(stat_sum, rows, indices, h, delta, tolerance)
 
 
 def torch_accumulate_rank_statistics_(stat_sum, rows, indices, h, delta, tolerance) -> None:
