@@ -119,13 +119,11 @@ def sampled_capture(every: int):
     """``FullKFAC._capture`` on every ``every``-th row, the sums scaled by ``every`` (row count unchanged)."""
     from grit_kernels.layers import ZERO_ROW_TOLERANCE
 
-    def capture(self, index: int, x: torch.Tensor, g: torch.Tensor) -> None:
-        x, g = x.reshape(-1, x.shape[-1]).float(), g.reshape(-1, g.shape[-1]).float()
-        row_max = g.abs().amax(dim=1)
-        carries = row_max > ZERO_ROW_TOLERANCE * row_max.amax()
-        xs, gs = x[::every] * carries[::every, None], g[::every]
-        self.input_sum[index].addmm_(xs.T, xs, alpha=every)
-        self.output_sum[index].addmm_(gs.T, gs, alpha=every)
+    def capture(self, index: int, x: torch.Tensor, grad: torch.Tensor, weight: float) -> None:
+        x, grad = x.reshape(-1, x.shape[-1]).float(), grad.reshape(-1, grad.shape[-1]).float()
+        row_max = grad.abs().amax(dim=1)
+        carries = (row_max > ZERO_ROW_TOLERANCE * row_max.amax()).float()
+        self._accumulate(index, x[::every] * every**0.5, grad[::every], carries[::every], weight * every)
         self.rows[index] += carries.sum()
 
     return capture

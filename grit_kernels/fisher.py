@@ -172,20 +172,23 @@ class _LargeFactorKFAC:
             if x is None:
                 return
             scaling = float(m.layer.scaling[m.layer.active_adapters[0]])
-            output.register_hook(lambda grad: self._capture(m.index, x, grad / scaling))
+            output.register_hook(lambda grad: self._capture(m.index, x, grad, 1.0 / scaling**2))
 
         return hook
 
-    def _capture(self, index: int, x: torch.Tensor, g: torch.Tensor) -> None:
-        """``g = dL/dy [..., d_out]`` of the layer output; ``x`` its LoRA input (after dropout). Rows whose
-        gradient is zero (padding, masked labels) do not count and contribute no ``x``."""
-        x, g = x.reshape(-1, x.shape[-1]).float(), g.reshape(-1, g.shape[-1]).float()
-        row_max = g.abs().amax(dim=1)
-        carries = row_max > ZERO_ROW_TOLERANCE * row_max.amax()
-        self._accumulate(index, x * carries[:, None], g)
+    def _capture(self, index: int, x: torch.Tensor, grad: torch.Tensor, weight: float) -> None:
+        """``x [..., d_in]``: the layer's LoRA input (after dropout); ``grad [..., d_out]``: the gradient of
+        lora_B's output, ``g = grad / scaling`` so the output-side sums take ``weight = 1 / scaling^2``. Rows
+        whose gradient is zero (padding, masked labels) do not count and contribute no ``x``."""
+        x, grad = x.reshape(-1, x.shape[-1]).float(), grad.reshape(-1, grad.shape[-1]).float()
+        row_norm = torch.linalg.vector_norm(grad, dim=1)  # (the 2-norm: 5x faster than abs().amax() on CPU)
+        carries = (row_norm > ZERO_ROW_TOLERANCE * row_norm.amax()).float()
+        self._accumulate(index, x, grad, carries, weight)
         self.rows[index] += carries.sum()
 
-    def _accumulate(self, index: int, x: torch.Tensor, g: torch.Tensor) -> None:
+    def _accumulate(self, index: int, x: torch.Tensor, grad: torch.Tensor, carries: torch.Tensor, weight: float) -> None:
+        """Add this micro-batch's sums: ``x [N, d_in]`` (rows to count where ``carries [N]`` is 1),
+        ``grad [N, d_out]`` (every row; zero rows add nothing) weighted by ``weight``."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ the step
@@ -320,9 +323,9 @@ class FullKFAC(_LargeFactorKFAC):
         self.output_inverse = [torch.eye(d, device=device) for _, d in dims]
         self._register_hooks()
 
-    def _accumulate(self, index: int, x: torch.Tensor, g: torch.Tensor) -> None:
-        self.input_sum[index].addmm_(x.T, x)
-        self.output_sum[index].addmm_(g.T, g)
+    def _accumulate(self, index: int, x: torch.Tensor, grad: torch.Tensor, carries: torch.Tensor, weight: float) -> None:
+        self.input_sum[index].addmm_(x.T, x * carries[:, None])
+        self.output_sum[index].addmm_(grad.T, grad, alpha=weight)
 
     @staticmethod
     def _damped_inverse(factor: torch.Tensor, damping: float, eps_abs: float) -> torch.Tensor:
@@ -366,18 +369,26 @@ def sketch_test_matrix(d: int, m: int, device=None) -> torch.Tensor:
 def nystrom_eigenpairs(sketch: torch.Tensor, test: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` eigenpairs of the Nystrom approximation ``Y (V^T Y)^+ Y^T`` of a PSD ``C`` from its sketch
     ``Y = C V`` only (``sketch [..., d, m]``, ``test [d, m]`` orthonormal, ``k <= m``), in float64 with a
-    shift ``nu = eps32 * |Y|`` for stability (Tropp et al. 2017): ``values [..., k]`` (descending, >= 0),
+    shift ``nu = eps32 * |Y|`` for stability (Tropp et al. 2017) and two ``m x m`` eighs (no ``d x m`` SVD):
+    ``values [..., k]`` (descending, >= 0),
     ``vectors [..., d, k]``. With ``m = d`` it is the eigendecomposition of ``C`` (up to the shift)."""
     y, v = sketch.double(), test.double()
     nu = torch.finfo(torch.float32).eps * torch.linalg.matrix_norm(y)[..., None, None]
     y = y + nu * v
-    core = v.T @ y
-    core = 0.5 * (core + core.transpose(-1, -2))
-    values, vectors = torch.linalg.eigh(core)  # core^-1/2 by eigh: robust where Cholesky fails
-    tiny = values.amax(dim=-1, keepdim=True).clamp_min(1e-300) * 1e-12
-    inv_sqrt = vectors * values.clamp_min(tiny).rsqrt()[..., None, :] @ vectors.transpose(-1, -2)
-    u, sigma, _ = torch.linalg.svd(y @ inv_sqrt, full_matrices=False)
-    return (sigma[..., :k] ** 2 - nu[..., 0]).clamp_min(0.0), u[..., :k]
+    core_inv_sqrt = _inverse_sqrt(v.T @ y)
+    b = y @ core_inv_sqrt  # C_nys = b b^T; its eigenpairs from the m x m Gram b^T b
+    values, w = torch.linalg.eigh(b.transpose(-1, -2) @ b)
+    values, w = values.flip(-1)[..., :k], w.flip(-1)[..., :k]
+    vectors = b @ (w * values.clamp_min(torch.finfo(torch.float64).tiny).rsqrt()[..., None, :])
+    return (values - nu[..., 0]).clamp_min(0.0), vectors
+
+
+def _inverse_sqrt(mat: torch.Tensor) -> torch.Tensor:
+    """``mat^-1/2`` of symmetric PSD ``[..., m, m]`` by eigh, eigenvalues floored at ``1e-12 x`` the largest."""
+    mat = 0.5 * (mat + mat.transpose(-1, -2))
+    values, vectors = torch.linalg.eigh(mat)
+    floor = values.amax(dim=-1, keepdim=True).clamp_min(1e-300) * 1e-12
+    return (vectors * values.clamp_min(floor).rsqrt()[..., None, :]) @ vectors.transpose(-1, -2)
 
 
 class LowRankKFAC(_LargeFactorKFAC):
@@ -421,11 +432,16 @@ class LowRankKFAC(_LargeFactorKFAC):
         self.memory_bytes = 4 * (state + sum(t.numel() for t in self.tests.values()))
         self._register_hooks()
 
-    def _accumulate(self, index: int, x: torch.Tensor, g: torch.Tensor) -> None:
-        for side, rows in (("input", x), ("output", g)):
-            d, m, _ = getattr(self, f"_{side}_shapes")[index]
-            getattr(self, f"{side}_sketch_sum")[index].addmm_(rows.T, rows @ self.tests[(d, m)])
-            getattr(self, f"{side}_trace_sum")[index].add_(rows.pow(2).sum())
+    def _accumulate(self, index: int, x: torch.Tensor, grad: torch.Tensor, carries: torch.Tensor, weight: float) -> None:
+        """``sum x (x^T V)`` over carrying rows (the mask on the ``[N, m]`` product), ``sum |x|^2``; the same
+        for ``g`` (``weight`` folds in ``1 / scaling^2``). ``O(N d m)``."""
+        d, m, _ = self._input_shapes[index]
+        xv = (x @ self.tests[(d, m)]) * carries[:, None]
+        self.input_sketch_sum[index].addmm_(x.T, xv)
+        self.input_trace_sum[index].add_(torch.dot(torch.linalg.vector_norm(x, dim=1).square(), carries))
+        d, m, _ = self._output_shapes[index]
+        self.output_sketch_sum[index].addmm_(grad.T, grad @ self.tests[(d, m)], alpha=weight)
+        self.output_trace_sum[index].add_(torch.linalg.vector_norm(grad).square() * weight)
 
     def _refresh(self, damping: float, eps_abs: float) -> None:
         """Eigenpairs of every sketch, batched over the modules of one ``(d, m, k)`` shape."""
