@@ -219,9 +219,10 @@ def test_kfac_lowrank_memory_is_linear_in_the_width():
     assert low.memory_bytes < 4 * sum(a * a + b * b for a, b in dims)
 
 
-def test_kfac_lowrank_refuses_fused_blocks_that_bypass_its_hooks():
+@pytest.mark.parametrize("fisher", ["kfac_full", "kfac_lowrank"])
+def test_large_factor_fishers_refuse_fused_blocks_that_bypass_their_hooks(fisher):
     model = small_llama(num_layers=1, r=4)
-    pre = gk.GritPreconditioner(model, gk.GritConfig(fisher="kfac_lowrank", warmup_steps=0))
+    pre = gk.GritPreconditioner(model, gk.GritConfig(fisher=fisher, warmup_steps=0))
     gk.fuse(model)
     ids = torch.randint(0, 512, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
