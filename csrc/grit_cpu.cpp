@@ -248,6 +248,46 @@ GRIT_CLONES int64_t gather_rows(const X* __restrict x, int64_t ld, int r, int rw
   return carried;
 }
 
+// r = 16, float: the two passes below straight from the source rows (row stride ld, no tile copies), with the
+// operations of delta_rows + gram_tile and of gather_rows + gram_tile in the same order (the same numbers).
+// Pass 1: row_sq[t] = |x_t|^2 for t0 <= t < t1, out[16, 16] += sum_t x_t x_t^T; returns the largest row_sq.
+GRIT_CLONES float delta_gram16(const float* __restrict x, int64_t ld, int64_t t0, int64_t t1, float* __restrict row_sq,
+                               float* __restrict out) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  float m = 0;
+  v16f a[16] = {};
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* xt = x + t * ld;
+    const v16f v = GRIT_LOAD(xt);
+    v16f acc = {};
+    acc += v * v;
+    const float s = hsum_tree(acc);
+    row_sq[t] = s;
+    m = (std::isnan(s) || std::isnan(m)) ? nan : std::max(m, s);
+#pragma GCC unroll 16
+    for (int b = 0; b < 16; ++b) a[b] += xt[b] * v;
+  }
+  for (int b = 0; b < 16; ++b) GRIT_STORE(out + b * 16, GRIT_LOAD(out + b * 16) + a[b]);
+  return m;
+}
+
+// Pass 2: out[16, 16] += sum x_t x_t^T over t0 <= t < t1 with row_sq[t] > threshold; returns how many rows.
+GRIT_CLONES int64_t masked_gram16(const float* __restrict x, int64_t ld, int64_t t0, int64_t t1,
+                                  const float* __restrict row_sq, float threshold, float* __restrict out) {
+  v16f a[16] = {};
+  int64_t carried = 0;
+  for (int64_t t = t0; t < t1; ++t) {
+    if (!(row_sq[t] > threshold)) continue;
+    const float* xt = x + t * ld;
+    const v16f v = GRIT_LOAD(xt);
+#pragma GCC unroll 16
+    for (int b = 0; b < 16; ++b) a[b] += xt[b] * v;
+    ++carried;
+  }
+  for (int b = 0; b < 16; ++b) GRIT_STORE(out + b * 16, GRIT_LOAD(out + b * 16) + a[b]);
+  return carried;
+}
+
 // One module's rank-space rows: h_t = h[t * hs + 0 .. r-1], delta_t = d[t * ds + 0 .. r-1], t < n (unit
 // column stride), added to bank index ``index``.
 template <typename X>
@@ -297,6 +337,13 @@ void rank_statistics_impl(at::Tensor& stat_sum, at::Tensor& rows, const std::vec
       const ModuleRows<X>& mod = mods[task_module[task]];
       const int rw = (mod.r + 15) / 16 * 16;
       const int64_t t0 = (task - first_task[task_module[task]]) * kChunk, t1 = std::min(mod.n, t0 + kChunk);
+      if constexpr (std::is_same_v<X, float> && std::is_same_v<T, float>) {
+        if (mod.r == 16) {
+          task_max[task] = delta_gram16(mod.d, mod.ds, t0, t1, row_sq.data() + first_row[task_module[task]],
+                                        partial.data() + task * slot + 16 * 16);
+          continue;
+        }
+      }
       task_max[task] = delta_rows<X, T>(mod.d, mod.ds, mod.r, rw, t0, t1, td.data(),
                                         row_sq.data() + first_row[task_module[task]]);
       gram_tile<T>(td.data(), t1 - t0, mod.r, rw, partial.data() + task * slot + mod.r * rw);
@@ -319,6 +366,13 @@ void rank_statistics_impl(at::Tensor& stat_sum, at::Tensor& rows, const std::vec
       const ModuleRows<X>& mod = mods[k];
       const int rw = (mod.r + 15) / 16 * 16;
       const int64_t t0 = (task - first_task[k]) * kChunk, t1 = std::min(mod.n, t0 + kChunk);
+      if constexpr (std::is_same_v<X, float> && std::is_same_v<T, float>) {
+        if (mod.r == 16) {
+          counts[task] = masked_gram16(mod.h, mod.hs, t0, t1, row_sq.data() + first_row[k], threshold[k],
+                                       partial.data() + task * slot);
+          continue;
+        }
+      }
       const int64_t carried =
           gather_rows<X, T>(mod.h, mod.hs, mod.r, rw, t0, t1, row_sq.data() + first_row[k], threshold[k], th.data());
       gram_tile<T>(th.data(), carried, mod.r, rw, partial.data() + task * slot);
