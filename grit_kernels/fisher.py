@@ -17,7 +17,7 @@ runs only when ``step(lr=...)`` is called directly:
   carry gradient) and ``grad_B <- (G + lam I)^-1 grad_B (H + lam I)^-1`` (``G = E[g g^T]``, ``d_out x d_out``,
   ``g = dL/dy`` scaled like ``D``: ``rows * sum g g^T / loss_scale^2``). With ``X = G = I`` it reduces to
   rank-space K-FAC. A reference for small models: per-module Python loops and forward/tensor hooks,
-  refused above ``kfac_full_max_bytes``. Single process (no DDP reduction of ``X`` and ``G``).
+  refused above ``kfac_full_max_bytes``. Under DDP the sums of ``X`` and ``G`` are all-reduced with the bank.
 * :class:`LowRankKFAC`: :class:`FullKFAC`'s step with each large factor kept as a *streaming Nystrom
   sketch*: for a fixed orthonormal test matrix ``V [d, m]`` (one per dimension, seeded), the EMA of
   ``Y = C V`` (linear in ``C``, so the EMA of the per-step sketches is the sketch of the EMA factor) and of
@@ -28,8 +28,8 @@ runs only when ``step(lr=...)`` is called directly:
   ``O(d m)`` per factor (capture ``2 N d m`` flops), never ``d x d``: it runs at Llama-3-8B shapes.
   ``k = large_factor_rank``, ``m = large_factor_sketch`` (both cut to ``d - 1`` and ``d``); with
   ``m = d`` the sketch is exact and ``k = d - 1`` gives :class:`FullKFAC`'s step. Same damping, clip,
-  hooks (PEFT's ``lora_A``/``lora_B`` modules: not under :func:`grit_kernels.fuse`) and single-process
-  limits as :class:`FullKFAC`; a per-module loop (a reference implementation, not yet batched).
+  hooks (PEFT's ``lora_A``/``lora_B`` modules: not under :func:`grit_kernels.fuse`) and DDP reduction as
+  :class:`FullKFAC`; per-module loops in capture and preconditioning (refresh batched by shape).
 
 Every option's state (the diagonal moments; the ``d x d`` or sketched sums, factors and inverses) is part of
 ``GritPreconditioner.state_dict()`` under ``"fisher_state"``, with the kind under ``"fisher"``: a resumed
@@ -40,7 +40,10 @@ from __future__ import annotations
 
 import torch
 
+import torch.distributed as dist
+
 from .bank import BACKWARD, FORWARD
+from .distributed import all_reduce_statistics, world_size
 from .layers import ZERO_ROW_TOLERANCE
 
 
@@ -77,6 +80,7 @@ class DiagonalFisher:
 
     def step(self, lr=None, loss_scale=None) -> None:
         pre, cfg = self.pre, self.pre.config
+        all_reduce_statistics(pre.bank)  # DDP: the bank (logging) as in rank-space K-FAC; grads are already reduced
         pre.bank.fold(cfg.ema_decay, loss_scale=loss_scale, backend=pre.backend)
         params = pre.parameters()
         if any(p.grad is None for p in params):
@@ -200,6 +204,8 @@ class _LargeFactorKFAC:
                 "were not: they are captured by hooks on PEFT's lora_A / lora_B modules, which grit_kernels.fuse "
                 "bypasses. Call grit_kernels.unfuse(model) or use fisher='kfac'"
             )
+        all_reduce_statistics(pre.bank)
+        self._all_reduce_sums()
         pre.bank.fold(cfg.ema_decay, loss_scale=loss_scale, backend=pre.backend)
         self._fold(cfg.ema_decay, loss_scale)
         since = pre.step_count - cfg.warmup_steps
@@ -212,6 +218,24 @@ class _LargeFactorKFAC:
                     self._refresh(cfg.damping, cfg.eps_abs)
             self._precondition(lr)
         pre.step_count += 1
+
+    def _all_reduce_sums(self) -> None:
+        """DDP: sum this step's large-factor sums and rows over ranks (one all-reduce), the output side scaled
+        by ``1 / W^2`` like the bank's ``D`` (each rank's ``g`` is ``W`` times its share of the global mean
+        loss's). A no-op in one process."""
+        w = world_size()
+        if w == 1:
+            return
+        n = len(self.rows)
+        inputs = [getattr(self, name)[i] for _, name in self._INPUT_FOLDS for i in range(n)]
+        outputs = [getattr(self, name)[i] for _, name in self._OUTPUT_FOLDS for i in range(n)]
+        flat = torch.cat([t.reshape(-1) for t in inputs + outputs] + [self.rows])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        sizes = [t.numel() for t in inputs + outputs] + [n]
+        for j, (t, chunk) in enumerate(zip(inputs + outputs + [self.rows], flat.split(sizes))):
+            t.copy_(chunk.view_as(t))
+            if len(inputs) <= j < len(inputs) + len(outputs):
+                t.mul_(1.0 / (w * w))
 
     def _fold(self, decay: float, loss_scale) -> None:
         scale2 = 1.0 if loss_scale is None else torch.as_tensor(loss_scale, dtype=torch.float32) ** 2

@@ -1,6 +1,7 @@
 """DDP: two gloo processes on CPU (PEFT's layers, or gk.fuse on every rank) give the factors and parameters
 of one unfused process on the concatenated batch."""
 
+import functools
 import os
 import socket
 
@@ -52,9 +53,9 @@ def supervised(labels):
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def make_model_and_optimizer():
+def make_model_and_optimizer(fisher="kfac"):
     model = build_lora_model(tiny_llama_config(num_layers=2), r=4, seed=0)
-    pre = GritPreconditioner(model, GritConfig(**CONFIG))
+    pre = GritPreconditioner(model, GritConfig(**CONFIG, fisher=fisher))
     # SGD: its step scales with the preconditioned gradient (Adam would hide a mis-scaled factor)
     opt = TrainerGritOptimizer(
         torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR), pre
@@ -62,12 +63,12 @@ def make_model_and_optimizer():
     return model, pre, opt
 
 
-def _worker(rank, port, out_dir, fuse=False):
+def _worker(rank, port, out_dir, fuse=False, fisher="kfac"):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        model, pre, opt = make_model_and_optimizer()
+        model, pre, opt = make_model_and_optimizer(fisher)
         if fuse:  # fused decoder blocks on every rank; the reference stays one unfused process
             report = gk.fuse(model)
             assert report.base_stack_blocks == report.num_blocks == 2
@@ -97,10 +98,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def single_process():
+@functools.lru_cache(maxsize=None)
+def single_process(fisher="kfac"):
     """One process on the concatenated batch: the answer DDP must reproduce."""
-    model, pre, opt = make_model_and_optimizer()
+    model, pre, opt = make_model_and_optimizer(fisher)
     for ids, labels in global_batches():
         model(input_ids=ids, labels=labels, num_items_in_batch=supervised(labels)).loss.backward()
         opt.step()
@@ -109,12 +110,15 @@ def single_process():
     return pre.bank.factor.clone(), params
 
 
-@pytest.mark.parametrize("fuse", [False, True], ids=["peft", "fused"])
-def test_ddp_two_processes_match_one_process_on_concatenated_batch(tmp_path, single_process, fuse):
+@pytest.mark.parametrize(
+    "fuse, fisher", [(False, "kfac"), (True, "kfac"), (False, "kfac_lowrank")], ids=["peft", "fused", "kfac_lowrank"]
+)
+def test_ddp_two_processes_match_one_process_on_concatenated_batch(tmp_path, fuse, fisher):
     """GritPreconditioner.step all-reduces the statistics (scaled by 1/W^2) right before its fold; with
-    gk.fuse on every rank, the fused Functions' statistics and gradients give the same answer."""
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), fuse), nprocs=WORLD, join=True)
-    ref_factor, ref_params = single_process
+    gk.fuse on every rank, the fused Functions' statistics and gradients give the same answer; with
+    fisher="kfac_lowrank" the large factors' sketches are all-reduced the same way."""
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), fuse, fisher), nprocs=WORLD, join=True)
+    ref_factor, ref_params = single_process(fisher)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for r, res in enumerate(results):
         # fp32 summation order differs (per-rank sums, DDP's gradient average): compare each r x r factor
