@@ -15,7 +15,7 @@
 //   rank_statistics_many_(stat_sum, rows, indices, modules[G], hs[G], deltas[G], tolerance)
 //                                                            the same for G recorded groups in one call
 //   precondition_grafted_(grads_a, grads_b, inv_d, inv_h)      precondition_, then g *= |g_raw| / |g_new|
-//   sum_squares(xs[]) -> 0-dim float64;  clone_all(xs[]) -> copies
+//   sum_squares(xs[]) -> 0-dim float64;  clone_all(xs[]) -> copies;  copy_all_(dst[], src[]) -> copied?
 //   kl_clip_update_(params_a, params_b, before_a, before_b, factor_d, factor_h, kl_clip) -> nu (0-dim f32)
 //
 // Math in float32 (float64 when the tensors are float64, for the oracle tests); gradients and
@@ -1037,12 +1037,28 @@ std::vector<at::Tensor> clone_all_cpu(at::TensorList xs) {
   return out;
 }
 
+// dst[i] <- src[i] for every i when every pair has one shape and dtype and both are contiguous CPU tensors
+// (returns true); otherwise copies nothing and returns false. For snapshots into buffers kept across steps.
+bool copy_all_cpu(at::TensorList dst, at::TensorList src) {
+  if (dst.size() != src.size()) return false;
+  for (size_t i = 0; i < src.size(); ++i)
+    if (!(dst[i].sizes() == src[i].sizes() && dst[i].scalar_type() == src[i].scalar_type() && dst[i].is_contiguous() &&
+          src[i].is_contiguous() && dst[i].device().is_cpu() && src[i].device().is_cpu()))
+      return false;
+  const int64_t n = static_cast<int64_t>(src.size());
+  at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      std::memcpy(dst[i].data_ptr(), src[i].data_ptr(), src[i].numel() * src[i].element_size());
+  });
+  return true;
+}
+
 // Quadratic form of Delta = p - b (both [rows, cols], unit column stride) with the symmetric f[r, r]
 // (row stride R): lora_A (``rows_side``, Delta [r, d]): sum_ij f_ij <Delta_i, Delta_j> over rows of Delta;
 // lora_B (Delta [d, r]): sum_ij f_ij (Delta^T Delta)_ij via 16-wide tiles of rows.
 template <typename G>
 GRIT_CLONES double delta_quad(const at::Tensor& p, const at::Tensor& b, bool rows_side, int r, const double* f,
-                              int64_t R, std::vector<float>& tile) {
+                              int64_t R, std::vector<float>& tile, std::vector<float>& acc, std::vector<double>& g) {
   const G* pp = p.data_ptr<G>();
   const G* bp = b.data_ptr<G>();
   const int64_t lp = p.stride(0), lb = b.stride(0);
@@ -1051,7 +1067,7 @@ GRIT_CLONES double delta_quad(const at::Tensor& p, const at::Tensor& b, bool row
     constexpr int64_t kCols = 1024;
     const int64_t len = p.size(1);
     tile.resize(static_cast<size_t>(r) * kCols);
-    std::vector<double> g(static_cast<size_t>(r) * r, 0.0);
+    g.assign(static_cast<size_t>(r) * r, 0.0);
     for (int64_t c0 = 0; c0 < len; c0 += kCols) {
       const int64_t w = std::min(kCols, len - c0);
       for (int i = 0; i < r; ++i) {
@@ -1081,8 +1097,8 @@ GRIT_CLONES double delta_quad(const at::Tensor& p, const at::Tensor& b, bool row
   constexpr int64_t kRows = 256;
   const int rw = (r + 15) / 16 * 16;
   const int64_t len = p.size(0);
-  tile.assign(static_cast<size_t>(kRows) * rw, 0.0f);
-  std::vector<float> acc(static_cast<size_t>(r) * rw, 0.0f);
+  tile.resize(static_cast<size_t>(kRows) * rw);  // row t: r differences, then zeros up to rw (set below)
+  acc.assign(static_cast<size_t>(r) * rw, 0.0f);
   for (int64_t t0 = 0; t0 < len; t0 += kRows) {
     const int64_t n = std::min(kRows, len - t0);
     for (int64_t t = 0; t < n; ++t) {
@@ -1090,6 +1106,7 @@ GRIT_CLONES double delta_quad(const at::Tensor& p, const at::Tensor& b, bool row
       const G* bt = bp + (t0 + t) * lb;
       float* tt = tile.data() + t * rw;
       for (int j = 0; j < r; ++j) tt[j] = static_cast<float>(to_t(pt[j])) - static_cast<float>(to_t(bt[j]));
+      for (int j = r; j < rw; ++j) tt[j] = 0.0f;
     }
     gram_tile<float>(tile.data(), n, r, rw, acc.data());
   }
@@ -1099,12 +1116,12 @@ GRIT_CLONES double delta_quad(const at::Tensor& p, const at::Tensor& b, bool row
 }
 
 double delta_quad_any(const at::Tensor& p, const at::Tensor& b, bool rows_side, int r, const double* f, int64_t R,
-                      std::vector<float>& tile) {
+                      std::vector<float>& tile, std::vector<float>& acc, std::vector<double>& g) {
   switch (p.scalar_type()) {
-    case at::kFloat: return delta_quad<float>(p, b, rows_side, r, f, R, tile);
-    case at::kDouble: return delta_quad<double>(p, b, rows_side, r, f, R, tile);
-    case at::kBFloat16: return delta_quad<c10::BFloat16>(p, b, rows_side, r, f, R, tile);
-    default: return delta_quad<c10::Half>(p, b, rows_side, r, f, R, tile);
+    case at::kFloat: return delta_quad<float>(p, b, rows_side, r, f, R, tile, acc, g);
+    case at::kDouble: return delta_quad<double>(p, b, rows_side, r, f, R, tile, acc, g);
+    case at::kBFloat16: return delta_quad<c10::BFloat16>(p, b, rows_side, r, f, R, tile, acc, g);
+    default: return delta_quad<c10::Half>(p, b, rows_side, r, f, R, tile, acc, g);
   }
 }
 
@@ -1147,11 +1164,12 @@ at::Tensor kl_clip_update_cpu(at::TensorList params_a, at::TensorList params_b, 
   const double* fhp = fh.data_ptr<double>();
   std::vector<double> quad(M, 0.0);
   at::parallel_for(0, M, 4, [&](int64_t b, int64_t e) {
-    std::vector<float> tile;
+    std::vector<float> tile, acc;
+    std::vector<double> g;
     for (int64_t m = b; m < e; ++m) {
       const int r = static_cast<int>(params_a[m].size(0));
-      quad[m] = delta_quad_any(params_a[m], before_a[m], true, r, fdp + m * R * R, R, tile) +
-                delta_quad_any(params_b[m], before_b[m], false, r, fhp + m * R * R, R, tile);
+      quad[m] = delta_quad_any(params_a[m], before_a[m], true, r, fdp + m * R * R, R, tile, acc, g) +
+                delta_quad_any(params_b[m], before_b[m], false, r, fhp + m * R * R, R, tile, acc, g);
     }
   });
   double total = 0;
@@ -1197,6 +1215,7 @@ TORCH_LIBRARY(grit_kernels_cpp, m) {
   m.def("precondition_grafted_(Tensor(a!)[] grads_a, Tensor(b!)[] grads_b, Tensor inv_d, Tensor inv_h) -> ()");
   m.def("sum_squares(Tensor[] xs) -> Tensor");
   m.def("clone_all(Tensor[] xs) -> Tensor[]");
+  m.def("copy_all_(Tensor(a!)[] dst, Tensor[] src) -> bool");
   m.def(
       "kl_clip_update_(Tensor(a!)[] params_a, Tensor(b!)[] params_b, Tensor[] before_a, Tensor[] before_b, "
       "Tensor factor_d, Tensor factor_h, float kl_clip) -> Tensor");
@@ -1212,5 +1231,6 @@ TORCH_LIBRARY_IMPL(grit_kernels_cpp, CPU, m) {
   m.impl("precondition_grafted_", &grit::precondition_grafted_cpu);
   m.impl("sum_squares", &grit::sum_squares_cpu);
   m.impl("clone_all", &grit::clone_all_cpu);
+  m.impl("copy_all_", &grit::copy_all_cpu);
   m.impl("kl_clip_update_", &grit::kl_clip_update_cpu);
 }

@@ -6,6 +6,7 @@ clipping helpers and checkpointing see the inner optimizer unchanged.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -83,9 +84,10 @@ class GritOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in self.preconditioner.parameters() if p.grad is not None]
         if not grads:
             return "no LoRA parameter has a gradient"
-        total = ops.sum_of_squares(grads, backend=self.preconditioner.backend)
-        code = int(torch.where(~torch.isfinite(total), 1, torch.where(total == 0, 2, 0)))
-        return {0: None, 1: "NaN/Inf in LoRA gradients", 2: "all LoRA gradients are zero"}[code]
+        total = float(ops.sum_of_squares(grads, backend=self.preconditioner.backend))  # the one host read
+        if not math.isfinite(total):
+            return "NaN/Inf in LoRA gradients"
+        return "all LoRA gradients are zero" if total == 0 else None
 
     def step(self, closure: Callable | None = None):
         loss = None

@@ -105,6 +105,7 @@ class GritPreconditioner:
         self._scale_max = torch.zeros(2, self.bank.num_modules, device=self.bank.device) if cfg.damping_floor > 0 else None
         self._has_statistics: torch.Tensor | None = None  #: device bool, set at each refresh after warm-up
         self._removed = False
+        self._snapshot: list[torch.Tensor] | None = None  #: snapshot_adapters' buffers (CPU)
         # config.fisher "diagonal" / "kfac_full" take over step() (grit_kernels.fisher); "kfac": None
         self._fisher = make_fisher(self)
         #: periodic reprojection / rank adaptation (config.reprojection), run by GritOptimizer after its step
@@ -218,9 +219,15 @@ class GritPreconditioner:
             torch._foreach_mul_(grads_a + grads_b, nu)
 
     def snapshot_adapters(self) -> list[torch.Tensor]:
-        """Copies of every lora_A, lora_B (bank order) before the inner optimizer step."""
+        """Copies of every lora_A, lora_B (bank order) before the inner optimizer step. On the CPU the copies
+        are buffers refilled at every call (valid until the next one): no allocation of hundreds of tensors."""
         with torch.no_grad():  # (no per-tensor detach: hundreds of tensors)
-            return ops.clone_tensors(self.parameters(), backend=self.backend)
+            params = self.parameters()
+            if self.bank.device.type != "cpu":
+                return ops.clone_tensors(params, backend=self.backend)
+            if self._snapshot is None or not ops.copy_tensors_(self._snapshot, params, backend=self.backend):
+                self._snapshot = ops.clone_tensors(params, backend=self.backend)
+            return self._snapshot
 
     def clip_update_(self, before: list[torch.Tensor]) -> None:
         """KL-clip the step the inner optimizer just took (after its momentum, with its per-group lrs).

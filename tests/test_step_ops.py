@@ -165,3 +165,17 @@ def test_sum_of_squares_and_clone(fresh_seed, backend):
     copies = ops.clone_tensors(xs, backend=backend)
     for c, x in zip(copies, xs):
         assert torch.equal(c, x) and c.data_ptr() != x.data_ptr() and c.is_contiguous()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_copy_tensors_refills_buffers_or_copies_nothing(fresh_seed, backend):
+    xs = [torch.randn(16, 33), torch.randn(70, 16)[::2], torch.randn(5, 16).bfloat16()]  # one strided row view
+    buffers = [torch.full(x.shape, float("nan"), dtype=x.dtype) for x in xs]
+    assert ops.copy_tensors_(buffers, xs, backend=backend)
+    for b, x in zip(buffers, xs):
+        assert torch.equal(b, x) and b.data_ptr() != x.data_ptr()
+    poisoned = [torch.full(x.shape, float("nan"), dtype=x.dtype) for x in xs]
+    wrong = poisoned[:2] + [torch.full((5, 16), float("nan"))]  # a dtype that does not match: nothing is copied
+    assert not ops.copy_tensors_(wrong, xs, backend=backend)
+    assert all(torch.isnan(b.float()).all() for b in wrong)
+    assert not ops.copy_tensors_(poisoned[:2], xs, backend=backend)  # one buffer too few

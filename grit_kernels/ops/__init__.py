@@ -10,7 +10,7 @@ from .gram import accumulate_gram_, accumulate_grams_
 from .inverse import damped_cholesky_inverse
 from .precondition import precondition_, precondition_grafted_
 from .statistics import accumulate_rank_statistics_, accumulate_rank_statistics_many_
-from .step import clone_tensors, kl_clip_update_, sum_of_squares
+from .step import clone_tensors, copy_tensors_, kl_clip_update_, sum_of_squares
 
 __all__ = [
     "accumulate_gram_",
@@ -18,6 +18,7 @@ __all__ = [
     "accumulate_rank_statistics_",
     "accumulate_rank_statistics_many_",
     "clone_tensors",
+    "copy_tensors_",
     "damped_cholesky_inverse",
     "ema_fold_",
     "interpreter_active",

@@ -23,6 +23,7 @@ _STEP_OPS = {
     "precondition_grafted_": "grit_kernels.ops.precondition:torch_precondition_grafted_",
     "kl_clip_update_": "grit_kernels.ops.step:torch_kl_clip_update_",
     "clone_tensors": "grit_kernels.ops.step:torch_clone_tensors",
+    "copy_tensors_": "grit_kernels.ops.step:torch_copy_tensors_",
     "sum_of_squares": "grit_kernels.ops.step:torch_sum_of_squares",
 }
 

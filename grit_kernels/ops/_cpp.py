@@ -175,6 +175,13 @@ def clone_tensors(tensors):
     return _torch("clone_tensors")(tensors)
 
 
+def copy_tensors_(dst, src) -> bool:
+    """See :func:`grit_kernels.ops.copy_tensors_`."""
+    if _on_cpu(src) and _ops().copy_all_(dst, src):
+        return True
+    return _torch("copy_tensors_")(dst, src)
+
+
 def sum_of_squares(tensors):
     """See :func:`grit_kernels.ops.sum_of_squares`."""
     if _on_cpu(tensors):

@@ -1,5 +1,5 @@
 """Optimizer-step helpers over every LoRA tensor at once: the KL-clip of the step taken, the snapshot it
-needs, and the gradient check's sum of squares. ``cpp`` runs each as one C++ op on the CPU; the torch form
+needs (a copy, or a refill of buffers kept across steps), and the gradient check's sum of squares. ``cpp`` runs each as one C++ op on the CPU; the torch form
 (``torch._foreach_*``, one small kernel per tensor on the CPU) runs everywhere else and under ``torch.compile``.
 """
 
@@ -21,6 +21,12 @@ def _impl(op: str, tensors: Sequence[torch.Tensor], backend: str):
 def clone_tensors(tensors: Sequence[torch.Tensor], backend: str = "auto") -> list[torch.Tensor]:
     """Contiguous copies of ``tensors`` (e.g. the adapters before the inner optimizer step)."""
     return _impl("clone_tensors", tensors, backend)(list(tensors))
+
+
+def copy_tensors_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], backend: str = "auto") -> bool:
+    """``dst[i].copy_(src[i])`` for every ``i`` if every pair has one shape and dtype (and, for the ``cpp`` op, both
+    are contiguous); otherwise copy nothing and return ``False``. Refills snapshot buffers kept across steps."""
+    return bool(_impl("copy_tensors_", src, backend)(list(dst), list(src)))
 
 
 def sum_of_squares(tensors: Sequence[torch.Tensor], backend: str = "auto") -> torch.Tensor:
@@ -63,6 +69,14 @@ def torch_clone_tensors(tensors):
     return list(torch._foreach_mul(tensors, 1.0))
 
 
+def torch_copy_tensors_(dst, src):
+    """Torch backend of :func:`copy_tensors_`."""
+    if len(dst) != len(src) or any(d.shape != t.shape or d.dtype != t.dtype for d, t in zip(dst, src)):
+        return False
+    torch._foreach_copy_(dst, src)
+    return True
+
+
 def torch_sum_of_squares(tensors):
     """Torch backend of :func:`sum_of_squares` (per-tensor norms, squared and summed in float64)."""
     if not tensors:
@@ -89,6 +103,7 @@ def torch_kl_clip_update_(params_a, params_b, before_a, before_b, factor_d, fact
 
 _TORCH_FORMS = {
     "clone_tensors": torch_clone_tensors,
+    "copy_tensors_": torch_copy_tensors_,
     "sum_of_squares": torch_sum_of_squares,
     "kl_clip_update_": torch_kl_clip_update_,
 }
