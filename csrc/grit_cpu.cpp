@@ -570,6 +570,51 @@ bool cholesky_inverse(const T* a, int r, T lam, T* l, T* inv) {
   return true;
 }
 
+// cholesky_inverse<float> of 16 matrices of rank r at once, one per vector lane (a[p * r + q]: the 16
+// matrices' entries, *lam: their damping): the same operations in the same order per lane, compiled without
+// fused multiply-add like the scalar code (baseline ISA), so a lane that succeeds holds exactly the scalar
+// result. Returns the lanes that succeeded (bit u: lane u); the others are for the scalar fallback chain.
+uint32_t cholesky_inverse16(const v16f* a, int r, const v16f* lam, v16f* l, v16f* m, v16f* inv) {
+  uint32_t ok = 0xFFFFu;
+  for (int j = 0; j < r; ++j) {
+    v16f d = a[j * r + j] + *lam;
+    for (int k = 0; k < j; ++k) d -= l[j * r + k] * l[j * r + k];
+    v16f ljj;
+    for (int u = 0; u < 16; ++u) {
+      if (!(d[u] > 0.0f) || !std::isfinite(d[u])) ok &= ~(1u << u);
+      ljj[u] = std::sqrt(d[u]);
+    }
+    if (!ok) return 0;
+    l[j * r + j] = ljj;
+    const v16f inv_ljj = 1.0f / ljj;
+    for (int i = j + 1; i < r; ++i) {
+      v16f s = a[i * r + j];
+      for (int k = 0; k < j; ++k) s -= l[i * r + k] * l[j * r + k];
+      l[i * r + j] = s * inv_ljj;
+    }
+  }
+  for (int j = 0; j < r; ++j) {
+    m[j * r + j] = 1.0f / l[j * r + j];
+    for (int i = j + 1; i < r; ++i) {
+      v16f s = {};
+      for (int k = j; k < i; ++k) s -= l[i * r + k] * m[k * r + j];
+      m[i * r + j] = s / l[i * r + i];
+    }
+  }
+  for (int k = 0; k < r * r; ++k) inv[k] = v16f{};
+  for (int k = 0; k < r; ++k) {
+    const v16f* mk = m + k * r;
+    for (int i = 0; i <= k; ++i) {
+      const v16f mi = mk[i];
+      for (int j = 0; j <= k; ++j) inv[i * r + j] += mi * mk[j];
+    }
+  }
+  for (int k = 0; k < r * r; ++k)
+    for (int u = 0; u < 16; ++u)
+      if (!std::isfinite(inv[k][u])) ok &= ~(1u << u);
+  return ok;
+}
+
 std::tuple<at::Tensor, at::Tensor> damped_cholesky_inverse_cpu(const at::Tensor& mats_in, double damping,
                                                                 double eps_abs, const at::Tensor& ranks_in,
                                                                 const c10::optional<at::Tensor>& previous_in,
@@ -601,49 +646,89 @@ std::tuple<at::Tensor, at::Tensor> damped_cholesky_inverse_cpu(const at::Tensor&
     const bool* vp = has_prev ? valid.data_ptr<bool>() : nullptr;
     T* op = out.data_ptr<T>();
     int32_t* sp = status.data_ptr<int32_t>();
+    auto rank_of = [&](int64_t i) { return static_cast<int>(std::min<int64_t>(std::max<int64_t>(rp[i], 1), R)); };
+    // the scalar chain of one matrix: first attempt, retry, previous inverse, I / lam
+    auto invert_one = [&](int64_t i, int r, T* a, T* l, T* inv) {
+      const T* src = mp + i * R * R;
+      bool finite = true;
+      T trace = 0;
+      for (int p = 0; p < r; ++p)
+        for (int q = 0; q < r; ++q) {
+          const T v = src[p * R + q];
+          a[p * r + q] = v;
+          finite = finite && std::isfinite(v);
+        }
+      for (int p = 0; p < r; ++p) trace += a[p * r + p];
+      const T lam = static_cast<T>(damping) * trace / static_cast<T>(r) + static_cast<T>(eps_abs);
+      finite = finite && std::isfinite(lam);
+      int32_t code = kScaledIdentity;
+      bool done = false;
+      if (finite) {
+        if (cholesky_inverse<T>(a, r, lam, l, inv)) {
+          code = kOk, done = true;
+        } else if (cholesky_inverse<T>(a, r, lam * static_cast<T>(retry_factor), l, inv)) {
+          code = kRetried, done = true;
+        }
+      }
+      if (!done && has_prev && vp[i]) {
+        const T* prev = pp + i * R * R;
+        for (int p = 0; p < r; ++p)
+          for (int q = 0; q < r; ++q) inv[p * r + q] = prev[p * R + q];
+        code = kKeptPrevious, done = true;
+      }
+      if (!done) {  // I / lam, or I if lam is not usable
+        const bool usable = std::isfinite(lam) && lam > T(0);
+        const T diag = usable ? T(1) / lam : T(1);
+        std::fill(inv, inv + r * r, T(0));
+        for (int p = 0; p < r; ++p) inv[p * r + p] = diag;
+      }
+      T* dst = op + i * R * R;
+      for (int p = 0; p < R; ++p)
+        for (int q = 0; q < R; ++q)
+          dst[p * R + q] = (p < r && q < r) ? T(0.5) * (inv[p * r + q] + inv[q * r + p]) : T(p == q);
+      sp[i] = code;
+    };
     at::parallel_for(0, n, 16, [&](int64_t b, int64_t e) {
       std::vector<T> a(R * R), l(R * R), inv(R * R);
-      for (int64_t i = b; i < e; ++i) {
-        const int r = static_cast<int>(std::min<int64_t>(std::max<int64_t>(rp[i], 1), R));
-        const T* src = mp + i * R * R;
-        bool finite = true;
-        T trace = 0;
-        for (int p = 0; p < r; ++p)
-          for (int q = 0; q < r; ++q) {
-            const T v = src[p * R + q];
-            a[p * r + q] = v;
-            finite = finite && std::isfinite(v);
+      int64_t i = b;
+      if constexpr (std::is_same_v<T, float>) {  // blocks of 16 matrices of one rank: first attempt in vector lanes
+        std::vector<v16f> av(R * R), lv(R * R), mv(R * R), iv(R * R);
+        for (; i + 16 <= e; i += 16) {
+          const int r = rank_of(i);
+          bool same = true;
+          for (int u = 1; u < 16; ++u) same = same && rank_of(i + u) == r;
+          if (!same) break;
+          v16f lam;
+          uint32_t finite = 0;
+          for (int u = 0; u < 16; ++u) {  // exactly the scalar code's input check, trace and damping
+            const T* src = mp + (i + u) * R * R;
+            bool fin = true;
+            T trace = 0;
+            for (int p = 0; p < r; ++p)
+              for (int q = 0; q < r; ++q) {
+                const T v = src[p * R + q];
+                av[p * r + q][u] = v;
+                fin = fin && std::isfinite(v);
+              }
+            for (int p = 0; p < r; ++p) trace += src[p * R + p];
+            lam[u] = static_cast<T>(damping) * trace / static_cast<T>(r) + static_cast<T>(eps_abs);
+            if (fin && std::isfinite(lam[u])) finite |= 1u << u;
           }
-        for (int p = 0; p < r; ++p) trace += a[p * r + p];
-        const T lam = static_cast<T>(damping) * trace / static_cast<T>(r) + static_cast<T>(eps_abs);
-        finite = finite && std::isfinite(lam);
-        int32_t code = kScaledIdentity;
-        bool done = false;
-        if (finite) {
-          if (cholesky_inverse<T>(a.data(), r, lam, l.data(), inv.data())) {
-            code = kOk, done = true;
-          } else if (cholesky_inverse<T>(a.data(), r, lam * static_cast<T>(retry_factor), l.data(), inv.data())) {
-            code = kRetried, done = true;
+          const uint32_t ok = finite & cholesky_inverse16(av.data(), r, &lam, lv.data(), mv.data(), iv.data());
+          for (int u = 0; u < 16; ++u) {
+            if (!(ok >> u & 1u)) {
+              invert_one(i + u, r, a.data(), l.data(), inv.data());
+              continue;
+            }
+            T* dst = op + (i + u) * R * R;
+            for (int p = 0; p < R; ++p)
+              for (int q = 0; q < R; ++q)
+                dst[p * R + q] = (p < r && q < r) ? T(0.5) * (iv[p * r + q][u] + iv[q * r + p][u]) : T(p == q);
+            sp[i + u] = kOk;
           }
         }
-        if (!done && has_prev && vp[i]) {
-          const T* prev = pp + i * R * R;
-          for (int p = 0; p < r; ++p)
-            for (int q = 0; q < r; ++q) inv[p * r + q] = prev[p * R + q];
-          code = kKeptPrevious, done = true;
-        }
-        if (!done) {  // I / lam, or I if lam is not usable
-          const bool usable = std::isfinite(lam) && lam > T(0);
-          const T diag = usable ? T(1) / lam : T(1);
-          std::fill(inv.begin(), inv.begin() + r * r, T(0));
-          for (int p = 0; p < r; ++p) inv[p * r + p] = diag;
-        }
-        T* dst = op + i * R * R;
-        for (int p = 0; p < R; ++p)
-          for (int q = 0; q < R; ++q)
-            dst[p * R + q] = (p < r && q < r) ? T(0.5) * (inv[p * r + q] + inv[q * r + p]) : T(p == q);
-        sp[i] = code;
       }
+      for (; i < e; ++i) invert_one(i, rank_of(i), a.data(), l.data(), inv.data());
     });
   });
   return {out, status};

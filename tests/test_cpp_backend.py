@@ -115,6 +115,40 @@ def test_damped_cholesky_inverse(fresh_seed, dtype):
 
 
 @needs_cpp
+def test_damped_cholesky_inverse_blocks_of_16_equal_one_by_one(fresh_seed):
+    """float32 factors of one rank go through 16 vector lanes at a time: every matrix's inverse and status are
+    those of a call on that matrix alone (scalar chain) bit for bit, failing lanes included, and the oracle's."""
+    n, R = 37, 16
+    mats = _spd(n, R, dtype=torch.float32)
+    ranks = torch.full((n,), R, dtype=torch.int32)
+    ranks[33:] = 12  # a last, mixed-rank block: scalar
+    retry = torch.eye(R)
+    retry[-1, -1] = -1e-2  # fails at lam, succeeds at 100 * lam
+    mats[2] = retry
+    mats[3] = -torch.eye(R)  # indefinite; previous valid -> kept
+    mats[4, 0, 1] = float("nan")
+    mats[5, 2, 9] = float("inf")  # upper triangle only: still a non-finite input
+    mats[20] = 0
+    previous = torch.randn(n, R, R)
+    previous = previous + previous.transpose(1, 2)
+    valid = torch.rand(n) > 0.5
+    valid[3], valid[4], valid[5] = True, False, False  # kept / I / lam / I / lam
+    inv, status = ops.damped_cholesky_inverse(mats, 1e-3, 1e-6, ranks, previous, valid, 100.0, backend="cpp")
+    for i in range(n):
+        one_inv, one_status = ops.damped_cholesky_inverse(
+            mats[i : i + 1], 1e-3, 1e-6, ranks[i : i + 1], previous[i : i + 1], valid[i : i + 1], 100.0, backend="cpp"
+        )
+        assert torch.equal(inv[i], one_inv[0]) and status[i] == one_status[0], i
+    exp_inv, exp_status = ref.damped_cholesky_inverse(
+        mats.double(), 1e-3, 1e-6, ranks.tolist(), previous.double(), valid, 100.0
+    )
+    assert status.tolist() == exp_status.tolist()
+    assert {int(s) for s in InverseStatus} <= set(status.tolist())
+    for i in range(n):
+        assert rel_err(inv[i], exp_inv[i]) < 1e-4, i
+
+
+@needs_cpp
 def test_damped_cholesky_inverse_matches_torch_backend(fresh_seed):
     mats, ranks, previous, valid = _inverse_cases(torch.float32)
     a = ops.damped_cholesky_inverse(mats, 1e-3, 1e-6, ranks, previous, valid, 100.0, backend="cpp")
