@@ -942,15 +942,18 @@ void run_chunk(const at::Tensor& g, const at::Tensor& inv, int64_t module, const
   }
 }
 
-at::Tensor precondition_cpu(at::TensorList grads_a, at::TensorList grads_b, const at::Tensor& inv_d_in,
-                            const at::Tensor& inv_h_in, bool compute_dot) {
+// Validated inverses (inv_h in inv_d's dtype, both contiguous) and the work chunks of precondition_: all
+// lora_A gradients' column chunks, then all lora_B gradients' row chunks, each tensor's chunks contiguous.
+std::vector<Chunk> precondition_chunks(at::TensorList grads_a, at::TensorList grads_b, const at::Tensor& inv_d_in,
+                                       const at::Tensor& inv_h_in, at::Tensor& inv_d, at::Tensor& inv_h) {
   const int64_t M = static_cast<int64_t>(grads_a.size());
   TORCH_CHECK(static_cast<int64_t>(grads_b.size()) == M && inv_d_in.dim() == 3 && inv_d_in.size(0) >= M &&
                   inv_h_in.sizes() == inv_d_in.sizes(),
               "precondition_: one lora_A and one lora_B grad per module and [M, R, R] inverses");
   TORCH_CHECK(inv_d_in.scalar_type() == at::kFloat || inv_d_in.scalar_type() == at::kDouble,
               "precondition_: inverses must be float32 or float64");
-  const at::Tensor inv_d = inv_d_in.contiguous(), inv_h = inv_h_in.to(inv_d.scalar_type()).contiguous();
+  inv_d = inv_d_in.contiguous();
+  inv_h = inv_h_in.to(inv_d.scalar_type()).contiguous();
   const int64_t R = inv_d.size(1);
   constexpr int64_t kTarget = 1 << 15;  // elements per chunk
   std::vector<Chunk> chunks;
@@ -968,22 +971,37 @@ at::Tensor precondition_cpu(at::TensorList grads_a, at::TensorList grads_b, cons
       for (int64_t b = 0; b < len; b += step) chunks.push_back({i, left, b, std::min(len, b + step)});
     }
   }
+  return chunks;
+}
+
+// Per-thread scratch of run_chunk_any.
+struct ChunkScratch {
+  std::vector<float> pf, tf;
+  std::vector<double> pd, td;
+};
+
+void run_chunk_any(const at::Tensor& g, const at::Tensor& inv, const Chunk& c, ChunkScratch& w, bool compute_dot,
+                   double* d) {
+  switch (g.scalar_type()) {
+    case at::kFloat: run_chunk<float, float>(g, inv, c.grad, c, w.pf, w.tf, compute_dot, d); break;
+    case at::kDouble: run_chunk<double, double>(g, inv, c.grad, c, w.pd, w.td, compute_dot, d); break;
+    case at::kBFloat16: run_chunk<c10::BFloat16, float>(g, inv, c.grad, c, w.pf, w.tf, compute_dot, d); break;
+    default: run_chunk<c10::Half, float>(g, inv, c.grad, c, w.pf, w.tf, compute_dot, d); break;
+  }
+}
+
+at::Tensor precondition_cpu(at::TensorList grads_a, at::TensorList grads_b, const at::Tensor& inv_d_in,
+                            const at::Tensor& inv_h_in, bool compute_dot) {
+  at::Tensor inv_d, inv_h;
+  const std::vector<Chunk> chunks = precondition_chunks(grads_a, grads_b, inv_d_in, inv_h_in, inv_d, inv_h);
   const int64_t n = static_cast<int64_t>(chunks.size());
   std::vector<double> dots(n, 0.0);
   at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> pf, tf;
-    std::vector<double> pd, td;
+    ChunkScratch w;
     for (int64_t ci = b; ci < e; ++ci) {
       const Chunk& c = chunks[ci];
-      const at::Tensor& g = c.left ? grads_a[c.grad] : grads_b[c.grad];
-      const at::Tensor& inv = c.left ? inv_d : inv_h;
-      double* d = dots.data() + ci;
-      switch (g.scalar_type()) {
-        case at::kFloat: run_chunk<float, float>(g, inv, c.grad, c, pf, tf, compute_dot, d); break;
-        case at::kDouble: run_chunk<double, double>(g, inv, c.grad, c, pd, td, compute_dot, d); break;
-        case at::kBFloat16: run_chunk<c10::BFloat16, float>(g, inv, c.grad, c, pf, tf, compute_dot, d); break;
-        default: run_chunk<c10::Half, float>(g, inv, c.grad, c, pf, tf, compute_dot, d); break;
-      }
+      run_chunk_any(c.left ? grads_a[c.grad] : grads_b[c.grad], c.left ? inv_d : inv_h, c, w, compute_dot,
+                    dots.data() + ci);
     }
   });
   double total = 0;
@@ -1069,23 +1087,28 @@ void check_2d_list(at::TensorList xs, const char* op) {
 
 // precondition_ followed by grafting: every gradient g_i <- P g_i * |g_i| / max(|P g_i|, FLT_MIN)
 // (GritConfig.graft: GRIT's direction, the raw gradient's norm, per tensor).
-void precondition_grafted_cpu(at::TensorList grads_a, at::TensorList grads_b, const at::Tensor& inv_d,
-                              const at::Tensor& inv_h) {
+void precondition_grafted_cpu(at::TensorList grads_a, at::TensorList grads_b, const at::Tensor& inv_d_in,
+                              const at::Tensor& inv_h_in) {
   check_2d_list(grads_a, "precondition_grafted_");
   check_2d_list(grads_b, "precondition_grafted_");
-  std::vector<at::Tensor> all(grads_a.begin(), grads_a.end());
-  all.insert(all.end(), grads_b.begin(), grads_b.end());
-  const int64_t n = static_cast<int64_t>(all.size());
-  std::vector<double> raw(n);
+  at::Tensor inv_d, inv_h;
+  const std::vector<Chunk> chunks = precondition_chunks(grads_a, grads_b, inv_d_in, inv_h_in, inv_d, inv_h);
+  const int64_t M = static_cast<int64_t>(grads_a.size()), n = 2 * M;
+  std::vector<int64_t> first(n + 1, static_cast<int64_t>(chunks.size()));  // tensor t's chunks: [first[t], first[t+1])
+  for (int64_t ci = static_cast<int64_t>(chunks.size()) - 1; ci >= 0; --ci)
+    first[(chunks[ci].left ? 0 : M) + chunks[ci].grad] = ci;
+  for (int64_t t = n - 1; t >= 0; --t) first[t] = std::min(first[t], first[t + 1]);
+  // one tensor at a time (it stays in cache): raw norm, precondition, new norm, rescale
   at::parallel_for(0, n, 8, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) raw[i] = sum_squares_any(all[i]);
-  });
-  precondition_cpu(grads_a, grads_b, inv_d, inv_h, false);
-  at::parallel_for(0, n, 8, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const float now = static_cast<float>(std::sqrt(sum_squares_any(all[i])));
-      const float ratio = static_cast<float>(std::sqrt(raw[i])) / std::max(now, std::numeric_limits<float>::min());
-      scale_any(all[i], ratio);
+    ChunkScratch w;
+    double unused = 0;
+    for (int64_t t = b; t < e; ++t) {
+      const at::Tensor& g = t < M ? grads_a[t] : grads_b[t - M];
+      const double raw = sum_squares_any(g);
+      for (int64_t ci = first[t]; ci < first[t + 1]; ++ci) run_chunk_any(g, t < M ? inv_d : inv_h, chunks[ci], w, false, &unused);
+      const float now = static_cast<float>(std::sqrt(sum_squares_any(g)));
+      const float ratio = static_cast<float>(std::sqrt(raw)) / std::max(now, std::numeric_limits<float>::min());
+      scale_any(g, ratio);
     }
   });
 }
