@@ -393,26 +393,23 @@ def sketch_test_matrix(d: int, m: int, device=None) -> torch.Tensor:
 def nystrom_eigenpairs(sketch: torch.Tensor, test: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` eigenpairs of the Nystrom approximation ``Y (V^T Y)^+ Y^T`` of a PSD ``C`` from its sketch
     ``Y = C V`` only (``sketch [..., d, m]``, ``test [d, m]`` orthonormal, ``k <= m``), in float64 with a
-    shift ``nu = eps32 * |Y|`` for stability (Tropp et al. 2017) and two ``m x m`` eighs (no ``d x m`` SVD):
-    ``values [..., k]`` (descending, >= 0),
+    shift ``nu = eps32 * |Y|`` for stability (Tropp et al. 2017), a Cholesky of ``V^T Y`` and one ``m x m``
+    eigh (no ``d x m`` SVD): ``values [..., k]`` (descending, >= 0; a pair that is not finite comes back as 0),
     ``vectors [..., d, k]``. With ``m = d`` it is the eigendecomposition of ``C`` (up to the shift)."""
     y, v = sketch.double(), test.double()
     nu = torch.finfo(torch.float32).eps * torch.linalg.matrix_norm(y)[..., None, None]
     y = y + nu * v
-    core_inv_sqrt = _inverse_sqrt(v.T @ y)
-    b = y @ core_inv_sqrt  # C_nys = b b^T; its eigenpairs from the m x m Gram b^T b
-    values, w = torch.linalg.eigh(b.transpose(-1, -2) @ b)
+    core = v.T @ y  # V^T C V + nu I: positive definite for PSD C
+    chol, info = torch.linalg.cholesky_ex(0.5 * (core + core.transpose(-1, -2)))
+    b = torch.linalg.solve_triangular(chol, y.transpose(-1, -2), upper=False).transpose(-1, -2)  # y L^-T
+    # a failed factorisation (non-finite or indefinite sketch) gives no eigenpairs: the factor is then
+    # treated as isotropic (tr C / d) by the caller -- decided on the device, no host sync
+    ok = (info == 0) & torch.isfinite(b).all(dim=-1).all(dim=-1)
+    b = torch.where(ok[..., None, None], b, 0.0)
+    values, w = torch.linalg.eigh(b.transpose(-1, -2) @ b)  # C_nys = b b^T: eigenpairs from the m x m Gram
     values, w = values.flip(-1)[..., :k], w.flip(-1)[..., :k]
     vectors = b @ (w * values.clamp_min(torch.finfo(torch.float64).tiny).rsqrt()[..., None, :])
-    return (values - nu[..., 0]).clamp_min(0.0), vectors
-
-
-def _inverse_sqrt(mat: torch.Tensor) -> torch.Tensor:
-    """``mat^-1/2`` of symmetric PSD ``[..., m, m]`` by eigh, eigenvalues floored at ``1e-12 x`` the largest."""
-    mat = 0.5 * (mat + mat.transpose(-1, -2))
-    values, vectors = torch.linalg.eigh(mat)
-    floor = values.amax(dim=-1, keepdim=True).clamp_min(1e-300) * 1e-12
-    return (vectors * values.clamp_min(floor).rsqrt()[..., None, :]) @ vectors.transpose(-1, -2)
+    return torch.where(ok[..., None], (values - nu[..., 0]).clamp_min(0.0), 0.0), vectors
 
 
 class LowRankKFAC(_LargeFactorKFAC):

@@ -236,3 +236,14 @@ def test_large_factor_options_are_validated():
         gk.GritConfig(fisher="kfac_lowrank", large_factor_rank=0)
     with pytest.raises(ValueError, match="large_factor_sketch must be an integer >= 8"):
         gk.GritConfig(fisher="kfac_lowrank", large_factor_rank=8, large_factor_sketch=4)
+
+
+def test_nystrom_eigenpairs_of_a_broken_sketch_are_empty_not_nan():
+    """A non-finite or indefinite sketch gives zero eigenpairs (the factor is then isotropic), no NaN."""
+    test = sketch_test_matrix(16, 8)
+    sketches = torch.stack([torch.full((16, 8), float("nan")), -test, test @ torch.diag(torch.arange(1.0, 9.0))])
+    values, vectors = nystrom_eigenpairs(sketches, test, 4)
+    assert torch.isfinite(values).all() and torch.isfinite(vectors).all()
+    assert values[0].abs().max() == 0 and vectors[0].abs().max() == 0
+    assert values[1].abs().max() == 0  # indefinite: V^T Y = -I
+    assert (values[2] - torch.tensor([8.0, 7.0, 6.0, 5.0], dtype=torch.float64)).abs().max() < 1e-4
