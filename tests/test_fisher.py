@@ -247,3 +247,22 @@ def test_nystrom_eigenpairs_of_a_broken_sketch_are_empty_not_nan():
     assert values[0].abs().max() == 0 and vectors[0].abs().max() == 0
     assert values[1].abs().max() == 0  # indefinite: V^T Y = -I
     assert (values[2] - torch.tensor([8.0, 7.0, 6.0, 5.0], dtype=torch.float64)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("fisher", ["kfac_full", "kfac_lowrank"])
+def test_large_factor_sums_are_counted_once_under_activation_checkpointing(fisher):
+    sums = {}
+    for checkpointing in (False, True):
+        model = small_llama(num_layers=2, r=4)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model.train()
+        pre = gk.GritPreconditioner(model, gk.GritConfig(fisher=fisher, warmup_steps=0, large_factor_rank=4))
+        ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+        model(input_ids=ids, labels=ids).loss.backward()
+        state = pre._fisher.state_dict()
+        sums[checkpointing] = [state["rows"]] + [t for name in ("input_sum", "input_sketch_sum") for t in state.get(name, [])]
+    assert sums[False][0].sum() > 0
+    for a, b in zip(sums[False], sums[True]):
+        assert (a - b).norm() <= 1e-5 * a.norm()
