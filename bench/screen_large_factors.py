@@ -8,7 +8,8 @@ replaces the rest of the spectrum by its mean (``U diag(s) U^T + s_rest (I - U U
 would store, ``O(d k)`` per factor); ``lowrank-diagonal`` by the diagonal of the rest; ``nystrom`` is
 ``lowrank`` with the eigenpairs from a Nystrom sketch of ``--sketch-size`` test vectors (what
 ``fisher="kfac_lowrank"`` computes). ``--sample-rows F`` (any mode) forms the ``d x d`` sums from every F-th
-carrying row only, scaled by F (an unbiased estimate at 1/F of the Gram cost).
+carrying row only, scaled by F (an unbiased estimate at 1/F of the Gram cost). ``--refresh-every N`` refreshes
+the large factors (of ``kfac_full`` or ``kfac_lowrank``) every N-th step only; ``as-is`` swaps nothing.
 
 An experiment, not a feature: it swaps ``FullKFAC._damped_inverse`` in this process, then runs
 ``bench_convergence.main`` with the remaining arguments (every GRIT variant must use
@@ -129,6 +130,18 @@ def sampled_capture(every: int):
     return capture
 
 
+def _every(refresh, n: int):
+    """``refresh`` run on the 1st, (n+1)th, ... call per object only."""
+
+    def wrapped(self, damping, eps_abs):
+        calls = getattr(self, "_screen_refresh_calls", 0)
+        self._screen_refresh_calls = calls + 1
+        if calls % n == 0:
+            refresh(self, damping, eps_abs)
+
+    return wrapped
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
     parser.add_argument(
@@ -137,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--factor-rank", type=int, default=16, help="eigenpairs kept by --large-factors lowrank")
     parser.add_argument("--sketch-size", type=int, default=32, help="test vectors of --large-factors nystrom")
+    parser.add_argument("--refresh-every", type=int, default=1,
+                        help="refresh the large factors' inverses (kfac_full) / eigenpairs (kfac_lowrank) every N steps "
+                        "only (the rank-space factors still every update_freq)")
     parser.add_argument("--sample-rows", type=int, default=1, help="form the d x d sums from every F-th row")
     args, rest = parser.parse_known_args(argv)
     from grit_kernels import fisher
@@ -148,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         swap = lowrank_diagonal_inverse(args.factor_rank)
     if args.large_factors == "nystrom":
         swap = nystrom_inverse(args.factor_rank, args.sketch_size)
+    if args.refresh_every > 1:
+        for cls in (fisher.FullKFAC, fisher.LowRankKFAC):
+            cls._refresh = _every(cls._refresh, args.refresh_every)
     if args.sample_rows > 1:
         fisher.FullKFAC._capture = sampled_capture(args.sample_rows)
     if swap is not None:
