@@ -73,7 +73,7 @@ def measure(hidden: int, arms: list[str], steps: int, warmup: int, batch: int, s
             t = step(*runs[arm], ids)
             if i >= warmup:
                 phases[arm].append(t)
-    med = lambda values: 1e3 * statistics.median(values)  # noqa: E731
+    med = lambda values: 1e3 * statistics.median(values)
     base = med([a + b for a, b in phases["adamw"]])
     return {
         arm: {"median_ms": med([a + b for a, b in ts]), "ratio_to_adamw": med([a + b for a, b in ts]) / base,

@@ -145,7 +145,7 @@ def _every(refresh, n: int):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
     parser.add_argument(
-        "--large-factors", choices=("full", "diagonal", "identity", "input-only", "output-only", "lowrank", "lowrank-diagonal", "nystrom"),
+        "--large-factors", choices=("full", "diagonal", "identity", "input-only", "output-only", "lowrank", "lowrank-diagonal", "nystrom", "as-is"),
         required=True,
     )
     parser.add_argument("--factor-rank", type=int, default=16, help="eigenpairs kept by --large-factors lowrank")

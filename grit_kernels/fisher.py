@@ -39,7 +39,6 @@ run continues bit-for-bit.
 from __future__ import annotations
 
 import torch
-
 import torch.distributed as dist
 
 from .bank import BACKWARD, FORWARD

@@ -98,7 +98,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def single_process(fisher="kfac"):
     """One process on the concatenated batch: the answer DDP must reproduce."""
     model, pre, opt = make_model_and_optimizer(fisher)

@@ -194,7 +194,7 @@ def test_kfac_lowrank_step_matches_the_reference(fresh_seed):
 def test_kfac_lowrank_with_a_full_sketch_equals_kfac_full(fresh_seed):
     """``m = d`` and ``k = d - 1`` (both cut from larger requests): the sketch is exact and nothing is dropped."""
     grads = {}
-    for fisher, extra in (("kfac_full", {}), ("kfac_lowrank", dict(large_factor_rank=64, large_factor_sketch=64))):
+    for fisher, extra in (("kfac_full", {}), ("kfac_lowrank", {"large_factor_rank": 64, "large_factor_sketch": 64})):
         model = one_layer_lora(fresh_seed)
         pre = gk.GritPreconditioner(model, config(fisher, damping=1e-2, eps_abs=1e-8, **extra))
         gen = torch.Generator().manual_seed(fresh_seed)
