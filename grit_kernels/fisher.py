@@ -197,7 +197,7 @@ class _LargeFactorKFAC:
     # ------------------------------------------------------------------ the step
     def step(self, lr=None, loss_scale=None) -> None:
         pre, cfg = self.pre, self.pre.config
-        if bool(self.rows.sum() == 0) and bool(pre.bank.rows.sum() > 0):
+        if bool((self.rows.sum() == 0) & (pre.bank.rows.sum() > 0)):  # one host read per step
             raise RuntimeError(
                 f"fisher={cfg.fisher!r}: the rank-space statistics were captured this step but the large factors "
                 "were not: they are captured by hooks on PEFT's lora_A / lora_B modules, which grit_kernels.fuse "
@@ -237,18 +237,19 @@ class _LargeFactorKFAC:
                 t.mul_(1.0 / (w * w))
 
     def _fold(self, decay: float, loss_scale) -> None:
+        """EMA of this step's sums per module (``C <- decay C + (1 - decay) C_step``; the first step with rows
+        copies), skipped on the device for a module without rows or with a non-finite sum; the sums are then
+        zeroed. No host sync once initialised (a per-module Python loop: a reference implementation)."""
         scale2 = 1.0 if loss_scale is None else torch.as_tensor(loss_scale, dtype=torch.float32) ** 2
+        keep = decay if self.initialized else 0.0
         for i in range(len(self.rows)):
             rows = self.rows[i]
-            if bool(rows > 0):
-                pairs = [(getattr(self, e)[i], getattr(self, s)[i] / rows) for e, s in self._INPUT_FOLDS]
-                pairs += [(getattr(self, e)[i], getattr(self, s)[i] * rows / scale2) for e, s in self._OUTPUT_FOLDS]
-                if all(bool(torch.isfinite(step).all()) for _, step in pairs):
-                    for ema, step in pairs:
-                        if self.initialized:
-                            ema.mul_(decay).add_(step, alpha=1.0 - decay)
-                        else:
-                            ema.copy_(step)
+            pairs = [(getattr(self, e)[i], getattr(self, s)[i] / rows.clamp_min(1.0)) for e, s in self._INPUT_FOLDS]
+            pairs += [(getattr(self, e)[i], getattr(self, s)[i] * rows / scale2) for e, s in self._OUTPUT_FOLDS]
+            # a sum is finite iff every entry is (an overflow counts as non-finite): one reduction per tensor
+            ok = (rows > 0) & torch.isfinite(torch.stack([step.sum() for _, step in pairs])).all()
+            for ema, step in pairs:
+                ema.copy_(torch.where(ok, keep * ema + (1.0 - keep) * step, ema))
             for _, name in self._INPUT_FOLDS + self._OUTPUT_FOLDS:
                 getattr(self, name)[i].zero_()
         self.initialized = self.initialized or bool(self.rows.sum() > 0)
@@ -403,7 +404,7 @@ def nystrom_eigenpairs(sketch: torch.Tensor, test: torch.Tensor, k: int) -> tupl
     b = torch.linalg.solve_triangular(chol, y.transpose(-1, -2), upper=False).transpose(-1, -2)  # y L^-T
     # a failed factorisation (non-finite or indefinite sketch) gives no eigenpairs: the factor is then
     # treated as isotropic (tr C / d) by the caller -- decided on the device, no host sync
-    ok = (info == 0) & torch.isfinite(b).all(dim=-1).all(dim=-1)
+    ok = (info == 0) & torch.isfinite(b.sum(dim=(-2, -1)))
     b = torch.where(ok[..., None, None], b, 0.0)
     values, w = torch.linalg.eigh(b.transpose(-1, -2) @ b)  # C_nys = b b^T: eigenpairs from the m x m Gram
     values, w = values.flip(-1)[..., :k], w.flip(-1)[..., :k]

@@ -266,3 +266,18 @@ def test_large_factor_sums_are_counted_once_under_activation_checkpointing(fishe
     assert sums[False][0].sum() > 0
     for a, b in zip(sums[False], sums[True]):
         assert (a - b).norm() <= 1e-5 * a.norm()
+
+
+def test_kfac_lowrank_skips_a_module_with_non_finite_sums_and_keeps_the_rest():
+    model = small_llama(num_layers=1, r=4)
+    pre = gk.GritPreconditioner(model, gk.GritConfig(fisher="kfac_lowrank", warmup_steps=0, large_factor_rank=4))
+    ids = torch.randint(0, 512, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    low = pre._fisher
+    low.output_sketch_sum[0][0, 0] = float("nan")
+    pre.step()
+    assert low.initialized
+    assert low.input_sketch[0].abs().max() == 0 and low.output_trace[0] == 0  # module 0: nothing folded
+    assert all(s.abs().max() > 0 for s in low.input_sketch[1:]) and all(t > 0 for t in low.output_trace[1:])
+    assert all(torch.isfinite(t).all() for name in low._STATE_LISTS for t in getattr(low, name))
+    assert all(torch.isfinite(p.grad).all() for p in pre.parameters())
