@@ -136,7 +136,14 @@ def test_damped_cholesky_inverse_blocks_of_16_equal_one_by_one(fresh_seed):
     inv, status = ops.damped_cholesky_inverse(mats, 1e-3, 1e-6, ranks, previous, valid, 100.0, backend="cpp")
     for i in range(n):
         one_inv, one_status = ops.damped_cholesky_inverse(
-            mats[i : i + 1], 1e-3, 1e-6, ranks[i : i + 1], previous[i : i + 1], valid[i : i + 1], 100.0, backend="cpp"
+            mats[i : i + 1],
+            1e-3,
+            1e-6,
+            ranks[i : i + 1],
+            previous[i : i + 1],
+            valid[i : i + 1],
+            100.0,
+            backend="cpp",
         )
         assert torch.equal(inv[i], one_inv[0]) and status[i] == one_status[0], i
     exp_inv, exp_status = ref.damped_cholesky_inverse(
