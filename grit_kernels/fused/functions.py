@@ -24,8 +24,8 @@ pass when the backward ends (only for modules a :class:`~grit_kernels.GritPrecon
 :class:`FusedQKV` is the q/k/v group returning ``q, k, v [..., H, D]`` (views of its output) with
 the rotary position embedding of q and k applied inside (one ``mul`` + two ``addcmul_`` for q and k
 together; the backward applies the inverse rotation straight into the group's gradient buffer).
-:class:`FusedSwiGLU` chains the gate/up group, ``a = silu(gate) * up`` and the down group; it saves
-the gate/up output (needed by SiLU's gradient anyway) and recomputes ``a`` in backward.
+:class:`FusedSwiGLU` chains the gate/up group, ``a = act(gate) * up`` (SiLU, or GELU for GeGLU) and the down
+group; it saves the gate/up output (needed by the activation's gradient anyway) and recomputes ``a`` in backward.
 Weights are never saved for backward: :class:`~grit_kernels.fused.weights.BlockWeights` provides
 them again (one dequantisation per block for 4-bit).
 """
@@ -365,8 +365,8 @@ class FusedSwiGLU(torch.autograd.Function):
         s_gu, s_d = ctx.scales
         gate, up = y_gu.chunk(2, dim=1)
         gelu = _GELU_APPROXIMATE.get(gate_up.activation)  # None: SiLU
-        silu = F.silu(gate) if gelu is None else F.gelu(gate, approximate=gelu)  # the activation's value
-        act = silu * up  # recomputed, not stored
+        activated = F.silu(gate) if gelu is None else F.gelu(gate, approximate=gelu)
+        act = activated * up  # recomputed, not stored
         g_act, grads_d = _group_backward(down, g, act, h_d, a_d, b_d, s_d, lora[4:], True, needs[10:12])
         if torch.compiler.is_compiling():  # dynamo rejects out= into strided views; the compiler fuses anyway
             g_gate = (
@@ -374,11 +374,11 @@ class FusedSwiGLU(torch.autograd.Function):
                 if gelu is None
                 else torch.ops.aten.gelu_backward(g_act * up, gate, approximate=gelu)
             )
-            g_gate_up = torch.cat([g_gate, g_act * silu], dim=1)
+            g_gate_up = torch.cat([g_gate, g_act * activated], dim=1)
         else:  # eager: both halves written in place, no concatenation copy
             g_gate_up = torch.empty_like(y_gu)
             g_gate, g_up = g_gate_up.chunk(2, dim=1)
-            torch.mul(g_act, silu, out=g_up)
+            torch.mul(g_act, activated, out=g_up)
             if gelu is not None:  # GeGLU: d gelu(gate) / d gate
                 torch.ops.aten.gelu_backward.grad_input(
                     g_act.mul_(up), gate, approximate=gelu, grad_input=g_gate
