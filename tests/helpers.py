@@ -93,3 +93,23 @@ def lora_pairs(model):
         if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
             out.append((module.lora_A["default"].weight, module.lora_B["default"].weight, module.scaling["default"]))
     return out
+
+
+def gemma_config(arch: str, num_layers: int = 2, **overrides):
+    from transformers import Gemma2Config, GemmaConfig
+
+    if arch == "gemma":
+        return GemmaConfig(**{**TINY_GEMMA, "num_hidden_layers": num_layers, **overrides})
+    return Gemma2Config(**{**TINY_GEMMA2, "num_hidden_layers": num_layers, **overrides})
+
+
+def gemma_model(arch="gemma", num_layers=2, seed=0, config_overrides=None, **kwargs):
+    """Tiny Gemma/Gemma2 with LoRA on all 7 projections, random B, and random RMSNorm weights (Gemma
+    initialises them to 0, i.e. scale 1 + 0: a norm that ignored the ``1 +`` would pass unnoticed)."""
+    kwargs.setdefault("init_lora_weights", False)
+    model = build_lora_model(gemma_config(arch, num_layers, **(config_overrides or {})), seed=seed, **kwargs)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model

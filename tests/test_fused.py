@@ -1,10 +1,12 @@
-"""gk.fuse: block-level fused LoRA agrees with PEFT (forward, loss, every LoRA gradient, GRIT factors)."""
+"""gk.fuse: block-level fused LoRA agrees with PEFT (forward, loss, every LoRA gradient, GRIT factors), for the
+Llama family and Gemma/Gemma2 (whose Functions are tested in test_fused_gemma.py)."""
 
 import pytest
 import torch
-from helpers import small_llama
+from helpers import gemma_model, small_llama
 
 import grit_kernels as gk
+from grit_kernels.fused import patch
 from grit_kernels.models import build_lora_model, tiny_llama_config
 
 FP32_RTOL = 1e-5  # fused vs PEFT, fp32: same math, different summation order
@@ -38,6 +40,8 @@ def tiny_config(arch: str, num_layers: int = 2):
 
 
 def lora_model(arch="llama", num_layers=2, seed=0, **kwargs):
+    if arch.startswith("gemma"):  # random norm weights as well (helpers.gemma_model)
+        return gemma_model(arch, num_layers, seed, **kwargs)
     kwargs.setdefault("init_lora_weights", False)  # random B: every LoRA gradient is nonzero
     return build_lora_model(tiny_config(arch, num_layers), seed=seed, **kwargs)
 
@@ -75,8 +79,9 @@ def enable_checkpointing(model, mode):
         model.enable_input_require_grads()
 
 
-CASES = [(a, c) for a in ("llama", "mistral", "qwen2") for c in (None, "non-reentrant")] + [
-    ("llama", "reentrant")
+CASES = [(a, c) for a in ("llama", "mistral", "qwen2", "gemma", "gemma2") for c in (None, "non-reentrant")] + [
+    ("llama", "reentrant"),
+    ("gemma2", "reentrant"),
 ]
 
 
@@ -90,7 +95,15 @@ def test_fused_matches_peft(arch, quantize_4bit, checkpointing):
     logits, loss, grads = run(model, inputs)
     report = gk.fuse(model)
     assert report.summary == "fused 2/2 blocks (14 LoRA modules)"
-    f_logits, f_loss, f_grads = run(model, inputs)
+    assert report.base_stack_blocks == 2
+    calls = []
+    original = patch._fused_decoder_body
+    try:  # the fused decoder forward runs (recomputed in backward when checkpointing)
+        patch._fused_decoder_body = lambda *a, **k: calls.append(1) or original(*a, **k)
+        f_logits, f_loss, f_grads = run(model, inputs)
+    finally:
+        patch._fused_decoder_body = original
+    assert len(calls) == (2 if checkpointing is None else 4)
     assert rel(f_loss, loss) < FP32_RTOL
     assert rel(f_logits, logits) < FP32_RTOL
     assert f_grads.keys() == grads.keys() and len(grads) == 28

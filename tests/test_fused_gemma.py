@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import TINY_GEMMA, TINY_GEMMA2
+from helpers import TINY_GEMMA2, gemma_model
 from test_fused import (
     BF16_RTOL,
     FP32_RTOL,
@@ -26,26 +26,6 @@ from grit_kernels.fused import base_stack, patch
 from grit_kernels.models import build_lora_model
 
 ARCHS = ["gemma", "gemma2"]
-
-
-def gemma_config(arch: str, num_layers: int = 2, **overrides):
-    from transformers import Gemma2Config, GemmaConfig
-
-    if arch == "gemma":
-        return GemmaConfig(**{**TINY_GEMMA, "num_hidden_layers": num_layers, **overrides})
-    return Gemma2Config(**{**TINY_GEMMA2, "num_hidden_layers": num_layers, **overrides})
-
-
-def gemma_model(arch="gemma", num_layers=2, seed=0, config_overrides=None, **kwargs):
-    """Tiny Gemma/Gemma2 with LoRA on all 7 projections, random B, and random RMSNorm weights (Gemma
-    initialises them to 0, i.e. scale 1 + 0: a norm that ignored the ``1 +`` would pass unnoticed)."""
-    kwargs.setdefault("init_lora_weights", False)
-    model = build_lora_model(gemma_config(arch, num_layers, **(config_overrides or {})), seed=seed, **kwargs)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.3 * torch.randn_like(p))
-    return model
 
 
 def blocks(model):
@@ -219,36 +199,6 @@ def test_packed_segments_takes_additive_masks_of_zero_and_minimum_only():
 
 
 # ----------------------------------------------------------------------------- whole models vs PEFT
-CASES = [(a, c) for a in ARCHS for c in (None, "non-reentrant")] + [("gemma2", "reentrant")]
-
-
-@pytest.mark.parametrize("quantize_4bit", [False, True], ids=["plain", "nf4"])
-@pytest.mark.parametrize(("arch", "checkpointing"), CASES)
-def test_fused_gemma_matches_peft(arch, quantize_4bit, checkpointing):
-    model = gemma_model(arch, quantize_4bit=quantize_4bit)
-    model.train()
-    enable_checkpointing(model, checkpointing)
-    inputs = batch()
-    logits, loss, grads = run(model, inputs)
-    report = gk.fuse(model)
-    assert report.summary == "fused 2/2 blocks (14 LoRA modules)"
-    assert report.base_stack_blocks == 2
-    calls = []
-    original = patch._fused_decoder_body
-    try:  # the fused decoder forward runs (recomputed in backward when checkpointing)
-        patch._fused_decoder_body = lambda *a, **k: calls.append(1) or original(*a, **k)
-        f_logits, f_loss, f_grads = run(model, inputs)
-    finally:
-        patch._fused_decoder_body = original
-    assert len(calls) == (2 if checkpointing is None else 4)
-    assert rel(f_loss, loss) < FP32_RTOL
-    assert rel(f_logits, logits) < FP32_RTOL
-    assert f_grads.keys() == grads.keys() and len(grads) == 28
-    for name, g in grads.items():
-        assert g.abs().sum() > 0, name
-        assert rel(f_grads[name], g) < FP32_RTOL, name
-
-
 #: (arch, attention implementation) -> packed-row attention calls per forward (SDPA, eager): per sequence
 #: in every layer, except Gemma2's sliding layer 0 (window 8 < the 12-token sequence: its mask is not
 #: block-causal, so HF's masked eager attention runs there)
