@@ -281,3 +281,33 @@ def test_kfac_lowrank_skips_a_module_with_non_finite_sums_and_keeps_the_rest():
     assert all(s.abs().max() > 0 for s in low.input_sketch[1:]) and all(t > 0 for t in low.output_trace[1:])
     assert all(torch.isfinite(t).all() for name in low._STATE_LISTS for t in getattr(low, name))
     assert all(torch.isfinite(p.grad).all() for p in pre.parameters())
+
+
+def lowrank_state_after_one_step(micro_batches, loss_scale=1.0):
+    """Large-factor EMAs (first step: the step's factors) and preconditioned grads after one step over
+    ``micro_batches`` (mean loss each, divided by their count, as gradient accumulation does)."""
+    model = small_llama(num_layers=2, seed=3)
+    pre = gk.GritPreconditioner(model, lowrank_config(large_factor_rank=4))
+    for ids in micro_batches:
+        (model(input_ids=ids, labels=ids).loss / len(micro_batches) * loss_scale).backward()
+    for p in pre.parameters():  # what GradScaler.unscale_ does before optimizer.step
+        p.grad.div_(loss_scale)
+    pre.step(loss_scale=loss_scale if loss_scale != 1.0 else None)
+    state = pre._fisher.state_dict()
+    factors = [t for name in ("input_sketch", "output_sketch", "input_trace", "output_trace") for t in state[name]]
+    return factors, [p.grad.clone() for p in pre.parameters()]
+
+
+@pytest.mark.parametrize("case", ["accumulation_split", "batch_duplication", "loss_scale"])
+def test_kfac_lowrank_factors_invariant_to_bookkeeping(case):
+    ids = torch.randint(0, 512, (8, 24), generator=torch.Generator().manual_seed(11))
+    ref = lowrank_state_after_one_step([ids])
+    got = {
+        "accumulation_split": lambda: lowrank_state_after_one_step(list(ids.split(2))),
+        "batch_duplication": lambda: lowrank_state_after_one_step([torch.cat([ids, ids])]),
+        "loss_scale": lambda: lowrank_state_after_one_step([ids], loss_scale=2.0**14),
+    }[case]()
+    for a, b in zip(got[0], ref[0]):
+        assert (a - b).norm() <= 1e-5 * b.norm() + 1e-30
+    for a, b in zip(got[1], ref[1]):
+        assert (a - b).norm() <= 1e-4 * b.norm()
