@@ -210,6 +210,19 @@ def test_trainer_trains_with_diagonal_fisher(tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in losses(trainer).values()) and len(losses(trainer)) == 3
 
 
+def test_trainer_trains_with_low_rank_kfac(tmp_path):
+    """fisher="kfac_lowrank" through GritTrainer (packing on by default): sketches fill, adapters move."""
+    model = small_model()
+    before = lora_params(model)
+    args = make_args(tmp_path, grit_fisher="kfac_lowrank", grit_large_factor_rank=4, grit_warmup_steps=0)
+    trainer = run(model, args, make_features(6))
+    pre = trainer.grit_preconditioner
+    assert pre.config.fisher == "kfac_lowrank" and pre.step_count == 3
+    low = pre._fisher
+    assert all(t > 0 for t in low.input_trace) and all(v.abs().max() > 0 for v in low.input_vectors)
+    after = lora_params(model)
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert any(not torch.equal(before[n], after[n]) for n in before if "lora_A" in n)
 
 def test_trainer_rank_schedule_arguments_cut_ranks(tmp_path):
     schedule = dict(grit_reprojection="one_sided", grit_reprojection_freq=2, grit_reprojection_start=2,
