@@ -121,9 +121,9 @@ def test_rotate_writes_every_element_and_unrotate_is_its_transpose_and_inverse()
     assert rel(base_stack.unrotate_(again, out, c, s), q) < FP32_RTOL
 
 
-def test_fused_swiglu_matches_hf_mlp_and_float64():
-    model = lora_model("llama", num_layers=1, seed=4)
-    mlp = model.base_model.model.model.layers[0].mlp
+def check_fused_mlp(model, mlp, reference_mlp):
+    """``mlp``'s output and its input and LoRA gradients after ``gk.fuse(model)`` equal HF + PEFT's before it
+    and ``reference_mlp(x, gate, up, down)`` (grit_kernels.reference, float64) to FP32_RTOL; none is zero."""
     x = torch.randn(2, 6, 64)
     g = torch.randn(2, 6, 64)
     params = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
@@ -133,15 +133,8 @@ def test_fused_swiglu_matches_hf_mlp_and_float64():
         model.zero_grad(set_to_none=True)
         y = mlp(xl)
         y.backward(g)
-        return (
-            y.detach(),
-            xl.grad,
-            [
-                p.grad.clone()
-                for m in params
-                for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)
-            ],
-        )
+        lora = [p.grad.clone() for m in params for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
+        return y.detach(), xl.grad, lora
 
     y_hf, gx_hf, lora_hf = grads_of()
     gk.fuse(model)
@@ -153,7 +146,7 @@ def test_fused_swiglu_matches_hf_mlp_and_float64():
             (m.base_layer.weight.double(), ab[2 * i], ab[2 * i + 1], m.scaling["default"])
             for i, m in enumerate(params)
         ]
-        return reference.swiglu_mlp(x, *projs)
+        return reference_mlp(x, *projs)
 
     ab = [t.double() for m in params for t in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
     y64, (gx64, *lora64) = autograd_of(ref_fn, [x.double(), *ab], g.double())
@@ -161,6 +154,11 @@ def test_fused_swiglu_matches_hf_mlp_and_float64():
         assert ours.abs().sum() > 0
         assert rel(ours, hf) < FP32_RTOL
         assert rel(ours, ref) < FP32_RTOL
+
+
+def test_fused_swiglu_matches_hf_mlp_and_float64():
+    model = lora_model("llama", num_layers=1, seed=4)
+    check_fused_mlp(model, model.base_model.model.model.layers[0].mlp, reference.swiglu_mlp)
 
 
 def packed_positions(lengths_per_row):

@@ -3,6 +3,7 @@ modules and the float64 oracles in grit_kernels.reference; whole fused decoder b
 norms, soft-capped sliding-window attention kept as HF's code) against PEFT, plain and NF4, with and
 without checkpointing, padded and packed; GRIT's factors with and without fuse; the report; unfuse."""
 
+import functools
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +19,14 @@ from test_fused import (
     rel,
     run,
 )
-from test_fused_base_stack import autograd_of, block_causal_mask, packed_batch, packed_positions, padded_batch
+from test_fused_base_stack import (
+    autograd_of,
+    block_causal_mask,
+    check_fused_mlp,
+    packed_batch,
+    packed_positions,
+    padded_batch,
+)
 
 import grit_kernels as gk
 from grit_kernels import reference
@@ -93,38 +101,8 @@ def test_fused_geglu_matches_hf_mlp_and_float64(act, kind):
     if act != "hf":
         mlp.act_fn = act
     assert patch._activation(mlp.act_fn) == kind
-    x = torch.randn(2, 6, 64)
-    g = torch.randn(2, 6, 64)
-    params = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-
-    def grads_of():
-        xl = x.clone().requires_grad_()
-        model.zero_grad(set_to_none=True)
-        y = mlp(xl)
-        y.backward(g)
-        lora = [
-            p.grad.clone() for m in params for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)
-        ]
-        return y.detach(), xl.grad, lora
-
-    y_hf, gx_hf, lora_hf = grads_of()
-    gk.fuse(model)
-    assert "_grit_fused" in mlp.__dict__
-    y, gx, lora = grads_of()
-
-    def ref_fn(x, *ab):
-        projs = [
-            (m.base_layer.weight.double(), ab[2 * i], ab[2 * i + 1], m.scaling["default"])
-            for i, m in enumerate(params)
-        ]
-        return reference.geglu_mlp(x, *projs, approximate="tanh" if kind == "gelu_tanh" else "none")
-
-    ab = [t.double() for m in params for t in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
-    y64, (gx64, *lora64) = autograd_of(ref_fn, [x.double(), *ab], g.double())
-    for ours, hf, ref in ((y, y_hf, y64), (gx, gx_hf, gx64), *zip(lora, lora_hf, lora64)):
-        assert ours.abs().sum() > 0
-        assert rel(ours, hf) < FP32_RTOL
-        assert rel(ours, ref) < FP32_RTOL
+    approximate = "tanh" if kind == "gelu_tanh" else "none"
+    check_fused_mlp(model, mlp, functools.partial(reference.geglu_mlp, approximate=approximate))
 
 
 def test_activations_that_are_not_computed_exactly_keep_peft_path():
