@@ -113,8 +113,9 @@ def test_fused_matches_peft(arch, quantize_4bit, checkpointing):
     gk.unfuse(model)
 
 
-def test_fused_bf16_base_within_bounds():
-    model = lora_model("llama", dtype=torch.bfloat16)
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_fused_bf16_base_within_bounds(arch):
+    model = lora_model(arch, dtype=torch.bfloat16)
     inputs = batch()
     logits, loss, grads = run(model, inputs)
     gk.fuse(model)
