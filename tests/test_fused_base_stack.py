@@ -314,7 +314,7 @@ def test_hooks_on_attention_take_the_part_level_path():
     assert lora_params(model)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "gemma2"])
 def test_trainable_norm_weights_get_peft_gradients(arch):
     """RMSNorm weights trained alongside the adapters (e.g. modules_to_save): the norms inside the
     fused Functions give them the same gradients as HF's modules."""
@@ -330,7 +330,7 @@ def test_trainable_norm_weights_get_peft_gradients(arch):
     ref = {n: p.grad.clone() for n, p in norms.items()}
     gk.fuse(model)
     run(model, batch)
-    assert len(ref) == (9 if arch == "qwen3" else 5)
+    assert len(ref) == (9 if arch in ("qwen3", "gemma2") else 5)  # + q/k norms (Qwen3), sandwich norms (Gemma2)
     for name, p in norms.items():
         assert ref[name].abs().sum() > 0, name
         assert rel(p.grad, ref[name]) < FP32_RTOL, name
