@@ -479,13 +479,17 @@ class LowRankKFAC(_LargeFactorKFAC):
                 setattr(self, f"{side}_{field}", [getattr(g, field)[j] for g, j in where])
         state = sum(t.numel() for name in self._STATE_LISTS for t in getattr(self, name))
         self.memory_bytes = 4 * (state + sum(t.numel() for t in self.tests.values()))
+        self._last_input = None  # (key, x, x V) of the last input sketched: layers that share x reuse x V
         self._register_hooks()
 
     def _accumulate(self, index: int, x: torch.Tensor, grad: torch.Tensor, carries: torch.Tensor, weight: float) -> None:
         """``sum x (x^T V)`` over carrying rows (the mask on the ``[N, m]`` product), ``sum |x|^2``; the same
         for ``g`` (``weight`` folds in ``1 / scaling^2``). ``O(N d m)``, in place into the group's stacked sums."""
         group, j = self._input_where[index]
-        group.sketch_sum[j].addmm_(x.T, (x @ group.test) * carries[:, None])
+        key = (x.data_ptr(), x.shape, x.stride(), x.dtype)
+        if self._last_input is None or self._last_input[0] != key:  # q/k/v, gate/up: one x V for their shared x
+            self._last_input = (key, x, x @ group.test)  # (holding x keeps its address from being reused)
+        group.sketch_sum[j].addmm_(x.T, self._last_input[2] * carries[:, None])
         group.trace_sum[j].add_(torch.dot(torch.linalg.vector_norm(x, dim=1).square(), carries))
         group, j = self._output_where[index]
         group.sketch_sum[j].addmm_(grad.T, grad @ group.test, alpha=weight)
@@ -508,6 +512,7 @@ class LowRankKFAC(_LargeFactorKFAC):
                 bad.index_add_(0, g.index, (~torch.isfinite(sketch.sum(dim=(1, 2)) + trace)).float())
                 steps.append((g, sketch, trace))
         ok = (self.rows > 0) & (bad == 0)
+        self._last_input = None
         for g, sketch, trace in steps:
             take = ok[g.index]
             g.sketch.copy_(torch.where(take[:, None, None], keep * g.sketch + (1.0 - keep) * sketch, g.sketch))
