@@ -192,6 +192,55 @@ def test_kfac_lowrank_step_matches_the_reference(fresh_seed):
         model.zero_grad(set_to_none=True)
 
 
+def test_kfac_lowrank_batched_over_widths_matches_the_per_module_reference(fresh_seed):
+    """A 2-layer Llama (14 modules of three input and three output widths, q/k/v and gate/up sharing their
+    input): every module's preconditioned grads equal the float64 reference built from its own ``x`` and ``g``
+    (caught by the test's own hooks), so the batched fold/refresh/precondition pick each module's state."""
+    damping, eps_abs, k = 1e-2, 1e-8, 4
+    model = small_llama(num_layers=2, seed=fresh_seed % 1000)
+    pre = gk.GritPreconditioner(model, config("kfac_lowrank", damping=damping, eps_abs=eps_abs, large_factor_rank=k))
+    caught, handles = {}, []
+
+    def catch_x(index):
+        def hook(module, args, out):
+            caught[("x", index)] = args[0].detach().double()
+        return hook
+
+    def catch_g(index, scaling):
+        def hook(module, args, out):
+            out.register_hook(lambda g: caught.__setitem__(("g", index), g.double() / scaling))
+        return hook
+
+    for m in pre.modules:
+        handles.append(m.layer.lora_A["default"].register_forward_hook(catch_x(m.index)))
+        handles.append(m.layer.lora_B["default"].register_forward_hook(catch_g(m.index, m.layer.scaling["default"])))
+    ids = torch.randint(0, 512, (3, 10), generator=torch.Generator().manual_seed(fresh_seed))
+    model(input_ids=ids, labels=ids).loss.backward()
+    raw = [(m.lora_A.grad.double().clone(), m.lora_B.grad.double().clone()) for m in pre.modules]
+    pre.step()
+    inverse = pre.bank.inverse.double()
+    widths = {(d, m) for shapes in (pre._fisher._input_shapes, pre._fisher._output_shapes) for d, m, _ in shapes}
+    assert len({d for d, _ in widths}) >= 2
+    for m, (grad_a, grad_b) in zip(pre.modules, raw):
+        x, g = caught[("x", m.index)].reshape(-1, m.lora_A.shape[1]), caught[("g", m.index)].reshape(-1, m.lora_B.shape[0])
+        carries = g.norm(dim=1) > 1e-6 * g.norm(dim=1).max()
+        rows = carries.sum()
+        factors = [x[carries].T @ x[carries] / rows, rows * g.T @ g]
+        large = []
+        for c in factors:
+            d = c.shape[0]
+            test = sketch_test_matrix(d, min(2 * k, d)).double()
+            approx = reference.nystrom_approximation(c, test)
+            large.append(reference.low_rank_damped_inverse(approx, torch.trace(c), min(k, d - 1), damping, eps_abs))
+        r = m.lora_A.shape[0]
+        ref_a = inverse[1, m.index, :r, :r] @ grad_a @ large[0]
+        ref_b = large[1] @ grad_b @ inverse[0, m.index, :r, :r]
+        for out, ref in ((m.lora_A.grad, ref_a), (m.lora_B.grad, ref_b)):
+            assert (out.double() - ref).norm() / ref.norm() < 1e-4, m.index
+    for h in handles:
+        h.remove()
+
+
 def test_kfac_lowrank_with_a_full_sketch_equals_kfac_full(fresh_seed):
     """``m = d`` and ``k = d - 1`` (both cut from larger requests): the sketch is exact and nothing is dropped."""
     grads = {}
