@@ -29,7 +29,8 @@ runs only when ``step(lr=...)`` is called directly:
   ``k = large_factor_rank``, ``m = large_factor_sketch`` (both cut to ``d - 1`` and ``d``); with
   ``m = d`` the sketch is exact and ``k = d - 1`` gives :class:`FullKFAC`'s step. Same damping, clip,
   hooks (PEFT's ``lora_A``/``lora_B`` modules: not under :func:`grit_kernels.fuse`) and DDP reduction as
-  :class:`FullKFAC`; per-module loops in capture and preconditioning (refresh batched by shape).
+  :class:`FullKFAC`; one hook call per module in capture, the fold, refresh and preconditioning batched over
+  the modules of one width.
 
 Every option's state (the diagonal moments; the ``d x d`` or sketched sums, factors and inverses) is part of
 ``GritPreconditioner.state_dict()`` under ``"fisher_state"``, with the kind under ``"fisher"``: a resumed
@@ -136,7 +137,8 @@ class _LargeFactorKFAC:
     sums (``_accumulate``), how its state folds (``_INPUT_FOLDS``/``_OUTPUT_FOLDS``: ``(ema, sum)`` attribute
     pairs, lists in bank order; input sums are divided by the rows, output sums multiplied by
     ``rows / loss_scale^2`` as the bank does for ``D``), how it refreshes (``_refresh``) and how it applies
-    the large factors' inverses (``_input_side``, ``_output_side``)."""
+    the large factors' inverses (``_input_side``, ``_output_side`` in the per-module ``_precondition``; a
+    subclass may replace ``_fold`` and ``_precondition`` by batched ones, as :class:`LowRankKFAC` does)."""
 
     _INPUT_FOLDS: tuple[tuple[str, str], ...] = ()
     _OUTPUT_FOLDS: tuple[tuple[str, str], ...] = ()
@@ -532,14 +534,6 @@ class LowRankKFAC(_LargeFactorKFAC):
             g.vectors.copy_(top)
             g.gain.copy_(1.0 / (values + lam) - 1.0 / (rest + lam))
             g.rest.copy_(1.0 / (rest[:, 0] + lam[:, 0]))
-
-    def _input_side(self, index: int, t: torch.Tensor) -> torch.Tensor:
-        g, j = self._input_where[index]
-        return _apply_input_side(t, g.vectors[j], g.gain[j], g.rest[j])
-
-    def _output_side(self, index: int, t: torch.Tensor) -> torch.Tensor:
-        g, j = self._output_where[index]
-        return _apply_output_side(t, g.vectors[j], g.gain[j], g.rest[j])
 
     def _precondition(self, lr) -> None:
         """:meth:`_LargeFactorKFAC._precondition`, batched: ``grad_A`` per (input width, rank), ``grad_B`` per
