@@ -548,7 +548,30 @@ def verdict(summary: dict, grit_arm: str = "grit_adamw") -> dict:
         out[key] = {"grit": pick(g), "best_baseline": best_base, "baseline": pick(summary[best_base]),
                     "grit_minus_baseline": pick(g) - pick(summary[best_base])}
     out["grit_wins"] = all(v["grit_minus_baseline"] < 0 for k, v in out.items() if isinstance(v, dict))
+    out["break_even"] = break_even(summary, grit_arm, baselines)
     return out
+
+
+def _steps_to_reach(steps: list[int], losses: list[float], target: float) -> float:
+    """The first step at which a (mean) loss curve reaches ``target``, linear between evaluations (inf if never)."""
+    for s0, l0, s1, l1 in zip(steps, losses, steps[1:], losses[1:]):
+        if l1 <= target:
+            return float(s1) if l0 == l1 else s0 + (s1 - s0) * (l0 - target) / (l0 - l1)
+    return math.inf
+
+
+def break_even(summary: dict, grit_arm: str, baselines: list[str]) -> dict:
+    """The step-cost ratio at which ``grit_arm`` would tie the better baseline at equal wall-clock: the baseline's
+    final step count over the steps ``grit_arm``'s mean curve needs to reach the baseline's final mean loss (the
+    same schedule, truncated), beside the step-cost ratio measured in this run. A hardware-free form of the
+    equal-wall-clock verdict: GRIT wins at equal wall-clock wherever its step costs less than this ratio."""
+    g = summary[grit_arm]
+    final = str(max(int(k) for k in g["at_step"]))
+    base = min(baselines, key=lambda b: summary[b]["at_step"][final]["mean"])
+    reach = _steps_to_reach(g["steps"], g["loss_mean"], summary[base]["at_step"][final]["mean"])
+    return {"baseline": base, "grit_steps_to_baseline_final": reach,
+            "max_step_cost_ratio": int(final) / reach if reach > 0 else math.inf,
+            "measured_step_cost_ratio": g["ms_per_step"] / summary[base]["ms_per_step"]}
 
 
 def markdown_table(result: dict) -> str:
@@ -579,9 +602,19 @@ def markdown_table(result: dict) -> str:
     v = result.get("verdict")
     if v:
         parts = [f"{k}: {d['grit']:.4f} vs {d['best_baseline']} {d['baseline']:.4f} ({d['grit_minus_baseline']:+.4f})"
-                 for k, d in v.items() if isinstance(d, dict)]
+                 for k, d in v.items() if isinstance(d, dict) and "grit" in d]
         lines.append(f"{v['grit_arm']} vs the better baseline: " + "; ".join(parts)
                      + f". GRIT wins everywhere: {v['grit_wins']}.")
+        b = v.get("break_even")
+        if b and not math.isfinite(b["grit_steps_to_baseline_final"]):
+            lines.append(f"Break-even step cost: {v['grit_arm']} never reaches {b['baseline']}'s final loss in this run, "
+                         "so it loses at equal wall-clock at any step cost.")
+        elif b:
+            lines.append(
+                f"Break-even step cost: {v['grit_arm']} reaches {b['baseline']}'s final loss at step "
+                f"{b['grit_steps_to_baseline_final']:.0f}, so it wins at equal wall-clock wherever its step costs less "
+                f"than {b['max_step_cost_ratio']:.2f}x {b['baseline']}'s (measured here: {b['measured_step_cost_ratio']:.2f}x)."
+            )
     return "\n".join(lines) + "\n"
 
 

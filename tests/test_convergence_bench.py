@@ -81,3 +81,20 @@ def test_heldout_split_by_topic(bench):
     assert data["train_topics"] > 5 * data["heldout_topics"] > 0
     held = bytes(data["heldout"][0].tolist())
     assert held not in bytes(data["train"].tolist())
+
+
+def test_break_even_step_cost_from_the_mean_curves(bench):
+    """GRIT reaches LoRA+'s final 1.0 halfway between its evaluations at 100 (1.2) and 150 (0.8): step 125, so
+    with 200 baseline steps it ties at equal wall-clock at a step cost of 200 / 125 = 1.6x."""
+    def arm(losses, ms):
+        steps = [0, 50, 100, 150, 200]
+        return {"steps": steps, "loss_mean": losses, "ms_per_step": ms,
+                "at_step": {"100": {"mean": losses[2]}, "200": {"mean": losses[-1]}},
+                "at_equal_time": {"mean": losses[-1]}}
+    summary = {"adamw": arm([2.0, 1.8, 1.6, 1.4, 1.2], 10.0), "loraplus": arm([2.0, 1.7, 1.5, 1.2, 1.0], 10.0),
+               "grit_adamw": arm([2.0, 1.5, 1.2, 0.8, 0.7], 13.0)}
+    b = bench.verdict(summary)["break_even"]
+    assert b["baseline"] == "loraplus" and b["grit_steps_to_baseline_final"] == pytest.approx(125.0)
+    assert b["max_step_cost_ratio"] == pytest.approx(1.6) and b["measured_step_cost_ratio"] == pytest.approx(1.3)
+    summary["grit_adamw"] = arm([2.0, 1.9, 1.8, 1.7, 1.1], 10.0)
+    assert bench.verdict(summary)["break_even"]["max_step_cost_ratio"] == 0.0  # never reaches 1.0
