@@ -53,6 +53,7 @@ from .preconditioner import GritPreconditioner
 
 GRIT_CHECKPOINT_NAME = "grit_preconditioner.pt"
 _DEFAULTS = GritConfig()
+GRIT_OPTIMIZERS = ("wrap", "eigen_adamw")
 
 
 # --------------------------------------------------------------------------------------------- arguments
@@ -145,6 +146,24 @@ class GritTrainingArguments(TrainingArguments):
         metadata={"help": "reset | rotate: optimizer state of re-based tensors."},
     )
 
+    grit_optimizer: str = field(
+        default="wrap",
+        metadata={
+            "help": "wrap | eigen_adamw. wrap: GRIT preconditions the gradients of the optimizer Trainer builds "
+            "(optim=..., AdamW by default). eigen_adamw: Trainer's optimizer is replaced by grit_kernels.EigenAdamW "
+            "(Adam in the eigenbasis of the rank-space factors), with Trainer's lr, betas, eps, weight decay and "
+            "parameter groups; it uses the factors only (grit_damping, grit_graft, grit_update_freq and "
+            "grit_warmup_steps do not apply; set grit_kl_clip=None for the benchmarked setting)."
+        },
+    )
+    grit_loraplus_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA+: lora_B parameters train at this multiple of the learning rate (None: one lr). "
+            "Works with either grit_optimizer; bench/README.md has the measured settings."
+        },
+    )
+
     grit_packing: str = field(
         default="auto",
         metadata={
@@ -158,6 +177,11 @@ class GritTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.grit_packing not in ("auto", "on", "off"):
             raise ValueError(f"grit_packing must be 'auto', 'on' or 'off', got {self.grit_packing!r}")
+        if self.grit_optimizer not in GRIT_OPTIMIZERS:
+            raise ValueError(f"grit_optimizer must be one of {GRIT_OPTIMIZERS}, got {self.grit_optimizer!r}")
+        ratio = self.grit_loraplus_ratio
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0):
+            raise ValueError(f"grit_loraplus_ratio must be a number > 0 or None, got {ratio!r}")
         if self.grit:
             self.to_grit_config()  # fail at argument time, naming the grit_* field
 
@@ -246,6 +270,36 @@ class TrainerGritOptimizer(GritOptimizer):
             super().load_state_dict(state_dict)
         else:
             self.optimizer.load_state_dict(state_dict)
+
+
+def _grit_inner_optimizer(
+    optimizer: torch.optim.Optimizer, model: torch.nn.Module, pre: GritPreconditioner, args: GritTrainingArguments
+) -> torch.optim.Optimizer:
+    """The optimizer ``args.grit_optimizer`` / ``args.grit_loraplus_ratio`` ask for, from the one Trainer built
+    (no step taken yet).
+
+    With ``grit_loraplus_ratio`` every parameter group of Trainer's (weight decay on / off) gives its lora_B
+    parameters to a new group at ``ratio x`` its lr (LoRA+), in place. ``eigen_adamw`` then builds
+    :class:`~grit_kernels.EigenAdamW` over those groups with Trainer's betas and eps.
+    """
+    ratio = args.grit_loraplus_ratio
+    if ratio is not None:
+        lora_b = {id(p) for n, p in model.named_parameters() if ".lora_B." in n}
+        for group in list(optimizer.param_groups):
+            moved = [p for p in group["params"] if id(p) in lora_b]
+            if moved:
+                group["params"] = [p for p in group["params"] if id(p) not in lora_b]
+                optimizer.add_param_group(
+                    {"params": moved, "lr": group["lr"] * ratio, "weight_decay": group["weight_decay"]}
+                )
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+    if args.grit_optimizer != "eigen_adamw":
+        return optimizer
+    from .eigen_adam import EigenAdamW
+
+    groups = [{"params": g["params"], "lr": g["lr"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+    return EigenAdamW(groups, pre, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                      eps=args.adam_epsilon, weight_decay=args.weight_decay)
 
 
 def _find_grit_optimizer(optimizer: Any) -> GritOptimizer | None:
@@ -428,10 +482,12 @@ class _GritTrainerMixin:
             pre = None
         if pre is None:
             self.grit_preconditioner = GritPreconditioner(self.model, self.grit_config)
+        inner = _unwrap_accelerated(optimizer)
+        args = self.args if isinstance(self.args, GritTrainingArguments) else None
+        if args is not None and (args.grit_optimizer != "wrap" or args.grit_loraplus_ratio is not None):
+            inner = _grit_inner_optimizer(inner, self.model, self.grit_preconditioner, args)
         scaler = getattr(getattr(self, "accelerator", None), "scaler", None)
-        self.optimizer = TrainerGritOptimizer(
-            _unwrap_accelerated(optimizer), self.grit_preconditioner, scaler
-        )
+        self.optimizer = TrainerGritOptimizer(inner, self.grit_preconditioner, scaler)
         return self.optimizer
 
     def _save_checkpoint(self, model, trial, *args, **kwargs):

@@ -224,6 +224,56 @@ def test_trainer_trains_with_low_rank_kfac(tmp_path):
     assert all(torch.isfinite(p).all() for p in after.values())
     assert any(not torch.equal(before[n], after[n]) for n in before if "lora_A" in n)
 
+def _group_lrs(optimizer, model):
+    """``{"A": {lr}, "B": {lr}}`` over the parameter groups holding lora_A / lora_B tensors."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {"A": set(), "B": set()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if "lora_" in names[id(p)]:
+                out["B" if ".lora_B." in names[id(p)] else "A"].add(group["lr"])
+    return out
+
+
+@pytest.mark.parametrize("optimizer", ["wrap", "eigen_adamw"])
+def test_loraplus_ratio_gives_lora_b_its_own_lr(tmp_path, optimizer):
+    model = small_model()
+    args = make_args(tmp_path, grit_optimizer=optimizer, grit_loraplus_ratio=16.0, grit_kl_clip=None)
+    trainer = run(model, args, make_features(6))
+    inner = trainer.grit_optimizer.optimizer
+    assert type(inner).__name__ == ("EigenAdamW" if optimizer == "eigen_adamw" else "AdamW")
+    assert _group_lrs(inner, model) == {"A": {1e-3}, "B": {16e-3}}  # constant schedule: the lrs as set
+    assert all(g["params"] for g in inner.param_groups)
+    assert trainer.grit_preconditioner.step_count == 3 and len(losses(trainer)) == 3
+    assert all(torch.isfinite(p).all() for p in lora_params(model).values())
+
+
+def test_eigen_adamw_in_the_trainer_resumes_bit_for_bit(tmp_path):
+    """grit_optimizer="eigen_adamw": the inner optimizer is EigenAdamW; its eigenbases and moments are in the
+    plain optimizer checkpoint, so a run resumed at step 2 ends where the uninterrupted run does."""
+    kw = dict(grit_optimizer="eigen_adamw", grit_kl_clip=None, max_steps=4, save_strategy="steps", save_steps=2)
+    full_model = small_model()
+    before = lora_params(full_model)
+    full = run(full_model, make_args(tmp_path, **kw), make_features(8))
+    inner = full.grit_optimizer.optimizer
+    assert type(inner).__name__ == "EigenAdamW" and inner.steps == 4
+    assert not torch.equal(inner.basis[0, 0], torch.eye(inner.basis.shape[-1]))  # bases from statistics
+    after = lora_params(full_model)
+    assert any(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
+    resumed_model = small_model()
+    run(resumed_model, make_args(tmp_path, **kw), make_features(8), resume=os.path.join(tmp_path, "checkpoint-2"))
+    for name, value in lora_params(resumed_model).items():
+        assert torch.equal(value, after[name]), name
+
+
+def test_optimizer_arguments_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="grit_optimizer must be one of"):
+        make_args(tmp_path, grit_optimizer="sgd")
+    for bad in (0.0, -1.0, "16"):
+        with pytest.raises(ValueError, match="grit_loraplus_ratio must be a number > 0"):
+            make_args(tmp_path, grit_loraplus_ratio=bad)
+
+
 def test_trainer_rank_schedule_arguments_cut_ranks(tmp_path):
     schedule = dict(grit_reprojection="one_sided", grit_reprojection_freq=2, grit_reprojection_start=2,
                     grit_rank_schedule="linear", grit_rank_end=0.5, grit_rank_schedule_steps=4)
