@@ -165,6 +165,19 @@ def add_arguments(ft: argparse.ArgumentParser) -> None:
         default=defaults.warmup_steps,
         help="steps before preconditioning starts (default %(default)s)",
     )
+    grit.add_argument(
+        "--optimizer",
+        choices=("adamw", "eigen_adamw"),
+        default="adamw",
+        help="adamw: GRIT-preconditioned AdamW (default); eigen_adamw: grit_kernels.EigenAdamW, Adam in the "
+        "eigenbasis of GRIT's factors (KL-clip off, as benchmarked in README's convergence section)",
+    )
+    grit.add_argument(
+        "--loraplus-ratio",
+        type=float,
+        default=None,
+        help="LoRA+: lora_B trains at this multiple of --lr (default: one lr; README's convergence runs use 16)",
+    )
     grit.add_argument("--no-grit", action="store_true", help="plain AdamW LoRA (for an A/B run)")
 
 
@@ -198,6 +211,14 @@ def validate_args(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         _need(value >= 1, "--" + flag.replace("_", "-"), value, ">= 1")
     _need(args.max_length >= 2, "--max-length", args.max_length, ">= 2")
+    _need(
+        args.loraplus_ratio is None or (_finite(args.loraplus_ratio) and args.loraplus_ratio > 0),
+        "--loraplus-ratio",
+        args.loraplus_ratio,
+        "a finite number > 0",
+    )
+    if args.optimizer == "eigen_adamw" and args.no_grit:
+        raise CliError("--optimizer eigen_adamw needs GRIT's factors: drop --no-grit")
     _need(
         args.alpha is None or (_finite(args.alpha) and args.alpha > 0),
         "--alpha",
@@ -487,6 +508,8 @@ def training_arguments(args: argparse.Namespace, mode: str, has_eval: bool):
         if "warmup_ratio" in known
         else {"warmup_steps": args.warmup_ratio}
     )
+    if args.optimizer == "eigen_adamw":
+        extra.update(grit_optimizer="eigen_adamw", grit_kl_clip=None)
     if mode == "bf16" and not torch.cuda.is_available():
         extra["use_cpu"] = True  # CPU autocast; transformers refuses bf16 without a GPU otherwise
     if args.save_steps:
@@ -518,6 +541,7 @@ def training_arguments(args: argparse.Namespace, mode: str, has_eval: bool):
             fp16=mode == "fp16",
             seed=args.seed,
             max_grad_norm=args.max_grad_norm,
+            grit_loraplus_ratio=args.loraplus_ratio,
             dataloader_pin_memory=torch.cuda.is_available(),
             **extra,
         )

@@ -160,7 +160,7 @@ class GritTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "LoRA+: lora_B parameters train at this multiple of the learning rate (None: one lr). "
-            "Works with either grit_optimizer; bench/README.md has the measured settings."
+            "Works with either grit_optimizer, and with grit=False (plain LoRA+ for an A/B run)."
         },
     )
 
@@ -179,6 +179,8 @@ class GritTrainingArguments(TrainingArguments):
             raise ValueError(f"grit_packing must be 'auto', 'on' or 'off', got {self.grit_packing!r}")
         if self.grit_optimizer not in GRIT_OPTIMIZERS:
             raise ValueError(f"grit_optimizer must be one of {GRIT_OPTIMIZERS}, got {self.grit_optimizer!r}")
+        if self.grit_optimizer == "eigen_adamw" and not self.grit:
+            raise ValueError("grit_optimizer='eigen_adamw' needs GRIT's factors: it cannot run with grit=False")
         ratio = self.grit_loraplus_ratio
         if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0):
             raise ValueError(f"grit_loraplus_ratio must be a number > 0 or None, got {ratio!r}")
@@ -272,32 +274,31 @@ class TrainerGritOptimizer(GritOptimizer):
             self.optimizer.load_state_dict(state_dict)
 
 
-def _grit_inner_optimizer(
-    optimizer: torch.optim.Optimizer, model: torch.nn.Module, pre: GritPreconditioner, args: GritTrainingArguments
-) -> torch.optim.Optimizer:
-    """The optimizer ``args.grit_optimizer`` / ``args.grit_loraplus_ratio`` ask for, from the one Trainer built
-    (no step taken yet).
+def _split_loraplus_groups(optimizer: torch.optim.Optimizer, model: torch.nn.Module, ratio: float) -> None:
+    """LoRA+ in place, before any step: every parameter group (Trainer's weight decay on / off) gives its lora_B
+    parameters to a new group at ``ratio x`` its lr (marked ``grit_loraplus``, so a second call is a no-op);
+    groups left empty are dropped."""
+    if any(g.get("grit_loraplus") for g in optimizer.param_groups):
+        return
+    lora_b = {id(p) for n, p in model.named_parameters() if ".lora_B." in n}
+    for group in list(optimizer.param_groups):
+        moved = [p for p in group["params"] if id(p) in lora_b]
+        if moved:
+            group["params"] = [p for p in group["params"] if id(p) not in lora_b]
+            optimizer.add_param_group({"params": moved, "lr": group["lr"] * ratio,
+                                       "weight_decay": group["weight_decay"], "grit_loraplus": True})
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
 
-    With ``grit_loraplus_ratio`` every parameter group of Trainer's (weight decay on / off) gives its lora_B
-    parameters to a new group at ``ratio x`` its lr (LoRA+), in place. ``eigen_adamw`` then builds
-    :class:`~grit_kernels.EigenAdamW` over those groups with Trainer's betas and eps.
-    """
-    ratio = args.grit_loraplus_ratio
-    if ratio is not None:
-        lora_b = {id(p) for n, p in model.named_parameters() if ".lora_B." in n}
-        for group in list(optimizer.param_groups):
-            moved = [p for p in group["params"] if id(p) in lora_b]
-            if moved:
-                group["params"] = [p for p in group["params"] if id(p) not in lora_b]
-                optimizer.add_param_group(
-                    {"params": moved, "lr": group["lr"] * ratio, "weight_decay": group["weight_decay"]}
-                )
-        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
-    if args.grit_optimizer != "eigen_adamw":
-        return optimizer
+
+def _eigen_adamw_over(
+    optimizer: torch.optim.Optimizer, pre: GritPreconditioner, args: GritTrainingArguments
+) -> torch.optim.Optimizer:
+    """:class:`~grit_kernels.EigenAdamW` over the parameter groups (lr, weight decay) of the optimizer Trainer
+    built, with Trainer's betas and eps (``grit_optimizer="eigen_adamw"``)."""
     from .eigen_adam import EigenAdamW
 
-    groups = [{"params": g["params"], "lr": g["lr"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+    keys = ("params", "lr", "weight_decay", "grit_loraplus")
+    groups = [{k: g[k] for k in keys if k in g} for g in optimizer.param_groups]
     return EigenAdamW(groups, pre, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                       eps=args.adam_epsilon, weight_decay=args.weight_decay)
 
@@ -471,7 +472,12 @@ class _GritTrainerMixin:
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
-        if self.grit_config is None or _find_grit_optimizer(optimizer) is not None:
+        if _find_grit_optimizer(optimizer) is not None:
+            return optimizer
+        grit_args = self.args if isinstance(self.args, GritTrainingArguments) else None
+        if grit_args is not None and grit_args.grit_loraplus_ratio is not None:
+            _split_loraplus_groups(_unwrap_accelerated(optimizer), self.model, grit_args.grit_loraplus_ratio)
+        if self.grit_config is None:
             return optimizer
         model = args[0] if args else kwargs.get("model")
         if model is not None:
@@ -483,9 +489,8 @@ class _GritTrainerMixin:
         if pre is None:
             self.grit_preconditioner = GritPreconditioner(self.model, self.grit_config)
         inner = _unwrap_accelerated(optimizer)
-        args = self.args if isinstance(self.args, GritTrainingArguments) else None
-        if args is not None and (args.grit_optimizer != "wrap" or args.grit_loraplus_ratio is not None):
-            inner = _grit_inner_optimizer(inner, self.model, self.grit_preconditioner, args)
+        if grit_args is not None and grit_args.grit_optimizer == "eigen_adamw":
+            inner = _eigen_adamw_over(inner, self.grit_preconditioner, grit_args)
         scaler = getattr(getattr(self, "accelerator", None), "scaler", None)
         self.optimizer = TrainerGritOptimizer(inner, self.grit_preconditioner, scaler)
         return self.optimizer

@@ -213,6 +213,9 @@ def _run_error(argv, capsys):
         ("--eval-steps", "0"),
         ("--target-modules", "q_proj,,v_proj"),
         ("--report-to", "nonsense"),
+        ("--loraplus-ratio", "0"),
+        ("--loraplus-ratio", "nan"),
+        ("--optimizer", "sgd"),
         ("--r", "four"),  # argparse's own type error, one line too
         ("--data-format", "csv"),
     ],
@@ -233,6 +236,7 @@ def test_finetune_bad_flag_exits_2_naming_it(model_dir, alpaca_file, no_model_lo
         (["--resume", "NOWHERE"], "--resume NOWHERE: no such directory"),
         (["--report-to", "none,wandb"], "--report-to"),
         (["--bf16", "--fp16"], "--fp16"),
+        (["--optimizer", "eigen_adamw", "--no-grit"], "--optimizer eigen_adamw needs GRIT's factors"),
     ],
 )
 def test_finetune_inconsistent_flags_exit_2(model_dir, alpaca_file, no_model_load, capsys, extra, expected):
@@ -452,3 +456,26 @@ def test_finetune_report_to_tensorboard_writes_events(model_dir, alpaca_file, tm
         acc.Reload()
         tags |= set(acc.Tags()["scalars"])
     assert "train/loss" in tags and "train/grit/damping" in tags, sorted(tags)
+
+
+def test_finetune_eigen_adamw_with_loraplus(model_dir, alpaca_file, tmp_path, capsys, monkeypatch):
+    """--optimizer eigen_adamw --loraplus-ratio 16 reaches the Trainer: EigenAdamW inside, lora_B at 16x --lr."""
+    from grit_kernels import trainer as trainer_module
+
+    seen = {}
+    original = trainer_module._eigen_adamw_over
+
+    def spy(optimizer, pre, args):
+        inner = original(optimizer, pre, args)
+        seen["lrs"] = sorted({g["lr"] for g in inner.param_groups})
+        seen["kl_clip"] = pre.config.kl_clip
+        return inner
+
+    monkeypatch.setattr(trainer_module, "_eigen_adamw_over", spy)
+    out = tmp_path / "eigen"
+    argv = ["finetune", "--model", str(model_dir), "--data", str(alpaca_file), *COMMON, "--max-steps", "2"]
+    argv += ["--optimizer", "eigen_adamw", "--loraplus-ratio", "16", "--output", str(out)]
+    assert cli.main(argv) == 0
+    assert seen == {"lrs": [1e-3, 16e-3], "kl_clip": None}
+    adapter = _adapter(out)
+    assert len(adapter) == 14 and all(torch.isfinite(t).all() for t in adapter.values())

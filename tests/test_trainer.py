@@ -266,9 +266,20 @@ def test_eigen_adamw_in_the_trainer_resumes_bit_for_bit(tmp_path):
         assert torch.equal(value, after[name]), name
 
 
+def test_loraplus_ratio_without_grit_is_plain_loraplus(tmp_path):
+    model = small_model()
+    trainer = run(model, make_args(tmp_path, grit=False, grit_loraplus_ratio=4.0), make_features(4))
+    assert trainer.grit_preconditioner is None and type(trainer.optimizer.optimizer).__name__ == "AdamW"
+    assert _group_lrs(trainer.optimizer, model) == {"A": {1e-3}, "B": {4e-3}}
+    trainer.create_optimizer()  # a second call does not split again
+    assert _group_lrs(trainer.optimizer, model) == {"A": {1e-3}, "B": {4e-3}}
+
+
 def test_optimizer_arguments_are_validated(tmp_path):
     with pytest.raises(ValueError, match="grit_optimizer must be one of"):
         make_args(tmp_path, grit_optimizer="sgd")
+    with pytest.raises(ValueError, match="cannot run with grit=False"):
+        make_args(tmp_path, grit_optimizer="eigen_adamw", grit=False)
     for bad in (0.0, -1.0, "16"):
         with pytest.raises(ValueError, match="grit_loraplus_ratio must be a number > 0"):
             make_args(tmp_path, grit_loraplus_ratio=bad)
