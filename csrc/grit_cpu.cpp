@@ -406,19 +406,48 @@ void check_bank(const at::Tensor& stat_sum, const at::Tensor& rows, const char* 
               ": stat_sum must be float32 or float64");
 }
 
+// x [..., c] as rows: ``n`` rows of ``c`` elements, row t at data + t * ld, when the column stride is 1 and
+// the leading dims collapse into one with a uniform stride (what ``reshape(-1, c)`` would return as a view);
+// false otherwise. No tensor is made: one backward records hundreds of groups.
+bool as_rows(const at::Tensor& x, int64_t& n, int64_t& ld) {
+  const int64_t D = x.dim();
+  if (x.size(D - 1) > 1 && x.stride(D - 1) != 1) return false;
+  n = 1;
+  ld = x.size(D - 1);
+  int64_t span = -1;  // elements spanned by the dims inside the current one
+  for (int64_t i = D - 2; i >= 0; --i) {
+    if (x.size(i) == 1) continue;
+    if (span < 0) {
+      ld = x.stride(i);
+    } else if (x.stride(i) != span) {
+      return false;
+    }
+    span = x.stride(i) * x.size(i);
+    n *= x.size(i);
+  }
+  return true;
+}
+
 // Appends the K modules of one recorded group (h, delta [..., K * r], modules side by side, bank indices
-// idx[0..K)) to ``mods``; ``keep`` holds the 2-D (unit column stride) tensors the pointers refer to.
+// idx[0..K)) to ``mods``. Rows are read in place where they can be (as_rows); otherwise from 2-D
+// contiguous copies kept alive in ``keep``.
 template <typename X>
 void add_group(std::vector<ModuleRows<X>>& mods, std::vector<at::Tensor>& keep, const at::Tensor& h,
                const at::Tensor& delta, const int64_t* idx, int64_t K) {
-  at::Tensor h2 = h.reshape({-1, h.size(-1)}), d2 = delta.reshape({-1, delta.size(-1)});
-  if (h2.stride(1) != 1) h2 = h2.contiguous();
-  if (d2.stride(1) != 1) d2 = d2.contiguous();
+  auto rows_of = [&keep](const at::Tensor& x, int64_t& n, int64_t& ld) -> const X* {
+    if (as_rows(x, n, ld)) return x.data_ptr<X>();
+    at::Tensor x2 = x.reshape({-1, x.size(-1)});
+    if (x2.stride(1) != 1) x2 = x2.contiguous();
+    n = x2.size(0);
+    ld = x2.stride(0);
+    keep.push_back(x2);
+    return x2.data_ptr<X>();
+  };
+  int64_t n = 0, hs = 0, ds = 0;
+  const X* hp = rows_of(h, n, hs);
+  const X* dp = rows_of(delta, n, ds);
   const int r = static_cast<int>(h.size(-1) / K);
-  for (int64_t k = 0; k < K; ++k)
-    mods.push_back({h2.data_ptr<X>() + k * r, d2.data_ptr<X>() + k * r, h2.stride(0), d2.stride(0), h2.size(0), r, idx[k]});
-  keep.push_back(std::move(h2));
-  keep.push_back(std::move(d2));
+  for (int64_t k = 0; k < K; ++k) mods.push_back({hp + k * r, dp + k * r, hs, ds, n, r, idx[k]});
 }
 
 void check_group(const at::Tensor& stat_sum, const at::Tensor& h, const at::Tensor& delta, const int64_t* idx,
@@ -1266,18 +1295,28 @@ at::Tensor kl_clip_update_cpu(at::TensorList params_a, at::TensorList params_b, 
                     params_b[i].scalar_type() == before_b[i].scalar_type() && params_a[i].size(0) == params_b[i].size(1) &&
                     params_a[i].size(0) <= factor_d_in.size(1),
                 "kl_clip_update_: module ", i, ": snapshots must match the params; ranks <= R");
-  const at::Tensor fd = factor_d_in.to(at::kDouble).contiguous(), fh = factor_h_in.to(at::kDouble).contiguous();
+  // float32 factors (the bank's) are read in place, each module's r x r blocks widened to double on the fly
+  // (the values .to(kDouble) gives); other dtypes are converted once
+  const bool f32 = factor_d_in.scalar_type() == at::kFloat && factor_h_in.scalar_type() == at::kFloat;
+  const at::Tensor fd = f32 ? factor_d_in.contiguous() : factor_d_in.to(at::kDouble).contiguous();
+  const at::Tensor fh = f32 ? factor_h_in.contiguous() : factor_h_in.to(at::kDouble).contiguous();
   const int64_t R = fd.size(1);
-  const double* fdp = fd.data_ptr<double>();
-  const double* fhp = fh.data_ptr<double>();
+  auto block = [&](const at::Tensor& f, int64_t m, int r, std::vector<double>& buf) -> const double* {
+    if (!f32) return f.data_ptr<double>() + m * R * R;
+    const float* src = f.data_ptr<float>() + m * R * R;
+    buf.resize(static_cast<size_t>(R) * R);
+    for (int i = 0; i < r; ++i)
+      for (int k = 0; k < r; ++k) buf[i * R + k] = static_cast<double>(src[i * R + k]);
+    return buf.data();
+  };
   std::vector<double> quad(M, 0.0);
   at::parallel_for(0, M, 4, [&](int64_t b, int64_t e) {
     std::vector<float> tile, acc;
-    std::vector<double> g;
+    std::vector<double> g, fbuf;
     for (int64_t m = b; m < e; ++m) {
       const int r = static_cast<int>(params_a[m].size(0));
-      quad[m] = delta_quad_any(params_a[m], before_a[m], true, r, fdp + m * R * R, R, tile, acc, g) +
-                delta_quad_any(params_b[m], before_b[m], false, r, fhp + m * R * R, R, tile, acc, g);
+      quad[m] = delta_quad_any(params_a[m], before_a[m], true, r, block(fd, m, r, fbuf), R, tile, acc, g);
+      quad[m] += delta_quad_any(params_b[m], before_b[m], false, r, block(fh, m, r, fbuf), R, tile, acc, g);
     }
   });
   double total = 0;

@@ -101,6 +101,42 @@ def test_accumulate_rank_statistics_many(fresh_seed, backend, x_dtype, bank_dtyp
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_accumulate_rank_statistics_many_strided_layouts(fresh_seed, backend):
+    """Recorded tensors as autograd hands them over: 3-D, column slices of wider rows (read in place by the C++
+    op), leading dims that do not collapse and a transposed delta (copied): the oracle, and bit for bit the
+    numbers of the same call on contiguous 2-D copies."""
+    M, R, r = 6, 16, 16
+    wide = torch.randn(2, 90, 3 * r)
+    layouts = [
+        ((0,), torch.randn(1, 70, r), torch.randn(1, 70, r)),  # PEFT's lora_A output [1, T, r]
+        ((1, 2), wide[:, :, : 2 * r], torch.randn(2, 90, 2 * r)),  # column slice: row stride 3 r
+        ((3,), torch.randn(2, 50, r)[:, :40], torch.randn(2, 50, r)[:, 10:]),  # [2, 40, r] out of [2, 50, r]
+        ((4, 5), torch.randn(33, 2 * r), torch.randn(2 * r, 33).t()),  # delta with column stride 33
+    ]
+    stat_sum = torch.full((2, M, R, R), float("nan"))
+    rows = torch.full((M,), float("nan"))
+    stat_sum[:, :, :r, :r] = torch.randn(2, M, r, r)
+    rows[:] = torch.randint(0, 50, (M,)).float()
+    groups = []
+    for indices, h, delta in layouts:
+        delta[..., :3, :] = 0  # padding rows: no gradient
+        groups.append((indices, h, delta))
+    exp_sum, exp_rows = stat_sum.double(), rows.double()
+    copies_sum, copies_rows = stat_sum.clone(), rows.clone()
+    copies = []
+    for indices, h, delta in groups:
+        h2, delta2 = h.reshape(-1, h.shape[-1]).contiguous(), delta.reshape(-1, delta.shape[-1]).contiguous()
+        exp_sum, exp_rows = ref.rank_statistics(exp_sum, exp_rows, indices, h2.double(), delta2.double(), 1e-6)
+        copies.append((indices, h2, delta2))
+    ops.accumulate_rank_statistics_many_(copies_sum, copies_rows, copies, 1e-6, backend=backend)
+    ops.accumulate_rank_statistics_many_(stat_sum, rows, groups, 1e-6, backend=backend)
+    assert rel_err(stat_sum[:, :, :r, :r], exp_sum[:, :, :r, :r]) < TOL
+    assert torch.equal(rows, exp_rows.float())
+    assert torch.isnan(stat_sum[:, :, r:]).all() and torch.isnan(stat_sum[:, :, :, r:]).all()
+    assert torch.equal(stat_sum[:, :, :r, :r], copies_sum[:, :, :r, :r]) and torch.equal(rows, copies_rows)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_accumulate_rank_statistics_many_rejects_bad_groups(backend):
     stat_sum, rows = torch.zeros(2, 3, 8, 8), torch.zeros(3)
     h = torch.randn(10, 8)
@@ -151,6 +187,24 @@ def test_kl_clip_update(fresh_seed, backend, step):
     assert abs(nu.item() - exp_nu) < 1e-5 * exp_nu
     for got, want in zip(params_a + params_b, exp_a + exp_b):
         assert rel_err(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kl_clip_update_float32_factors_equal_their_float64_widening(fresh_seed, backend):
+    """float32 factors (the bank's, read in place by the C++ op) give bit for bit the numbers of the same
+    factors widened to float64 first."""
+    ranks, R = [16, 8], 16
+    before = [torch.randn(r, 40) for r in ranks] + [torch.randn(24, r) for r in ranks]
+    params = [b + torch.randn_like(b) for b in before]  # large steps: clipped
+    factor_d, factor_h = _spd(2, R), _spd(2, R)
+    results = []
+    for fd, fh in ((factor_d, factor_h), (factor_d.double(), factor_h.double())):
+        p = [t.clone() for t in params]
+        snap = ops.clone_tensors(before, backend=backend)
+        nu = ops.kl_clip_update_(p[:2], p[2:], snap[:2], snap[2:], fd, fh, 0.05, backend=backend)
+        results.append((nu, p))
+    assert results[0][0].item() < 1 and torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
