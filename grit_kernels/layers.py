@@ -146,7 +146,9 @@ class StatsRecorder:
         torch.autograd.Variable._execution_engine.queue_callback(self.flush)
         self._queued, self._queued_task = True, task
 
-    def record_output(self, bank: Any, indices: tuple[int, ...], h: torch.Tensor, output_nr: int, grads: tuple) -> None:
+    def record_output(
+        self, bank: Any, indices: tuple[int, ...], h: torch.Tensor, output_nr: int, grads: tuple
+    ) -> None:
         """:meth:`record` as a pre-hook of the autograd node that made ``h`` (its output ``output_nr``):
         ``grads[output_nr]`` is ``dL/dh``; ``None`` (no gradient reached ``h``) records nothing."""
         delta = grads[output_nr]
