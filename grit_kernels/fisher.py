@@ -32,6 +32,11 @@ runs only when ``step(lr=...)`` is called directly:
   :class:`FullKFAC`; one hook call per module in capture, the fold, refresh and preconditioning batched over
   the modules of one width.
 
+Memory under activation checkpointing: the hooks of both large-factor options hold each LoRA layer's input ``x``
+from its forward until its backward (the gradient hook needs it), so with non-reentrant checkpointing they keep
+the per-layer inputs that checkpointing would have dropped (4 per decoder block: the normed attention input,
+the attention output, the normed MLP input and the MLP activation; layers that share an input share it).
+
 Every option's state (the diagonal moments; the ``d x d`` or sketched sums, factors and inverses) is part of
 ``GritPreconditioner.state_dict()`` under ``"fisher_state"``, with the kind under ``"fisher"``: a resumed
 run continues bit-for-bit.
