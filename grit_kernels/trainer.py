@@ -181,6 +181,11 @@ class GritTrainingArguments(TrainingArguments):
             raise ValueError(f"grit_optimizer must be one of {GRIT_OPTIMIZERS}, got {self.grit_optimizer!r}")
         if self.grit_optimizer == "eigen_adamw" and not self.grit:
             raise ValueError("grit_optimizer='eigen_adamw' needs GRIT's factors: it cannot run with grit=False")
+        if self.grit_optimizer == "eigen_adamw" and (self.grit_fisher != "kfac" or self.grit_reprojection != "off"):
+            raise ValueError(
+                "grit_optimizer='eigen_adamw' runs in the eigenbasis of the rank-space factors: it needs "
+                f"grit_fisher='kfac' and grit_reprojection='off', got {self.grit_fisher!r}, {self.grit_reprojection!r}"
+            )
         ratio = self.grit_loraplus_ratio
         if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0):
             raise ValueError(f"grit_loraplus_ratio must be a number > 0 or None, got {ratio!r}")

@@ -280,6 +280,8 @@ def test_optimizer_arguments_are_validated(tmp_path):
         make_args(tmp_path, grit_optimizer="sgd")
     with pytest.raises(ValueError, match="cannot run with grit=False"):
         make_args(tmp_path, grit_optimizer="eigen_adamw", grit=False)
+    with pytest.raises(ValueError, match="needs grit_fisher='kfac' and grit_reprojection='off'"):
+        make_args(tmp_path, grit_optimizer="eigen_adamw", grit_fisher="kfac_lowrank")
     for bad in (0.0, -1.0, "16"):
         with pytest.raises(ValueError, match="grit_loraplus_ratio must be a number > 0"):
             make_args(tmp_path, grit_loraplus_ratio=bad)
