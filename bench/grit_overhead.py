@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_e2e  # noqa: E402
+import bench_e2e
 
 PIECES = ("grad_check", "snapshot", "fold", "refresh", "precondition", "kl_clip")
 DEFAULT_VARIANTS = (
@@ -135,20 +135,19 @@ def hot_pieces(arm, micro_batches, timers: Timers) -> dict[str, float]:
     opt = arm.optimizer
     pre = opt.preconditioner
     cfg = pre.config
-    for mb in micro_batches:
-        layers.RECORDER.eager_grams = False
-        recorded = []
-        original = layers.StatsRecorder.flush
+    recorded: list[list] = []  # the pending records of every flush (one per micro-batch's backward)
+    original = layers.StatsRecorder.flush
 
-        def keep(self, _original=original):
-            recorded.extend(self._pending)
-            return _original(self)
+    def keep(self):
+        recorded.append(list(self._pending))
+        return original(self)
 
-        layers.StatsRecorder.flush = keep
-        try:
+    layers.StatsRecorder.flush = keep
+    try:
+        for mb in micro_batches:
             (arm.model(**mb).loss / len(micro_batches)).backward()
-        finally:
-            layers.StatsRecorder.flush = original
+    finally:
+        layers.StatsRecorder.flush = original
     bank = pre.bank
     saved = bank.storage.clone(), bank.status.clone(), bank.initialized.clone(), bank.inverse_valid.clone()
     grads = [p.grad.clone() for p in pre.parameters()]
@@ -162,8 +161,9 @@ def hot_pieces(arm, micro_batches, timers: Timers) -> dict[str, float]:
             p.data.copy_(v)
 
     def flush_again():
-        layers.RECORDER._pending = list(recorded)
-        layers.RECORDER.flush()
+        for records in recorded:
+            layers.RECORDER._pending = list(records)
+            layers.RECORDER.flush()
 
     actions = {
         "flush": flush_again,
@@ -221,11 +221,10 @@ def run(args) -> dict:
             times = step(arms[v], micro_batches, timers)
             if i >= cfg.warmup:
                 raw[v].append(times)
-        if (
-            i >= cfg.warmup and i % 4 == 0
-        ):  # hot re-runs on a few steps' data (they cost time, not the results)
-            for v in hot:
-                hot[v].append(hot_pieces(arms[v], micro_batches, timers))
+        # hot re-runs on a few steps' data (they cost time, not the results)
+        if i >= cfg.warmup and i % 4 == 0:
+            for v, rows in hot.items():
+                rows.append(hot_pieces(arms[v], micro_batches, timers))
     keys = ("forward", "backward", "optimizer", "flush", *PIECES)
 
     def med(rows, key):
@@ -239,7 +238,7 @@ def run(args) -> dict:
         total = statistics.median(sum(r[p] for p in ("forward", "backward", "optimizer")) for r in raw[v])
         summary[v] = {"total_ms": 1e3 * total, "ratio_to_" + variants[0]: total / base}
         summary[v].update({f"{k}_ms": 1e3 * med(raw[v], k) for k in keys})
-        if v in hot and hot[v]:
+        if hot.get(v):
             summary[v]["hot_ms"] = {k: 1e3 * statistics.median(h[k] for h in hot[v]) for k in hot[v][0]}
     return {
         "benchmark": "grit_overhead",
