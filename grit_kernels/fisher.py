@@ -32,10 +32,10 @@ runs only when ``step(lr=...)`` is called directly:
   :class:`FullKFAC`; one hook call per module in capture, the fold, refresh and preconditioning batched over
   the modules of one width.
 
-Memory under activation checkpointing: the hooks of both large-factor options hold each LoRA layer's input ``x``
-from its forward until its backward (the gradient hook needs it), so with non-reentrant checkpointing they keep
-the per-layer inputs that checkpointing would have dropped (4 per decoder block: the normed attention input,
-the attention output, the normed MLP input and the MLP activation; layers that share an input share it).
+Memory under activation checkpointing: both large-factor options need each LoRA layer's input ``x`` in backward.
+Without checkpointing (and under reentrant checkpointing) they hold it from forward to backward, as autograd
+does anyway; under non-reentrant ``torch.utils.checkpoint`` (transformers' default) they hold nothing after
+forward and take ``x`` from the recomputation in backward, so checkpointing keeps its savings.
 
 Every option's state (the diagonal moments; the ``d x d`` or sketched sums, factors and inverses) is part of
 ``GritPreconditioner.state_dict()`` under ``"fisher_state"``, with the kind under ``"fisher"``: a resumed
@@ -153,7 +153,8 @@ class _LargeFactorKFAC:
         self.pre = preconditioner
         self.rows = torch.zeros(len(preconditioner.modules), device=preconditioner.bank.device)
         self.initialized = False
-        self._inputs: dict[int, torch.Tensor] = {}
+        self._inputs: dict[int, torch.Tensor | None] = {}  # module -> x from its forward (None: recomputed later)
+        self._meeting: dict[tuple[int, int], tuple] = {}  # (backward, module) -> the first of x / (g, weight)
         self._handles = []
 
     def _register_hooks(self) -> None:
@@ -167,24 +168,49 @@ class _LargeFactorKFAC:
         return [(m.lora_A.shape[1], m.lora_B.shape[0]) for m in pre.modules]
 
     # ------------------------------------------------------------------ capture
+    # Under non-reentrant activation checkpointing the forward of a checkpointed block drops its activations and
+    # backward recomputes them. Holding x from that forward would keep what checkpointing frees, so there the
+    # input hook only notes the module (None) and takes x from the recomputation, which runs in backward around
+    # the time g arrives: whichever of the two comes second is captured with the first (keyed by the running
+    # backward, so micro-batches never mix). The recomputed graph is never backpropagated: no hook on it.
     def _input_hook(self, index: int):
         def hook(module, args, output):
-            if torch.is_grad_enabled() and output.requires_grad:
-                self._inputs[index] = args[0].detach()
+            if not (torch.is_grad_enabled() and output.requires_grad):
+                return
+            phase = _checkpoint_phase()
+            if phase == "recompute":
+                self._meet(index, x=args[0].detach())
+            else:
+                self._inputs[index] = None if phase == "forward" else args[0].detach()
 
         return hook
 
     def _output_hook(self, m):
         def hook(module, args, output):
-            if not (torch.is_grad_enabled() and output.requires_grad):
+            if not (torch.is_grad_enabled() and output.requires_grad) or _checkpoint_phase() == "recompute":
                 return
-            x = self._inputs.pop(m.index, None)
+            if m.index not in self._inputs:
+                return
+            x = self._inputs.pop(m.index)
+            weight = 1.0 / float(m.layer.scaling[m.layer.active_adapters[0]]) ** 2
             if x is None:
-                return
-            scaling = float(m.layer.scaling[m.layer.active_adapters[0]])
-            output.register_hook(lambda grad: self._capture(m.index, x, grad, 1.0 / scaling**2))
+                output.register_hook(lambda grad: self._meet(m.index, grad=(grad, weight)))
+            else:
+                output.register_hook(lambda grad: self._capture(m.index, x, grad, weight))
 
         return hook
+
+    def _meet(self, index: int, x: torch.Tensor | None = None, grad: tuple | None = None) -> None:
+        """A recomputed ``x`` or an output gradient ``(g, weight)`` of module ``index`` (in backward): capture
+        when its partner from the same backward is here, else wait for it."""
+        key = (torch._C._current_graph_task_id(), index)
+        partner = self._meeting.pop(key, None)
+        if partner is None:
+            self._meeting[key] = (x,) if x is not None else grad
+        elif x is not None:
+            self._capture(index, x, *partner)
+        else:
+            self._capture(index, partner[0], *grad)
 
     def _capture(self, index: int, x: torch.Tensor, grad: torch.Tensor, weight: float) -> None:
         """``x [..., d_in]``: the layer's LoRA input (after dropout); ``grad [..., d_out]``: the gradient of
@@ -204,6 +230,7 @@ class _LargeFactorKFAC:
     # ------------------------------------------------------------------ the step
     def step(self, lr=None, loss_scale=None) -> None:
         pre, cfg = self.pre, self.pre.config
+        self._meeting.clear()  # a recomputed x whose gradient never came (the layer did not reach the loss)
         if bool((self.rows.sum() == 0) & (pre.bank.rows.sum() > 0)):  # one host read per step
             raise RuntimeError(
                 f"fisher={cfg.fisher!r}: the rank-space statistics were captured this step but the large factors "
@@ -318,6 +345,21 @@ class _LargeFactorKFAC:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def _checkpoint_phase() -> str | None:
+    """``"forward"`` inside the forward of a block under non-reentrant ``torch.utils.checkpoint`` (its saved
+    tensors go to the checkpoint's hooks and are recomputed in backward), ``"recompute"`` inside that
+    recomputation, else None (plain forward, reentrant checkpointing). Read from the innermost saved-tensor hooks
+    (a private torch API: without it, None, and x is held as without checkpointing)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = top(False) if top is not None else None
+    name = getattr(hooks[0], "__qualname__", "") if hooks else ""
+    if name.startswith("_checkpoint_hook."):
+        return "forward"
+    if name.startswith("_recomputation_hook."):
+        return "recompute"
+    return None
 
 
 class FullKFAC(_LargeFactorKFAC):

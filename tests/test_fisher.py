@@ -299,23 +299,56 @@ def test_nystrom_eigenpairs_of_a_broken_sketch_are_empty_not_nan():
     assert (values[2].double() - torch.tensor([8.0, 7.0, 6.0, 5.0], dtype=torch.float64)).abs().max() < 1e-4
 
 
+def checkpointed_llama(mode):
+    model = small_llama(num_layers=2, r=4)
+    if mode is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
+        model.enable_input_require_grads()
+    return model.train()
+
+
+@pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("fisher", ["kfac_full", "kfac_lowrank"])
-def test_large_factor_sums_are_counted_once_under_activation_checkpointing(fisher):
+def test_large_factor_sums_are_counted_once_under_activation_checkpointing(fisher, mode):
+    """Two micro-batches (so recomputed inputs never meet another micro-batch's gradient): the same sums on
+    both sides with and without checkpointing."""
     sums = {}
-    for checkpointing in (False, True):
-        model = small_llama(num_layers=2, r=4)
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-        model.train()
+    for checkpointing in (None, mode):
+        model = checkpointed_llama(checkpointing)
         pre = gk.GritPreconditioner(model, gk.GritConfig(fisher=fisher, warmup_steps=0, large_factor_rank=4))
-        ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(0))
-        model(input_ids=ids, labels=ids).loss.backward()
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(2):
+            ids = torch.randint(0, 512, (2, 8), generator=gen)
+            model(input_ids=ids, labels=ids).loss.backward()
         state = pre._fisher.state_dict()
-        sums[checkpointing] = [state["rows"]] + [t for name in ("input_sum", "input_sketch_sum") for t in state.get(name, [])]
-    assert sums[False][0].sum() > 0
-    for a, b in zip(sums[False], sums[True]):
+        names = ("input_sum", "output_sum", "input_sketch_sum", "output_sketch_sum", "input_trace_sum")
+        sums[checkpointing] = [state["rows"]] + [t for name in names for t in state.get(name, [])]
+        assert pre._fisher._meeting == {} and pre._fisher._inputs == {}
+    assert sums[None][0].sum() > 0 and len(sums[None]) > 28
+    for a, b in zip(sums[None], sums[mode]):
         assert (a - b).norm() <= 1e-5 * a.norm()
+
+
+@pytest.mark.parametrize("fisher", ["kfac_full", "kfac_lowrank"])
+def test_large_factor_capture_holds_no_input_between_forward_and_backward_under_checkpointing(fisher):
+    """Non-reentrant checkpointing frees a block's activations after forward; the capture must not keep the LoRA
+    inputs alive (it takes them from the recomputation), or checkpointing saves nothing."""
+    import gc
+    import weakref
+
+    model = checkpointed_llama("non-reentrant")
+    pre = gk.GritPreconditioner(model, gk.GritConfig(fisher=fisher, warmup_steps=0, large_factor_rank=4))
+    seen = []
+    handle = pre.modules[0].layer.lora_A["default"].register_forward_hook(
+        lambda module, args, output: seen.append(weakref.ref(args[0])) if not seen else None
+    )
+    ids = torch.randint(0, 512, (2, 8))
+    loss = model(input_ids=ids, labels=ids).loss
+    gc.collect()
+    assert seen and seen[0]() is None, "the LoRA input of layer 0 is still alive after forward"
+    loss.backward()
+    handle.remove()
+    assert (pre._fisher.rows > 0).all()
 
 
 def test_kfac_lowrank_skips_a_module_with_non_finite_sums_and_keeps_the_rest():
