@@ -7,6 +7,7 @@ Runtime: 32 s wall on our 2-core CPU VM with about one other job running (one in
 thread); 236 s while ~9 other jobs shared it. ``--quick``: seconds.
 
     python python/trainer.py [--max-steps 8] [--output runs/trainer-example]
+    python python/trainer.py --optimizer eigen_adamw --loraplus-ratio 16    # the best-measured setting
 """
 
 import argparse
@@ -23,6 +24,9 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--output", default="runs/trainer-example")
     p.add_argument("--no-grit", action="store_true")
+    p.add_argument("--optimizer", choices=("wrap", "eigen_adamw"), default="wrap",
+                   help="wrap: GRIT-preconditioned AdamW; eigen_adamw: gk.EigenAdamW (KL-clip off)")
+    p.add_argument("--loraplus-ratio", type=float, default=None, help="LoRA+: lora_B at this multiple of the lr")
     p.add_argument("--quick", action="store_true", help="smoke size: 2 layers, 2 steps (a few seconds)")
     args = p.parse_args(argv)
     if args.quick:
@@ -39,6 +43,9 @@ def main(argv=None):
         output_dir=args.output,
         grit=not args.no_grit,
         grit_warmup_steps=3,
+        grit_optimizer=args.optimizer,
+        grit_loraplus_ratio=args.loraplus_ratio,
+        **({"grit_kl_clip": None} if args.optimizer == "eigen_adamw" else {}),
         max_steps=args.max_steps,
         learning_rate=1e-3,
         per_device_train_batch_size=4,
