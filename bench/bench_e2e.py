@@ -15,7 +15,9 @@ process. Arms:
 * ``grit-prior`` -- the same math done the way published GRIT code does it
   (``bench/prior_art_grit.py``: per-module hooks, fp16 statistics, host inversion, ``.item()``);
 * ``unsloth``    -- Unsloth's ``FastLanguageModel`` with AdamW, when ``unsloth`` imports (CUDA only);
-  skipped with a message otherwise.
+  skipped with a message otherwise;
+* ``peft-eigen``, ``fused-eigen`` (on request, not in the default set) -- :class:`grit_kernels.EigenAdamW` (Adam
+  in the eigenbasis of GRIT's factors, KL-clip off) on PEFT's path / after :func:`grit_kernels.fuse`.
 
 Defaults: on CPU the tiny 32-layer Llama (224 LoRA modules, r=16, fp32); on CUDA Llama-3-8B shapes
 (random weights), QLoRA NF4, r=16, bf16, batch 2 x grad-accum 4. A step is ``grad_accum``
@@ -68,7 +70,8 @@ from grit_kernels.config import BACKENDS
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
-ARMS = ("peft-adamw", "fused-adamw", "fused-grit", "peft-grit", "grit-prior", "unsloth")
+DEFAULT_ARMS = ("peft-adamw", "fused-adamw", "fused-grit", "peft-grit", "grit-prior", "unsloth")
+ARMS = DEFAULT_ARMS + ("peft-eigen", "fused-eigen")  #: every arm --arms accepts
 ARM_ALIASES = {"adamw": "peft-adamw", "grit": "peft-grit"}  # the names used before issue #9
 BASELINE_ARM = "peft-adamw"  # the baseline of every ratio
 FUSED_TARGETS = {"cpu": (0.8, 1.05), "cuda": (0.55, 1.02)}  # issue #9: fused-grit / peft-adamw, / fused-adamw
@@ -107,7 +110,7 @@ class E2EConfig:
     steps: int | None = None  # measured optimizer steps per arm (quick 6, --full 20)
     warmup: int | None = None  # unmeasured steps per arm (quick 2, --full 5); GRIT warm-up is set to this
     full: bool = False  # the reference size: 5 + 20 steps, CPU memory probe
-    arms: tuple = ARMS
+    arms: tuple = DEFAULT_ARMS
     order: str | None = None  # interleave (CPU default) | sequential (CUDA default)
     lr: float = 2e-4
     seed: int = 0
@@ -300,6 +303,12 @@ def make_arm(name: str, cfg: E2EConfig) -> Arm:
         # every measured step pays for the full preconditioning.
         pre = gk.GritPreconditioner(model, gk.GritConfig(backend=cfg.backend, warmup_steps=cfg.warmup))
         return Arm(name, model, gk.GritOptimizer(inner, pre), pre.num_modules, cleanup=pre.remove)
+    if name in ("peft-eigen", "fused-eigen"):
+        import grit_kernels as gk
+
+        pre = gk.GritPreconditioner(model, gk.GritConfig(backend=cfg.backend, kl_clip=None))
+        eigen = gk.EigenAdamW([p for p in model.parameters() if p.requires_grad], pre, lr=cfg.lr)
+        return Arm(name, model, gk.GritOptimizer(eigen, pre), pre.num_modules, cleanup=pre.remove)
     if name == "grit-prior":
         prior_art = _load_sibling("prior_art_grit")
         prior = prior_art.PriorArtGrit(model, warmup_steps=cfg.warmup)
@@ -971,7 +980,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="reference size: 5 warm-up + 20 measured steps, CPU memory probe")
     p.add_argument("--steps", type=int, help="measured optimizer steps per arm (default 6; --full 20)")
     p.add_argument("--warmup", type=int, help="warm-up steps per arm, not measured (default 2; --full 5)")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     p.add_argument("--order", choices=("interleave", "sequential"), help="CPU: interleave, CUDA: sequential")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)

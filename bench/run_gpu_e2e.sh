@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end speed comparison on a GPU machine, in its own 10-minute device call (after bench/run_gpu.sh):
 # Llama-3-8B shapes (random weights, built on the GPU), QLoRA NF4, bf16, batch 2 x grad-accum 4, r 16,
-# dynamic padding; arms from bench/bench_e2e.py (ARMS=... to choose, default peft-adamw,peft-grit,fused-grit).
+# dynamic padding; arms from bench/bench_e2e.py (ARMS=... to choose, default peft-adamw,peft-grit,fused-grit;
+# fused-adamw for the fused-grit/fused-adamw target, fused-eigen for EigenAdamW on request).
 # Usage, from the repo root:   bash bench/run_gpu_e2e.sh        (OUT=dir to choose the output)
 # Needs bitsandbytes: carry .whl/ (bash ../shared/tools/gpu-wheels.sh fetches it); installed into /tmp/site.
 # Files under $OUT (at most 8): env.txt, nvidia-smi.txt, bench-e2e.txt, summary.txt, e2e/e2e-qlora.{json,png}.

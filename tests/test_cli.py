@@ -51,6 +51,18 @@ def test_bench_e2e_writes_json_with_every_key(tmp_path, capsys):
     assert result["tokens"]["padding_fraction"] == 0  # packed by default: no padding tokens
 
 
+def test_bench_e2e_eigen_arms_on_request(tmp_path):
+    """peft-eigen / fused-eigen: EigenAdamW inside GritOptimizer, run only when asked for."""
+    argv = ["bench", "e2e", "--layers", "2", "--steps", "2", "--warmup", "1", "--batch-size", "2", "--max-length", "256"]
+    argv += ["--arms", "peft-adamw,peft-eigen,fused-eigen", "--no-memory", "--no-progress", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    arms = json.loads((tmp_path / "e2e.json").read_text())["arms"]
+    assert set(arms) == {"peft-adamw", "peft-eigen", "fused-eigen"}
+    for name in ("peft-eigen", "fused-eigen"):
+        assert arms[name]["status"] == "ok" and all(torch.isfinite(torch.tensor(arms[name]["losses"])))
+        assert arms[name]["lora_modules"] == 14 and arms[name]["ratio_to_adamw"] > 0
+
+
 def test_bench_e2e_packed_refuses_a_model_that_leaks(tmp_path, capsys):
     """OPT derives its masks from attention_mask only: packed rows would attend across samples."""
     from helpers import TINY_OPT
