@@ -205,6 +205,7 @@ def run(args) -> dict:
         warmup=args.warmup,
         steps=args.steps,
         seq=args.seq,
+        layers=args.layers,
         progress=False,
         arms=tuple(dict.fromkeys(v.split("+")[0] for v in variants)),
     ).resolve()
@@ -222,7 +223,7 @@ def run(args) -> dict:
             if i >= cfg.warmup:
                 raw[v].append(times)
         # hot re-runs on a few steps' data (they cost time, not the results)
-        if i >= cfg.warmup and i % 4 == 0:
+        if i >= cfg.warmup and (i - cfg.warmup) % 4 == 0:
             for v, rows in hot.items():
                 rows.append(hot_pieces(arms[v], micro_batches, timers))
     keys = ("forward", "backward", "optimizer", "flush", *PIECES)
@@ -249,7 +250,8 @@ def run(args) -> dict:
         "torch_threads": torch.get_num_threads(),
         "load_average_1m": {"before": load_before, "after": os.getloadavg()[0]},
         "config": {
-            k: getattr(cfg, k) for k in ("batch_size", "grad_accum", "max_length", "seq", "warmup", "steps")
+            k: getattr(cfg, k)
+            for k in ("batch_size", "grad_accum", "max_length", "seq", "warmup", "steps", "layers")
         },
         "variants": list(variants),
         "summary": summary,
@@ -341,6 +343,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None, help="decoder layers of the tiny model (default 32)")
     p.add_argument(
         "--out", default=None, help="directory for grit_overhead.json (default ./grit-results/cpu)"
     )
