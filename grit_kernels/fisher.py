@@ -27,10 +27,12 @@ runs only when ``step(lr=...)`` is called directly:
   ``(C + lam I)^-1 = (I - U U^T) / (s_rest + lam) + U diag(1 / (s + lam)) U^T``. Memory and work are
   ``O(d m)`` per factor (capture ``2 N d m`` flops), never ``d x d``: it runs at Llama-3-8B shapes.
   ``k = large_factor_rank``, ``m = large_factor_sketch`` (both cut to ``d - 1`` and ``d``); with
-  ``m = d`` the sketch is exact and ``k = d - 1`` gives :class:`FullKFAC`'s step. Same damping, clip,
-  hooks (PEFT's ``lora_A``/``lora_B`` modules: not under :func:`grit_kernels.fuse`) and DDP reduction as
-  :class:`FullKFAC`; one hook call per module in capture, the fold, refresh and preconditioning batched over
-  the modules of one width.
+  ``m = d`` the sketch is exact and ``k = d - 1`` gives :class:`FullKFAC`'s step. Same damping, clip, capture
+  and DDP reduction as :class:`FullKFAC`; one capture call per module, the fold, refresh and preconditioning
+  batched over the modules of one width.
+
+Capture: on PEFT's path by hooks on ``lora_A`` (input ``x``) and ``lora_B`` (output gradient); under
+:func:`grit_kernels.fuse` inside the fused blocks' backward, which have both (``capture_output_gradient``).
 
 Memory under activation checkpointing: both large-factor options need each LoRA layer's input ``x`` in backward.
 Without checkpointing (and under reentrant checkpointing) they hold it from forward to backward, as autograd
@@ -158,10 +160,19 @@ class _LargeFactorKFAC:
         self._handles = []
 
     def _register_hooks(self) -> None:
+        """Hooks on PEFT's ``lora_A`` / ``lora_B`` (PEFT's path), and the module's entry in its layer's GRIT state
+        that the fused blocks of :func:`grit_kernels.fuse` look up (they call :meth:`capture_output_gradient`)."""
         for m in self.pre.modules:
             adapter = m.layer.active_adapters[0]
             self._handles.append(m.layer.lora_A[adapter].register_forward_hook(self._input_hook(m.index)))
             self._handles.append(m.layer.lora_B[adapter].register_forward_hook(self._output_hook(m)))
+            m.layer._grit_state["large_factors"] = (self, m.index)
+
+    def capture_output_gradient(self, index: int, x: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add module ``index``'s sums from its LoRA input ``x [..., d_in]`` and the gradient of its whole
+        output ``grad = dL/dy [..., d_out]`` (what a fused block has in backward; PEFT's path gets these from
+        the hooks)."""
+        self._capture(index, x, grad, 1.0)
 
     @staticmethod
     def _dims(pre) -> list[tuple[int, int]]:
@@ -234,8 +245,9 @@ class _LargeFactorKFAC:
         if bool((self.rows.sum() == 0) & (pre.bank.rows.sum() > 0)):  # one host read per step
             raise RuntimeError(
                 f"fisher={cfg.fisher!r}: the rank-space statistics were captured this step but the large factors "
-                "were not: they are captured by hooks on PEFT's lora_A / lora_B modules, which grit_kernels.fuse "
-                "bypasses. Call grit_kernels.unfuse(model) or use fisher='kfac'"
+                "were not: they are captured by hooks on PEFT's lora_A / lora_B modules and inside the blocks of "
+                "grit_kernels.fuse; the LoRA layers ran through something that bypasses both (a custom LoRA "
+                "kernel?). Use PEFT's path or gk.fuse, or fisher='kfac'"
             )
         all_reduce_statistics(pre.bank)
         self._all_reduce_sums()
@@ -345,6 +357,8 @@ class _LargeFactorKFAC:
         for h in self._handles:
             h.remove()
         self._handles = []
+        for m in self.pre.modules:
+            m.layer.__dict__.get("_grit_state", {}).pop("large_factors", None)
 
 
 def _checkpoint_phase() -> str | None:

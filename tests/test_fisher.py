@@ -269,16 +269,33 @@ def test_kfac_lowrank_memory_is_linear_in_the_width():
     assert low.memory_bytes < 4 * sum(a * a + b * b for a, b in dims)
 
 
+@pytest.mark.parametrize("checkpointing", [None, "non-reentrant"])
 @pytest.mark.parametrize("fisher", ["kfac_full", "kfac_lowrank"])
-def test_large_factor_fishers_refuse_fused_blocks_that_bypass_their_hooks(fisher):
-    model = small_llama(num_layers=1, r=4)
-    pre = gk.GritPreconditioner(model, gk.GritConfig(fisher=fisher, warmup_steps=0))
-    gk.fuse(model)
-    ids = torch.randint(0, 512, (2, 8))
-    model(input_ids=ids, labels=ids).loss.backward()
-    with pytest.raises(RuntimeError, match="grit_kernels.fuse bypasses"):
-        pre.step()
-    assert pre.step_count == 0
+def test_large_factor_fishers_under_fuse_match_peft(fisher, checkpointing):
+    """gk.fuse computes the LoRA layers in fused blocks (no lora_A / lora_B module calls): their backward hands x
+    and dL/dy to the large-factor capture, so two GRIT+SGD steps give PEFT's path's factors and adapters."""
+    results = {}
+    for fused in (False, True):
+        model = checkpointed_llama(checkpointing)
+        pre = gk.GritPreconditioner(model, gk.GritConfig(fisher=fisher, warmup_steps=0, large_factor_rank=4))
+        if fused:
+            assert gk.fuse(model).fused_modules == 14
+        opt = gk.GritOptimizer(torch.optim.SGD(pre.parameters(), lr=1e-2), pre)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(2):
+            ids = torch.randint(0, 512, (2, 12), generator=gen)
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        state = pre._fisher.state_dict()
+        names = ("input_factor", "output_factor", "input_sketch", "output_sketch", "input_trace", "output_trace")
+        results[fused] = ([t for name in names for t in state.get(name, [])], [p.detach().clone() for p in pre.parameters()])
+    factors, params = results[False]
+    assert len(factors) >= 28 and all(t.abs().max() > 0 for t in factors)
+    for a, b in zip(results[True][0], factors):
+        assert (a - b).norm() <= 1e-5 * b.norm()
+    for a, b in zip(results[True][1], params):
+        assert (a - b).norm() <= 1e-4 * b.norm()
 
 
 def test_large_factor_options_are_validated():

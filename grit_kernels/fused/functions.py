@@ -20,6 +20,8 @@ Backward, from ``g = dL/dy``::
 ``h`` and ``delta`` are exactly the tensors GRIT's statistics need: backward hands them to
 :data:`grit_kernels.layers.RECORDER`, which forms every module's row mask and Grams in one batched
 pass when the backward ends (only for modules a :class:`~grit_kernels.GritPreconditioner` patched).
+With ``fisher="kfac_full"`` / ``"kfac_lowrank"`` backward also hands ``x`` and each module's ``g`` to the
+large-factor capture (:meth:`ProjectionGroup.record_large_factors`).
 
 :class:`FusedQKV` is the q/k/v group returning ``q, k, v [..., H, D]`` (views of its output) with
 the rotary position embedding of q and k applied inside (one ``mul`` + two ``addcmul_`` for q and k
@@ -78,6 +80,18 @@ class ProjectionGroup:
             not layer._disable_adapters and not layer.merged_adapters and layer._active_adapter in (a, [a])
             for layer in self.layers
         )
+
+    def record_large_factors(self, x: torch.Tensor, g: torch.Tensor) -> None:
+        """Hand the group input ``x [N, d]`` and each module's output gradient ``dL/dy_k`` (its columns of
+        ``g [N, sum o_k]``) to the large-factor option (``fisher="kfac_full"`` / ``"kfac_lowrank"``) of the
+        preconditioner that patched the module, if any (a dict look-up per layer otherwise)."""
+        at = 0
+        for layer, out in zip(self.layers, self.out_features):
+            state = layer.__dict__.get("_grit_state")
+            owner = state.get("large_factors") if state else None
+            if owner is not None:
+                owner[0].capture_output_gradient(owner[1], x, g[:, at : at + out])
+            at += out
 
     def record_statistics(self, h: torch.Tensor, delta: torch.Tensor) -> None:
         """Hand ``h, delta [N, K r]`` to the recorder for the modules a preconditioner patched."""
@@ -171,6 +185,7 @@ def _group_backward(group, g, x2, h, a, b, s: float, lora, needs_x: bool, needs_
         gx = torch.mm(g, group.weights.weight(group.name, g.dtype))
         gx.addmm_(delta, a)
     group.record_statistics(h, delta)
+    group.record_large_factors(x2, g)
     return gx, grads
 
 
