@@ -11,6 +11,7 @@ forward+backward and optimizer phases beside it. Random weights are fine for
 speed. Writes ``<out>/large_factor_cost.json`` and prints a table::
 
     python bench/bench_large_factor_cost.py --out bench/results/cpu     # ~3 min on 2 cores
+    python bench/bench_large_factor_cost.py --fuse ...                  # every arm on gk.fuse's blocks
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ ARMS = {
 }
 
 
-def build(hidden: int, grit: dict | None, seed: int = 0):
+def build(hidden: int, grit: dict | None, seed: int = 0, fuse: bool = False):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -47,6 +48,8 @@ def build(hidden: int, grit: dict | None, seed: int = 0):
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     model = get_peft_model(model, lora)
+    if fuse:
+        gk.fuse(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     if grit is not None:
         opt = gk.GritOptimizer(opt, gk.GritPreconditioner(model, gk.GritConfig(warmup_steps=0, **grit)))
@@ -63,8 +66,8 @@ def step(model, opt, ids) -> tuple[float, float]:
     return t1 - t0, time.perf_counter() - t1
 
 
-def measure(hidden: int, arms: list[str], steps: int, warmup: int, batch: int, seq: int) -> dict:
-    runs = {arm: build(hidden, ARMS[arm]) for arm in arms}
+def measure(hidden: int, arms: list[str], steps: int, warmup: int, batch: int, seq: int, fuse: bool = False) -> dict:
+    runs = {arm: build(hidden, ARMS[arm], fuse=fuse) for arm in arms}
     gen = torch.Generator().manual_seed(0)
     phases: dict[str, list[tuple[float, float]]] = {arm: [] for arm in arms}
     for i in range(warmup + steps):
@@ -93,6 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--full-max-hidden", type=int, default=512, help="skip kfac_full above this width (d^3 per step)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--fuse", action="store_true", help="every arm on gk.fuse's blocks (default: PEFT's layers)")
     p.add_argument("--out", default="grit-results", help="output directory (default ./grit-results)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -105,15 +109,16 @@ def main(argv=None) -> int:
     print("|---" * (len(arms) + 1) + "|")
     for hidden in (int(h) for h in args.hidden.split(",")):
         use = [a for a in arms if a != "kfac_full" or hidden <= args.full_max_hidden]
-        res = measure(hidden, use, args.steps, args.warmup, args.batch_size, args.seq_len)
+        res = measure(hidden, use, args.steps, args.warmup, args.batch_size, args.seq_len, fuse=args.fuse)
         result["widths"][str(hidden)] = res
         cells = [f"{res[a]['median_ms']:.1f} ({res[a]['ratio_to_adamw']:.2f}x)" if a in res else "skipped" for a in arms]
         print(f"| {hidden} | " + " | ".join(cells) + " |", flush=True)
     result["load_average_1m_end"] = __import__("os").getloadavg()[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "large_factor_cost.json").write_text(json.dumps(result, indent=1))
-    print(f"wrote {out / 'large_factor_cost.json'}")
+    name = "large_factor_cost_fused.json" if args.fuse else "large_factor_cost.json"
+    (out / name).write_text(json.dumps(result, indent=1))
+    print(f"wrote {out / name}")
     return 0
 
 
