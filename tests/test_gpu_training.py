@@ -100,8 +100,8 @@ def grit_sgd_steps(model, config, steps, device, fuse=False):
 
 @pytest.mark.parametrize(
     ("fisher", "fuse"),
-    [("kfac", False), ("kfac", True), ("kfac_lowrank", False), ("diagonal", False)],
-    ids=["kfac", "kfac-fused", "kfac_lowrank", "diagonal"],
+    [("kfac", False), ("kfac", True), ("kfac_lowrank", False), ("kfac_lowrank", True), ("diagonal", False)],
+    ids=["kfac", "kfac-fused", "kfac_lowrank", "kfac_lowrank-fused", "diagonal"],
 )
 def test_grit_steps_on_cuda_match_the_cpu(fisher, fuse):
     """Three GRIT+SGD steps (warm-up 0, refresh every step, backend auto: the Triton/CUDA kernels on the
