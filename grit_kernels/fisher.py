@@ -483,8 +483,8 @@ class _SketchGroup:
     def __init__(self, members: list[int], d: int, m: int, k: int, test: torch.Tensor):
         device = test.device
         n = len(members)
-        self.members, self.d, self.m, self.k, self.test = members, d, m, k, test
-        self.index = torch.tensor(members, device=device)  #: ``members`` on the device
+        self.d, self.k, self.test = d, k, test
+        self.index = torch.tensor(members, device=device)  #: the members' module indices
         self.sketch_sum = torch.zeros(n, d, m, device=device)  #: this step's ``sum y (y^T V)``
         self.trace_sum = torch.zeros(n, device=device)  #: this step's ``sum |y|^2``
         self.sketch = torch.zeros(n, d, m, device=device)  #: EMA of ``C V``
