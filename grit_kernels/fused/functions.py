@@ -84,7 +84,11 @@ class ProjectionGroup:
     def record_large_factors(self, x: torch.Tensor, g: torch.Tensor) -> None:
         """Hand the group input ``x [N, d]`` and each module's output gradient ``dL/dy_k`` (its columns of
         ``g [N, sum o_k]``) to the large-factor option (``fisher="kfac_full"`` / ``"kfac_lowrank"``) of the
-        preconditioner that patched the module, if any (a dict look-up per layer otherwise)."""
+        preconditioner that patched the module, if any (a dict look-up per layer otherwise). Not inside a
+        compiled graph (the capture keeps Python state): the preconditioner's step then says the large factors
+        were not captured."""
+        if torch.compiler.is_compiling():
+            return
         at = 0
         for layer, out in zip(self.layers, self.out_features):
             state = layer.__dict__.get("_grit_state")
