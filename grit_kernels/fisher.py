@@ -543,6 +543,7 @@ class LowRankKFAC(_LargeFactorKFAC):
         state = sum(t.numel() for name in self._STATE_LISTS for t in getattr(self, name))
         self.memory_bytes = 4 * (state + sum(t.numel() for t in self.tests.values()))
         self._last_input = None  # (key, x, x V) of the last input sketched: layers that share x reuse x V
+        self._indices: dict[tuple[int, ...], torch.Tensor] = {}  # _on_device's index tensors
         self._register_hooks()
 
     def _accumulate(self, index: int, x: torch.Tensor, grad: torch.Tensor, carries: torch.Tensor, weight: float) -> None:
@@ -596,6 +597,13 @@ class LowRankKFAC(_LargeFactorKFAC):
             g.gain.copy_(1.0 / (values + lam) - 1.0 / (rest + lam))
             g.rest.copy_(1.0 / (rest[:, 0] + lam[:, 0]))
 
+    def _on_device(self, values: tuple[int, ...]) -> torch.Tensor:
+        """``values`` as an index tensor on the bank's device, made once (a host-to-device copy every step would
+        wait for the device)."""
+        if values not in self._indices:
+            self._indices[values] = torch.tensor(values, device=self.rows.device)
+        return self._indices[values]
+
     def _precondition(self, lr) -> None:
         """:meth:`_LargeFactorKFAC._precondition`, batched: ``grad_A`` per (input width, rank), ``grad_B`` per
         (output width, rank); one grouped copy back, and the KL-clip's dot product from the stacked raw grads."""
@@ -610,8 +618,8 @@ class LowRankKFAC(_LargeFactorKFAC):
                 group = where[mods[0].index][0]
                 grads = [m.lora_A.grad if side == "A" else m.lora_B.grad for m in mods]
                 raw = torch.stack(grads).float()  # A: [n, r, d_in]; B: [n, d_out, r]
-                index = torch.tensor([m.index for m in mods], device=raw.device)
-                at = torch.tensor([where[m.index][1] for m in mods], device=raw.device)
+                index = self._on_device(tuple(m.index for m in mods))
+                at = self._on_device(tuple(where[m.index][1] for m in mods))
                 inverse = bank.inverse[slot, index, :r, :r]
                 u, gain, rest = group.vectors[at], group.gain[at], group.rest[at]
                 if side == "A":
