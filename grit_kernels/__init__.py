@@ -12,6 +12,7 @@ from .compress import compress_adapter
 from .config import GritConfig
 from .eigen_adam import EigenAdamW
 from .fused import FusionReport, fuse, unfuse
+from .model_files import load_causal_lm, resolve_model_path
 from .optim import GritOptimizer
 from .preconditioner import GritPreconditioner
 from .status import InverseStatus
@@ -38,6 +39,8 @@ __all__ = [
     "GritOptimizer",
     "GritPreconditioner",
     "InverseStatus",
+    "load_causal_lm",
+    "resolve_model_path",
     "ModalityGroup",
     "VLMGritConfig",
     "compress_adapter",
