@@ -7,13 +7,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
 FISHERS = ("kfac", "diagonal", "kfac_full", "kfac_lowrank")
 REPROJECTIONS = ("off", "one_sided", "two_sided")
 RANK_SCHEDULES = ("linear", "cosine", "adaptive")
+OPTIMIZER_STATES = ("reset", "rotate")
+
+
+def _knob(default, help: str, choices: tuple[str, ...] | None = None):
+    """A :class:`GritConfig` field with its one-line ``help`` (and allowed ``choices``) in the field's
+    metadata: :mod:`grit_kernels.arguments` builds the Trainer's ``grit_*`` arguments and the CLI's
+    ``--grit-*`` flags from them. The class docstring holds the long description."""
+    metadata = {"help": help}
+    if choices is not None:
+        metadata["choices"] = choices
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -110,33 +121,43 @@ class GritConfig:
             mapped into the new basis exactly, second moments by the element-wise squared map).
     """
 
-    update_freq: int = 1
-    damping: float = 1e-3
-    damping_floor: float = 0.0
-    eps_abs: float = 1e-12
-    ema_decay: float = 0.95
-    retry_damping_factor: float = 100.0
-    warmup_steps: int = 10
-    kl_clip: float | None = 0.1
-    backend: str = "auto"
-    target_modules: Sequence[str] | None = None
-    exclude_modules: Sequence[str] = ()
-    nonfinite_grads: str = "skip"
-    graft: bool = True
-    fisher: str = "kfac"
-    kfac_full_max_bytes: int = 2**30
-    large_factor_rank: int = 16
-    large_factor_sketch: int | None = None
-    reprojection: str = "off"
-    reprojection_freq: int = 100
-    reprojection_start: int = 0
-    rank_schedule: str | None = None
-    rank_start: float = 1.0
-    rank_end: float = 0.5
-    rank_schedule_steps: int = 1000
-    rank_energy: float = 0.99
-    min_rank: int = 1
-    reprojection_optimizer_state: str = "reset"
+    update_freq: int = _knob(1, "invert the r x r factors every N optimizer steps (>= 1)")
+    damping: float = _knob(1e-3, "relative damping: lam = damping * tr(C)/r + eps_abs, in [0, 1e6]")
+    damping_floor: float = _knob(
+        0.0, "damping floor as a fraction in [0, 1] of the running maximum of tr(C)/r (fisher=kfac; 0: off)"
+    )
+    eps_abs: float = _knob(1e-12, "absolute damping added to lam, >= 0")
+    ema_decay: float = _knob(0.95, "EMA decay of the factors, in [0, 1)")
+    retry_damping_factor: float = _knob(100.0, "damping multiplier of the inversion retry, > 1")
+    warmup_steps: int = _knob(10, "optimizer steps with unpreconditioned gradients while the factors warm up (>= 0)")
+    kl_clip: float | None = _knob(0.1, "KL-clip trust region on the step taken, > 0 (none: off)")
+    backend: str = _knob("auto", "kernels of the GRIT step", choices=BACKENDS)
+    target_modules: Sequence[str] | None = _knob(
+        None, "names or name suffixes of LoRA layers to precondition (default: all)"
+    )
+    exclude_modules: Sequence[str] = _knob((), "names or name suffixes of LoRA layers to leave unpreconditioned")
+    nonfinite_grads: str = _knob("skip", "what a NaN/Inf (or all-zero) LoRA gradient does", choices=NONFINITE_POLICIES)
+    graft: bool = _knob(True, "GRIT's direction with the raw gradient's norm, per tensor")
+    fisher: str = _knob("kfac", "the curvature model", choices=FISHERS)
+    kfac_full_max_bytes: int = _knob(2**30, "memory limit of fisher=kfac_full's d x d factors (>= 1)")
+    large_factor_rank: int = _knob(16, "fisher=kfac_lowrank: eigenpairs kept per large factor (>= 1)")
+    large_factor_sketch: int | None = _knob(
+        None, "fisher=kfac_lowrank: sketch test vectors per large factor (>= large_factor_rank; none: 2 x rank)"
+    )
+    reprojection: str = _knob("off", "periodic re-basing onto the Fisher eigenbasis", choices=REPROJECTIONS)
+    reprojection_freq: int = _knob(100, "reproject every N optimizer steps (>= 1)")
+    reprojection_start: int = _knob(0, "first optimizer step that may reproject (>= 0)")
+    rank_schedule: str | None = _knob(
+        None, "rank budget schedule (needs reprojection; none: keep ranks)", choices=RANK_SCHEDULES
+    )
+    rank_start: float = _knob(1.0, "scheduled rank at the start, fraction of the initial rank, in (0, 1]")
+    rank_end: float = _knob(0.5, "scheduled rank at the end, fraction of the initial rank, in (0, 1]")
+    rank_schedule_steps: int = _knob(1000, "step at which the schedule reaches rank_end")
+    rank_energy: float = _knob(0.99, "spectral energy kept by the adaptive schedule, in (0, 1]")
+    min_rank: int = _knob(1, "no module is cut below this rank (>= 1)")
+    reprojection_optimizer_state: str = _knob(
+        "reset", "optimizer state of re-based tensors", choices=OPTIMIZER_STATES
+    )
 
     def __post_init__(self) -> None:
         self._check_int("update_freq", 1)
@@ -187,7 +208,7 @@ class GritConfig:
             )
         if self.rank_schedule is not None and self.reprojection == "off":
             raise ValueError("GritConfig.rank_schedule needs reprojection='one_sided' or 'two_sided'")
-        if self.reprojection_optimizer_state not in ("reset", "rotate"):
+        if self.reprojection_optimizer_state not in OPTIMIZER_STATES:
             raise ValueError(
                 "GritConfig.reprojection_optimizer_state must be 'reset' or 'rotate', "
                 f"got {self.reprojection_optimizer_state!r}"

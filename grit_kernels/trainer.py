@@ -35,6 +35,7 @@ GRIT wraps it in a :class:`TrainerGritOptimizer` *before* ``accelerator.prepare`
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import warnings
 from collections.abc import Callable
@@ -43,109 +44,46 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
+from transformers.trainer_utils import IntervalStrategy
 
+from .arguments import GritConfigArguments, trainer_config
+from .checkpoints import atomic_checkpoint
 from .config import GritConfig
 from .data import PackedCollator, packing_isolates
 from .distributed import check_not_fsdp, fsdp_error
+from .fused.patch import fuse, is_fused, unfuse
 from .optim import GritOptimizer
 from .preconditioner import GritPreconditioner
 
 GRIT_CHECKPOINT_NAME = "grit_preconditioner.pt"
-_DEFAULTS = GritConfig()
+logger = logging.getLogger(__name__)
 GRIT_OPTIMIZERS = ("wrap", "eigen_adamw")
 
 
 # --------------------------------------------------------------------------------------------- arguments
 @dataclass
-class GritTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus ``grit_*`` fields, one per :class:`~grit_kernels.GritConfig` knob.
+class GritTrainingArguments(GritConfigArguments, TrainingArguments):
+    """``TrainingArguments`` plus ``grit_*`` fields: one per :class:`~grit_kernels.GritConfig` field
+    (generated from it by :mod:`grit_kernels.arguments`: same names, defaults, help and validation), and the
+    Trainer-only knobs below.
 
     ``grit=False`` turns GRIT off (the trainer is then a plain ``Trainer``; handy for A/B runs).
-    ``to_grit_config()`` returns the validated :class:`GritConfig`; invalid values raise ``ValueError``
-    naming the ``grit_*`` field when the arguments are built.
+    ``grit_fuse`` (default True) routes the model through :func:`grit_kernels.fuse` where it applies, with or
+    without GRIT. ``to_grit_config()`` returns the validated :class:`GritConfig`; invalid values raise
+    ``ValueError`` naming the ``grit_*`` field when the arguments are built.
     """
 
     grit: bool = field(
         default=True, metadata={"help": "Precondition LoRA gradients with GRIT (rank-space K-FAC)."}
     )
-    grit_update_freq: int = field(
-        default=_DEFAULTS.update_freq, metadata={"help": "Invert the r x r factors every N optimizer steps."}
+    grit_fuse: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the model's decoder blocks through grit_kernels.fuse (fused LoRA blocks, statistics "
+            "inside) wherever it applies, with GRIT or without (grit=False A/B runs stay like for like); "
+            "parts it does not support keep PEFT's path and the reason is logged. False: PEFT's path."
+        },
     )
-    grit_damping: float = field(
-        default=_DEFAULTS.damping, metadata={"help": "Relative damping: lam = damping * tr(C)/r + eps_abs."}
-    )
-    grit_eps_abs: float = field(default=_DEFAULTS.eps_abs, metadata={"help": "Absolute damping floor."})
-    grit_ema_decay: float = field(default=_DEFAULTS.ema_decay, metadata={"help": "EMA decay of the factors."})
-    grit_warmup_steps: int = field(
-        default=_DEFAULTS.warmup_steps, metadata={"help": "Optimizer steps with unpreconditioned gradients."}
-    )
-    grit_kl_clip: float | None = field(
-        default=_DEFAULTS.kl_clip,
-        metadata={"help": "KL-clip trust region on the preconditioned step (None: off)."},
-    )
-    grit_retry_damping_factor: float = field(
-        default=_DEFAULTS.retry_damping_factor,
-        metadata={"help": "Damping multiplier of the inversion retry."},
-    )
-    grit_backend: str = field(default=_DEFAULTS.backend, metadata={"help": "auto | torch | triton"})
-    grit_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "Names / suffixes of LoRA layers to precondition (default: all)."}
-    )
-    grit_exclude_modules: list[str] | None = field(
-        default=None, metadata={"help": "Names / suffixes of LoRA layers to leave unpreconditioned."}
-    )
-    grit_nonfinite_grads: str = field(
-        default=_DEFAULTS.nonfinite_grads, metadata={"help": "skip | raise | ignore: NaN/Inf LoRA gradients."}
-    )
-    grit_graft: bool = field(
-        default=_DEFAULTS.graft, metadata={"help": "GRIT's direction with the raw gradient's norm, per tensor."}
-    )
-    grit_fisher: str = field(
-        default=_DEFAULTS.fisher, metadata={"help": "kfac | diagonal | kfac_full | kfac_lowrank: the curvature model."}
-    )
-    grit_kfac_full_max_bytes: int = field(
-        default=_DEFAULTS.kfac_full_max_bytes, metadata={"help": "Memory limit of fisher=kfac_full's d x d factors."}
-    )
-    grit_large_factor_rank: int = field(
-        default=_DEFAULTS.large_factor_rank, metadata={"help": "fisher=kfac_lowrank: eigenpairs kept per large factor."}
-    )
-    grit_large_factor_sketch: int | None = field(
-        default=_DEFAULTS.large_factor_sketch,
-        metadata={"help": "fisher=kfac_lowrank: sketch test vectors per large factor (default 2 x rank)."},
-    )
-    grit_reprojection: str = field(
-        default=_DEFAULTS.reprojection,
-        metadata={"help": "off | one_sided | two_sided: periodic re-basing onto the Fisher eigenbasis."},
-    )
-    grit_reprojection_freq: int = field(
-        default=_DEFAULTS.reprojection_freq, metadata={"help": "Reproject every N optimizer steps."}
-    )
-    grit_reprojection_start: int = field(
-        default=_DEFAULTS.reprojection_start, metadata={"help": "First optimizer step that may reproject."}
-    )
-    grit_rank_schedule: str | None = field(
-        default=_DEFAULTS.rank_schedule,
-        metadata={"help": "None | linear | cosine | adaptive: rank budget schedule (needs grit_reprojection)."},
-    )
-    grit_rank_start: float = field(
-        default=_DEFAULTS.rank_start, metadata={"help": "Scheduled rank at the start, fraction of the initial rank."}
-    )
-    grit_rank_end: float = field(
-        default=_DEFAULTS.rank_end, metadata={"help": "Scheduled rank at the end, fraction of the initial rank."}
-    )
-    grit_rank_schedule_steps: int = field(
-        default=_DEFAULTS.rank_schedule_steps, metadata={"help": "Step at which the schedule reaches rank_end."}
-    )
-    grit_rank_energy: float = field(
-        default=_DEFAULTS.rank_energy, metadata={"help": "Spectral energy kept by the adaptive schedule."}
-    )
-    grit_min_rank: int = field(default=_DEFAULTS.min_rank, metadata={"help": "No module is cut below this rank."})
-    grit_reprojection_optimizer_state: str = field(
-        default=_DEFAULTS.reprojection_optimizer_state,
-        metadata={"help": "reset | rotate: optimizer state of re-based tensors."},
-    )
-
     grit_optimizer: str = field(
         default="wrap",
         metadata={
@@ -194,41 +132,7 @@ class GritTrainingArguments(TrainingArguments):
 
     def to_grit_config(self) -> GritConfig:
         """The :class:`GritConfig` these arguments describe."""
-        values = dict(
-            update_freq=self.grit_update_freq,
-            damping=self.grit_damping,
-            eps_abs=self.grit_eps_abs,
-            ema_decay=self.grit_ema_decay,
-            retry_damping_factor=self.grit_retry_damping_factor,
-            warmup_steps=self.grit_warmup_steps,
-            kl_clip=self.grit_kl_clip,
-            backend=self.grit_backend,
-            target_modules=self.grit_target_modules,
-            exclude_modules=self.grit_exclude_modules or (),
-            nonfinite_grads=self.grit_nonfinite_grads,
-            graft=self.grit_graft,
-            fisher=self.grit_fisher,
-            kfac_full_max_bytes=self.grit_kfac_full_max_bytes,
-            large_factor_rank=self.grit_large_factor_rank,
-            large_factor_sketch=self.grit_large_factor_sketch,
-            reprojection=self.grit_reprojection,
-            reprojection_freq=self.grit_reprojection_freq,
-            reprojection_start=self.grit_reprojection_start,
-            rank_schedule=self.grit_rank_schedule,
-            rank_start=self.grit_rank_start,
-            rank_end=self.grit_rank_end,
-            rank_schedule_steps=self.grit_rank_schedule_steps,
-            rank_energy=self.grit_rank_energy,
-            min_rank=self.grit_min_rank,
-            reprojection_optimizer_state=self.grit_reprojection_optimizer_state,
-        )
-        try:
-            return GritConfig(**values)
-        except ValueError as e:
-            message = str(e)
-            for name in sorted(values, key=len, reverse=True):  # rank_schedule_steps before rank_schedule
-                message = message.replace(f"GritConfig.{name}", f"GritTrainingArguments.grit_{name}")
-            raise ValueError(message) from None
+        return trainer_config(self)
 
 
 # --------------------------------------------------------------------------------------------- optimizer
@@ -432,18 +336,23 @@ class _GritTrainerMixin:
     grit_preconditioner: GritPreconditioner | None
 
     def _grit_init(
-        self, config: GritConfig | None, preconditioner: GritPreconditioner | None, force: bool = False
+        self,
+        config: GritConfig | None,
+        preconditioner: GritPreconditioner | None,
+        force: bool = False,
+        fuse: bool | None = None,
     ) -> None:
         """Resolve the config (explicit > the preconditioner's > ``args.to_grit_config()`` > defaults);
-        ``args.grit=False`` disables GRIT unless ``force`` (enable_grit)."""
+        ``args.grit=False`` disables GRIT unless ``force`` (enable_grit). ``fuse`` (default
+        ``args.grit_fuse``, else True): fuse the model now (:meth:`_grit_fuse_model`)."""
         if preconditioner is not None and not isinstance(preconditioner, GritPreconditioner):
             raise TypeError(
                 f"grit_preconditioner must be a GritPreconditioner, got {type(preconditioner).__name__}"
             )
+        args = getattr(self, "args", None)
         if config is None and preconditioner is not None:
             config = preconditioner.config
         if config is None:
-            args = getattr(self, "args", None)
             if isinstance(args, GritTrainingArguments):
                 config = args.to_grit_config() if (args.grit or force) else None
             else:
@@ -452,19 +361,46 @@ class _GritTrainerMixin:
             raise TypeError(f"grit_config must be a GritConfig, got {type(config).__name__}")
         self.grit_config = config
         self.grit_preconditioner = preconditioner
-        if config is None:
+        self.grit_fuse = bool(getattr(args, "grit_fuse", True) if fuse is None else fuse)
+        self.grit_fusion = None
+        self._grit_fused_model = None
+        if config is not None:
+            if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_fsdp_xla_enabled", False):
+                raise fsdp_error()
+            if getattr(self, "is_deepspeed_enabled", False):
+                raise NotImplementedError(
+                    "GRIT does not support DeepSpeed (it owns the optimizer step and partitions the "
+                    "gradients). Use DDP."
+                )
+            check_not_fsdp(self.model)
+            _check_train_dataset(getattr(self, "train_dataset", None))
+            if not any(isinstance(cb, GritCallback) for cb in self.callback_handler.callbacks):
+                self.add_callback(GritCallback(self))
+        if self.model is not None:  # model_init: fused when the optimizer is created
+            self._grit_fuse_model()
+
+    def _grit_fuse_model(self) -> None:
+        """Route ``self.model`` through :func:`grit_kernels.fuse` (once per model) if ``grit_fuse``; log the
+        report once, and why when parts (or all of it) keep PEFT's path. ``grit_fusion`` holds the report
+        (``None``: not attempted)."""
+        model = self.model
+        if not self.grit_fuse or model is None or model is self._grit_fused_model:
             return
-        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_fsdp_xla_enabled", False):
-            raise fsdp_error()
-        if getattr(self, "is_deepspeed_enabled", False):
-            raise NotImplementedError(
-                "GRIT does not support DeepSpeed (it owns the optimizer step and partitions the "
-                "gradients). Use DDP."
-            )
-        check_not_fsdp(self.model)
-        _check_train_dataset(getattr(self, "train_dataset", None))
-        if not any(isinstance(cb, GritCallback) for cb in self.callback_handler.callbacks):
-            self.add_callback(GritCallback(self))
+        self._grit_fused_model = model
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            logger.warning("grit_fuse: not fusing a model sharded by FSDP / DeepSpeed; it keeps PEFT's path")
+            return
+        if is_fused(model):
+            logger.info("grit_fuse: the model was already fused by the caller; keeping that")
+            return
+        self.grit_fusion = report = fuse(model)
+        if report.fused_modules == 0:
+            reasons = "; ".join(sorted(set(report.unfused.values())))
+            logger.warning(f"grit_fuse: nothing to fuse ({reasons}); training on PEFT's path")
+        elif report.fused_modules < report.lora_modules or report.unfused:
+            logger.warning(f"grit_fuse: partly fused; the rest keeps PEFT's path:\n{report}")
+        else:
+            logger.info(f"grit_fuse: {report}")
 
     @property
     def grit_optimizer(self) -> TrainerGritOptimizer | None:
@@ -482,6 +418,7 @@ class _GritTrainerMixin:
         grit_args = self.args if isinstance(self.args, GritTrainingArguments) else None
         if grit_args is not None and grit_args.grit_loraplus_ratio is not None:
             _split_loraplus_groups(_unwrap_accelerated(optimizer), self.model, grit_args.grit_loraplus_ratio)
+        self._grit_fuse_model()  # model_init / hyper-parameter search: a new model since __init__
         if self.grit_config is None:
             return optimizer
         model = args[0] if args else kwargs.get("model")
@@ -501,13 +438,14 @@ class _GritTrainerMixin:
         return self.optimizer
 
     def _save_checkpoint(self, model, trial, *args, **kwargs):
-        super()._save_checkpoint(model, trial, *args, **kwargs)
-        pre = self.grit_preconditioner
-        if pre is None or not self.args.should_save or self.args.save_only_model:
-            return
-        run_dir = self._get_output_dir(trial=trial)
-        output_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        torch.save(pre.state_dict(), os.path.join(output_dir, GRIT_CHECKPOINT_NAME))
+        """Trainer's checkpoint plus ``grit_preconditioner.pt``, written under a temporary name and renamed
+        into place when complete (:func:`grit_kernels.checkpoints.atomic_checkpoint`): a process killed
+        mid-save leaves no half-written ``checkpoint-<step>``."""
+        with atomic_checkpoint(self, trial) as staged:
+            super()._save_checkpoint(model, trial, *args, **kwargs)
+            pre = self.grit_preconditioner
+            if pre is not None and self.args.should_save and not self.args.save_only_model:
+                torch.save(pre.state_dict(), os.path.join(staged, GRIT_CHECKPOINT_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint, *args, **kwargs):
         super()._load_optimizer_and_scheduler(checkpoint, *args, **kwargs)
@@ -604,29 +542,36 @@ def _default_collator(model: torch.nn.Module, args: TrainingArguments, trainer_d
 
 @functools.lru_cache(maxsize=None)
 def _grit_class(base: type) -> type:
-    return type(f"Grit{base.__name__}", (_GritTrainerMixin, base), {"__module__": base.__module__})
+    namespace = {"__module__": base.__module__, "_grit_original_class": base}
+    return type(f"Grit{base.__name__}", (_GritTrainerMixin, base), namespace)
 
 
 def enable_grit(
-    trainer: Trainer, config: GritConfig | None = None, preconditioner: GritPreconditioner | None = None
+    trainer: Trainer,
+    config: GritConfig | None = None,
+    preconditioner: GritPreconditioner | None = None,
+    fuse: bool | None = None,
 ) -> Trainer:
     """Turn GRIT on for an existing ``transformers.Trainer`` (or subclass, e.g. TRL's ``SFTTrainer``).
 
     Call it before ``trainer.train()``. The trainer instance gets GRIT's optimizer wrapping,
     checkpointing and logging (its class is swapped for a ``Grit<Class>`` subclass that layers
-    :class:`GritTrainer`'s methods over the original ones; nothing else changes). Returns the trainer.
+    :class:`GritTrainer`'s methods over the original ones; nothing else changes), and its model is
+    fused (:func:`grit_kernels.fuse`) where that applies. Returns the trainer. :func:`disable_grit` undoes it.
 
     Args:
         trainer: the trainer, with a PEFT LoRA model.
         config: :class:`GritConfig` (default: the preconditioner's, else ``args.to_grit_config()`` for
             :class:`GritTrainingArguments` -- even with ``grit=False`` --, else ``GritConfig()``).
         preconditioner: an existing :class:`GritPreconditioner` of ``trainer.model``.
+        fuse: fuse the model (default: ``args.grit_fuse`` for :class:`GritTrainingArguments`, else True);
+            parts :func:`grit_kernels.fuse` does not support keep PEFT's path and the reason is logged.
     """
     if not isinstance(trainer, Trainer):
         raise TypeError(f"enable_grit expects a transformers.Trainer, got {type(trainer).__name__}")
     if isinstance(trainer, _GritTrainerMixin):
         if trainer.grit_preconditioner is not None or trainer.grit_config is not None:
-            if config is not None or preconditioner is not None:
+            if config is not None or preconditioner is not None or fuse is not None:
                 raise RuntimeError(
                     "GRIT is already enabled on this trainer; pass the config when creating it"
                 )
@@ -635,7 +580,35 @@ def enable_grit(
         trainer.__class__ = _grit_class(type(trainer))
     if getattr(trainer, "optimizer", None) is not None:
         trainer.optimizer = _unwrap_accelerated(trainer.optimizer)
-    trainer._grit_init(config, preconditioner, force=True)
+    trainer._grit_init(config, preconditioner, force=True, fuse=fuse)
+    return trainer
+
+
+def disable_grit(trainer: Trainer) -> Trainer:
+    """Undo :func:`enable_grit` (or turn GRIT off on a :class:`GritTrainer`) between ``train()`` calls.
+
+    The model is unfused if GRIT fused it, the preconditioner is removed (plain PEFT layers), the inner
+    optimizer (with its state) replaces GRIT's wrapper, GRIT's callback goes, and a trainer whose class
+    :func:`enable_grit` swapped gets its original class back. Returns the trainer.
+    """
+    if not isinstance(trainer, _GritTrainerMixin):
+        return trainer
+    if trainer.grit_fusion is not None and trainer.grit_fusion.fused_modules and trainer.model is trainer._grit_fused_model:
+        unfuse(trainer.model)
+    if trainer.grit_preconditioner is not None:
+        trainer.grit_preconditioner.remove()
+    grit_optimizer = _find_grit_optimizer(getattr(trainer, "optimizer", None))
+    if grit_optimizer is not None:
+        trainer.optimizer = grit_optimizer.optimizer
+    for callback in [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GritCallback)]:
+        trainer.remove_callback(callback)
+    trainer.grit_config = trainer.grit_preconditioner = trainer.grit_fusion = trainer._grit_fused_model = None
+    trainer.grit_fuse = False
+    original = type(trainer).__dict__.get("_grit_original_class")
+    if original is not None:
+        trainer.__class__ = original
+        for name in ("grit_config", "grit_preconditioner", "grit_fusion", "_grit_fused_model", "grit_fuse"):
+            trainer.__dict__.pop(name, None)
     return trainer
 
 
@@ -646,6 +619,7 @@ __all__ = [
     "GritTrainingArguments",
     "PackingCollator",
     "TrainerGritOptimizer",
+    "disable_grit",
     "enable_grit",
     "grit_log_metrics",
 ]
