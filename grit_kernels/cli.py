@@ -9,9 +9,10 @@
                                           held-out loss of AdamW-LoRA, LoRA+, SGD vs GRIT on a pretrained
                                           byte Llama (bench/bench_convergence.py)
     grit-kernels demo [options]           a short GRIT training run on the tiny model, printing the loss
-    grit-kernels finetune --model DIR --data FILE.json [options]
-                                          GRIT fine-tuning of a local HF model on Alpaca or chat data;
-                                          adapters (and --save-steps checkpoints) in PEFT format
+    grit-kernels finetune --model DIR|FILE.gguf --data FILE.json [options]
+                                          GRIT fine-tuning (fused LoRA blocks by default) of a local HF
+                                          model or GGUF file on Alpaca or chat data; adapters (and
+                                          --save-steps checkpoints) in PEFT format, --merge for a merged model
 
 The benchmarks live in the source repository's ``bench/`` directory (not in the wheel); the bench
 subcommands load them by path and say so when they are missing. User errors (missing paths,
@@ -158,7 +159,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------- finetune
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .finetune import run  # flags, paths and data are checked before anything heavy loads
+    from .finetune_run import run  # flags, paths and data are checked before anything heavy loads
 
     return run(args)
 

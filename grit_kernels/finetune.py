@@ -3,18 +3,26 @@
 The order of work is chosen so that a mistake costs seconds, not a model load:
 
 1. every flag is checked (:func:`validate_args`): one-line error naming the flag, exit status 2;
-2. paths: ``--model`` (a directory with ``config.json``), ``--data``, ``--output``, ``--resume``;
-3. the data file is read and validated (Alpaca or chat "messages" records), the tokenizer is loaded
-   and the records tokenized (masked labels: only responses / assistant turns are supervised);
+2. paths: ``--model`` (a directory with ``config.json``, or a ``.gguf`` file), ``--data``, ``--output``,
+   ``--resume``;
+3. the data file is read and validated (Alpaca or chat "messages" records); a ``.gguf`` model is
+   dequantized into the cache (once, :func:`grit_kernels.model_files.resolve_model_path`); the tokenizer
+   is loaded and the records tokenized (masked labels: only responses / assistant turns are supervised);
 4. ``--target-modules`` is checked on a weightless (meta-device) skeleton of the model;
-5. only then the model is loaded, wrapped with LoRA and trained.
+5. only then the model is loaded, wrapped with LoRA, fused (:func:`grit_kernels.fuse`, unless
+   ``--no-fuse``) and trained (:mod:`grit_kernels.finetune_run`).
 
 Outputs in ``--output``: the final adapters in PEFT format (``adapter_config.json`` holding the
 *absolute* path of the base model, so ``AutoPeftModelForCausalLM.from_pretrained(output)`` works from
 any working directory without the hub), the tokenizer when the model has one, and every
 ``--save-steps N`` steps (default 500; 0: none) a Trainer checkpoint ``checkpoint-<step>/`` (adapters,
 inner optimizer, scheduler, RNG state and ``grit_preconditioner.pt``), from which
-``--resume DIR|latest`` continues.
+``--resume DIR|latest`` continues. Checkpoints are written under a temporary name and renamed when
+complete (:mod:`grit_kernels.checkpoints`), so a killed run resumes from its last complete one.
+With ``--sample-prompt``: ``samples.json``; with ``--merge``: ``merged/`` (the base model with the
+adapters merged in, safetensors, loadable by plain transformers); always ``run_summary.json``.
+GRIT's knobs are ``--grit-<field>`` flags generated from :class:`~grit_kernels.GritConfig`
+(:mod:`grit_kernels.arguments`).
 """
 
 from __future__ import annotations
@@ -36,15 +44,19 @@ REPORT_TO = {
     "wandb": ("wandb",),
     "mlflow": ("mlflow",),
 }
-#: GritConfig field -> the flag that sets it
-GRIT_FLAGS = {"update_freq": "--update-freq", "damping": "--damping", "warmup_steps": "--grit-warmup-steps"}
 
 
 # --------------------------------------------------------------------------------------------- parser
 def add_arguments(ft: argparse.ArgumentParser) -> None:
     """The options of ``grit-kernels finetune``."""
     io = ft.add_argument_group("data and outputs")
-    io.add_argument("--model", required=True, metavar="DIR", help="local Hugging Face model directory")
+    io.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR|FILE.gguf",
+        help="local Hugging Face model directory, or a .gguf file (dequantized once into the cache, "
+        "~/.cache/grit-kernels or $GRIT_KERNELS_CACHE)",
+    )
     io.add_argument(
         "--data",
         required=True,
@@ -143,34 +155,19 @@ def add_arguments(ft: argparse.ArgumentParser) -> None:
     )
     lora.add_argument("--qlora", action="store_true", help="load the base model in 4-bit NF4 (bitsandbytes)")
 
-    grit = ft.add_argument_group("GRIT")
-    from .config import GritConfig
+    grit = ft.add_argument_group(
+        "GRIT", "GritConfig's fields as --grit-<field> flags (see grit_kernels.GritConfig for the details)"
+    )
+    from .arguments import add_config_flags
 
-    defaults = GritConfig()  # the library's defaults; the other knobs keep them too
-    grit.add_argument(
-        "--update-freq",
-        type=int,
-        default=defaults.update_freq,
-        help="invert the factors every N steps (>= 1; default %(default)s)",
-    )
-    grit.add_argument(
-        "--damping",
-        type=float,
-        default=defaults.damping,
-        help="relative damping, in [0, 1e6] (default %(default)s)",
-    )
-    grit.add_argument(
-        "--grit-warmup-steps",
-        type=int,
-        default=defaults.warmup_steps,
-        help="steps before preconditioning starts (default %(default)s)",
-    )
+    add_config_flags(grit)
     grit.add_argument(
         "--optimizer",
         choices=("adamw", "eigen_adamw"),
         default="adamw",
         help="adamw: GRIT-preconditioned AdamW (default); eigen_adamw: grit_kernels.EigenAdamW, Adam in the "
-        "eigenbasis of GRIT's factors (KL-clip off, as benchmarked in README's convergence section)",
+        "eigenbasis of GRIT's factors (KL-clip off unless --grit-kl-clip is given, as benchmarked in README's "
+        "convergence section)",
     )
     grit.add_argument(
         "--loraplus-ratio",
@@ -179,6 +176,27 @@ def add_arguments(ft: argparse.ArgumentParser) -> None:
         help="LoRA+: lora_B trains at this multiple of --lr (default: one lr; README's convergence runs use 16)",
     )
     grit.add_argument("--no-grit", action="store_true", help="plain AdamW LoRA (for an A/B run)")
+    grit.add_argument(
+        "--no-fuse",
+        action="store_true",
+        help="keep PEFT's LoRA layers: do not route the decoder blocks through grit_kernels.fuse (the default "
+        "fuses wherever it applies, with GRIT or --no-grit, and prints why where it does not)",
+    )
+
+    run = ft.add_argument_group("samples and export")
+    run.add_argument(
+        "--sample-prompt",
+        default=None,
+        metavar="TEXT",
+        help="print (and save to OUTPUT/samples.json) the model's greedy answer to TEXT before and after training",
+    )
+    run.add_argument("--sample-max-new-tokens", type=int, default=64, metavar="N", help="(default 64)")
+    run.add_argument(
+        "--merge",
+        action="store_true",
+        help="also write OUTPUT/merged: the base model with the adapters merged in (safetensors), for "
+        "plain transformers",
+    )
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -261,7 +279,10 @@ def validate_args(args: argparse.Namespace) -> None:
             raise CliError("--eval-steps needs held-out rows: give --val-fraction > 0")
     if args.save_total_limit is not None and args.save_steps == 0:
         raise CliError("--save-total-limit needs --save-steps > 0 (there are no checkpoints to limit)")
-    _check_grit(args)
+    _need(args.sample_max_new_tokens >= 1, "--sample-max-new-tokens", args.sample_max_new_tokens, ">= 1")
+    if args.sample_prompt is not None and not args.sample_prompt.strip():
+        raise CliError("--sample-prompt: empty prompt")
+    grit_config(args)
     _check_report_to(args.report_to)
     if args.fp16 or args.qlora:
         import torch
@@ -276,21 +297,16 @@ def validate_args(args: argparse.Namespace) -> None:
         raise CliError("--qlora needs bitsandbytes (pip install 'grit-kernels[qlora]')")
 
 
-def _check_grit(args: argparse.Namespace) -> None:
-    from .config import GritConfig
+def grit_config(args: argparse.Namespace):
+    """The :class:`GritConfig` of the ``--grit-*`` flags (``--optimizer eigen_adamw``: KL-clip off unless
+    ``--grit-kl-clip`` is given); a :class:`CliError` naming the flag."""
+    from .arguments import config_from_flags
 
-    values = {
-        "update_freq": args.update_freq,
-        "damping": args.damping,
-        "warmup_steps": args.grit_warmup_steps,
-    }
+    overrides = {"kl_clip": None} if args.optimizer == "eigen_adamw" else {}
     try:
-        GritConfig(**values)
+        return config_from_flags(args, **overrides)
     except ValueError as exc:
-        message = str(exc)
-        for name, flag in GRIT_FLAGS.items():
-            message = message.replace(f"GritConfig.{name}", flag)
-        raise CliError(message) from None
+        raise CliError(str(exc)) from None
 
 
 def _check_report_to(value: str) -> None:
@@ -320,12 +336,17 @@ def _checkpoints(output: Path) -> list[Path]:
 
 def check_paths(args: argparse.Namespace) -> Path | None:
     """Check ``--model``, ``--data``, ``--output``, ``--resume``; return the checkpoint to resume from."""
-    model_dir = Path(args.model)
-    if not model_dir.is_dir():
+    from .model_files import is_gguf
+
+    model = Path(args.model)
+    if model.is_file() and is_gguf(model):
+        pass  # converted (once) after the data file is checked: resolve_model
+    elif not model.is_dir():
         raise CliError(
-            f"--model {args.model}: no such directory (a local Hugging Face model directory is expected)"
+            f"--model {args.model}: no such directory or .gguf file (a local Hugging Face model directory or "
+            "a .gguf file is expected)"
         )
-    if not (model_dir / "config.json").is_file():
+    elif not (model / "config.json").is_file():
         raise CliError(
             f"--model {args.model}: no config.json in this directory (not a Hugging Face model directory)"
         )
@@ -369,6 +390,18 @@ def _check_checkpoint_matches(args: argparse.Namespace, checkpoint: Path) -> Non
 
 
 # --------------------------------------------------------------------------------------------- loading
+def resolve_model(args: argparse.Namespace) -> str:
+    """``args.model`` as a Hugging Face model directory (a ``.gguf`` file is dequantized into the cache
+    once); stored as ``args.model_dir`` (absolute) for the tokenizer, the target-module check and the load."""
+    from .model_files import ModelPathError, resolve_model_path
+
+    try:
+        args.model_dir = str(resolve_model_path(args.model, log=print))
+    except ModelPathError as exc:
+        raise CliError(f"--model {exc}") from None
+    return args.model_dir
+
+
 def load_records(args: argparse.Namespace) -> tuple[str, list]:
     from . import data
 
@@ -421,7 +454,7 @@ def check_target_modules(args: argparse.Namespace) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(str(Path(args.model).resolve()))
+        config = AutoConfig.from_pretrained(args.model_dir)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
     except Exception:  # noqa: BLE001 -- exotic configs: the model load reports it
@@ -462,7 +495,7 @@ def load_model(args: argparse.Namespace, mode: str):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
-    base_path = str(Path(args.model).resolve())  # PEFT stores it as base_model_name_or_path
+    base_path = args.model_dir  # absolute; PEFT stores it as base_model_name_or_path
     try:
         model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
     except (OSError, ValueError) as exc:
@@ -491,125 +524,3 @@ def load_model(args: argparse.Namespace, mode: str):
     for config in model.peft_config.values():
         config.base_model_name_or_path = base_path
     return model
-
-
-def training_arguments(args: argparse.Namespace, mode: str, has_eval: bool):
-    import dataclasses
-
-    import torch
-
-    from .trainer import GritTrainingArguments
-
-    known = {f.name for f in dataclasses.fields(GritTrainingArguments)}
-    extra = {}
-    # transformers < 5 has warmup_ratio; 5.x reads a float warmup_steps < 1 as the ratio
-    extra.update(
-        {"warmup_ratio": args.warmup_ratio}
-        if "warmup_ratio" in known
-        else {"warmup_steps": args.warmup_ratio}
-    )
-    if args.optimizer == "eigen_adamw":
-        extra.update(grit_optimizer="eigen_adamw", grit_kl_clip=None)
-    if mode == "bf16" and not torch.cuda.is_available():
-        extra["use_cpu"] = True  # CPU autocast; transformers refuses bf16 without a GPU otherwise
-    if args.save_steps:
-        extra.update(
-            save_strategy="steps", save_steps=args.save_steps, save_total_limit=args.save_total_limit
-        )
-    else:
-        extra["save_strategy"] = "no"
-    if has_eval and args.eval_steps:
-        extra.update(eval_strategy="steps", eval_steps=args.eval_steps)
-    report_to = [n.strip() for n in args.report_to.split(",")]
-    try:
-        return GritTrainingArguments(
-            output_dir=args.output,
-            grit=not args.no_grit,
-            grit_update_freq=args.update_freq,
-            grit_damping=args.damping,
-            grit_warmup_steps=args.grit_warmup_steps,
-            num_train_epochs=args.epochs,
-            max_steps=args.max_steps,
-            learning_rate=args.lr,
-            per_device_train_batch_size=args.batch_size,
-            per_device_eval_batch_size=args.batch_size,
-            gradient_accumulation_steps=args.grad_accum,
-            logging_steps=args.logging_steps,
-            report_to="none" if report_to == ["none"] else report_to,
-            remove_unused_columns=False,
-            bf16=mode == "bf16",
-            fp16=mode == "fp16",
-            seed=args.seed,
-            max_grad_norm=args.max_grad_norm,
-            grit_loraplus_ratio=args.loraplus_ratio,
-            dataloader_pin_memory=torch.cuda.is_available(),
-            **extra,
-        )
-    except ValueError as exc:
-        raise CliError(str(exc).splitlines()[0]) from None
-
-
-# --------------------------------------------------------------------------------------------- run
-def run(args: argparse.Namespace) -> int:
-    validate_args(args)
-    checkpoint = check_paths(args)
-    data_format, records = load_records(args)  # malformed data fails before anything heavy loads
-    tokenizer = load_tokenizer(args.model)
-
-    import torch
-
-    from . import data
-
-    try:
-        features = data.tokenize_records(records, tokenizer, data_format, max_length=args.max_length)
-    except ValueError as exc:
-        raise CliError(f"--data {args.data}: {exc}") from None
-    if not features:
-        raise CliError(
-            f"--data {args.data}: no record has a response token left within --max-length {args.max_length}"
-        )
-    n_val = round(len(features) * args.val_fraction)
-    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    val = [features[i] for i in order[:n_val]]
-    train = [features[i] for i in order[n_val:]]
-    if not train:
-        raise CliError(f"--val-fraction {args.val_fraction}: leaves no training rows of {len(features)}")
-    check_target_modules(args)
-    mode = precision(args)
-    targs = training_arguments(args, mode, has_eval=bool(val))
-
-    from .trainer import GritTrainer
-
-    model = load_model(args, mode)
-    packing = args.packing
-    if packing is not False and not data.packing_isolates(model):
-        why = f"{args.model} does not keep packed sequences apart (attention would cross samples)"
-        if packing:
-            raise CliError(f"--packing: {why}; use --no-packing")
-        print(f"note: {why}: using dynamic padding")
-        packing = False
-    collate = (
-        data.PackedCollator()
-        if packing is not False
-        else data.DynamicPaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8)
-    )
-    trainer = GritTrainer(
-        model=model, args=targs, train_dataset=train, eval_dataset=val or None, data_collator=collate
-    )
-    print(
-        f"fine-tuning {args.model} on {len(train)} {data_format} records ({len(val)} held out), "
-        f"{'plain AdamW' if args.no_grit else 'GRIT'}, LoRA r={args.r}, "
-        f"{'packed' if packing is not False else 'padded'} batches"
-        f"{', QLoRA NF4' if args.qlora else ''}, "
-        f"{mode}" + (f", resuming from {checkpoint}" if checkpoint else "")
-    )
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    out = Path(args.output)
-    model.save_pretrained(out)  # PEFT format: adapter_config.json + adapter_model.safetensors
-    if hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(out)
-    summary = f"train loss {result.training_loss:.4f} over {result.global_step} steps"
-    if val:
-        summary += f"; held-out loss {trainer.evaluate()['eval_loss']:.4f}"
-    print(f"{summary}; adapters saved to {out}")
-    return 0

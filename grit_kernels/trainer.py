@@ -393,6 +393,12 @@ class _GritTrainerMixin:
         if is_fused(model):
             logger.info("grit_fuse: the model was already fused by the caller; keeping that")
             return
+        if self.grit_config is not None and self.grit_config.reprojection != "off":
+            logger.warning(
+                f"grit_fuse: not fusing: grit_reprojection={self.grit_config.reprojection!r} re-bases (and "
+                "resizes) the LoRA parameters, which needs PEFT's layers; training on PEFT's path"
+            )
+            return
         self.grit_fusion = report = fuse(model)
         if report.fused_modules == 0:
             reasons = "; ".join(sorted(set(report.unfused.values())))

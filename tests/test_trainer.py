@@ -17,6 +17,7 @@ from grit_kernels import GritConfig, GritPreconditioner
 from grit_kernels.bank import BACKWARD, FORWARD
 from grit_kernels.data import IGNORE_INDEX, DynamicPaddingCollator
 from grit_kernels.models import build_lora_model, tiny_llama_config
+from grit_kernels.fused.patch import is_fused
 from grit_kernels.trainer import (
     GRIT_CHECKPOINT_NAME,
     GritCallback,
@@ -24,6 +25,7 @@ from grit_kernels.trainer import (
     GritTrainingArguments,
     PackingCollator,
     TrainerGritOptimizer,
+    disable_grit,
     enable_grit,
 )
 
@@ -636,17 +638,87 @@ def test_enable_grit_on_plain_trainer_matches_grit_trainer(tmp_path):
 
 
 def test_grit_false_is_a_plain_trainer(tmp_path):
+    """grit=False: no GRIT. With grit_fuse=False it is exactly a plain Trainer; by default it still fuses
+    (A/B runs compare like for like), which changes the arithmetic order only."""
     feats = make_features(6, seed=7)
-    off = run(small_model(), make_args(tmp_path / "off", grit=False), feats)
-    assert off.grit_preconditioner is None and off.grit_optimizer is None
+    off = run(small_model(), make_args(tmp_path / "off", grit=False, grit_fuse=False), feats)
+    assert off.grit_preconditioner is None and off.grit_optimizer is None and off.grit_fusion is None
     plain = run(
         small_model(), make_args(tmp_path / "plain", cls=TrainingArguments), feats, trainer_cls=Trainer
     )
     assert_params_close(lora_params(off.model), lora_params(plain.model), rtol=0, atol=0)
+    fused = run(small_model(), make_args(tmp_path / "fused", grit=False), feats)
+    assert fused.grit_preconditioner is None and fused.grit_fusion.fused_modules == 14 and is_fused(fused.model)
+    assert_params_close(lora_params(fused.model), lora_params(plain.model), rtol=1e-4, atol=1e-6)
     grit = run(small_model(), make_args(tmp_path / "on"), feats)
     assert not torch.equal(
         next(iter(lora_params(grit.model).values())), next(iter(lora_params(plain.model).values()))
     )
+
+
+# ------------------------------------------------------------------------------------------ fused by default
+def _fusion_records(caplog):
+    return [r for r in caplog.records if r.name == "grit_kernels.trainer" and "grit_fuse" in r.getMessage()]
+
+
+def test_trainer_fuses_by_default_logs_once_and_opts_out(tmp_path, caplog):
+    caplog.set_level("INFO", logger="grit_kernels.trainer")
+    feats = make_features(4, seed=11)
+    trainer = run(small_model(), make_args(tmp_path / "on", max_steps=2), feats)
+    assert trainer.grit_fusion.fused_modules == 14 and not trainer.grit_fusion.unfused and is_fused(trainer.model)
+    (record,) = _fusion_records(caplog)  # once, though create_optimizer checks again
+    assert record.levelname == "INFO" and "fused 2/2 blocks (14 LoRA modules)" in record.getMessage()
+    assert trainer.grit_preconditioner.step_count == 2
+    # the statistics come from the fused Functions: the same factors as PEFT's path
+    caplog.clear()
+    peft = run(small_model(), make_args(tmp_path / "off", max_steps=2, grit_fuse=False), feats)
+    assert peft.grit_fusion is None and not is_fused(peft.model) and not _fusion_records(caplog)
+    torch.testing.assert_close(_factors(trainer), _factors(peft), rtol=1e-4, atol=1e-8)
+    assert_params_close(lora_params(trainer.model), lora_params(peft.model), rtol=1e-4, atol=1e-6)
+
+
+def test_trainer_falls_back_to_peft_with_the_reason(tmp_path, caplog):
+    caplog.set_level("INFO", logger="grit_kernels.trainer")
+    feats = make_features(4, seed=12)
+    trainer = run(small_model(dropout=0.1), make_args(tmp_path / "dropout", max_steps=1), feats)
+    assert trainer.grit_fusion.fused_modules == 0 and not is_fused(trainer.model)
+    (record,) = _fusion_records(caplog)
+    assert record.levelname == "WARNING" and "lora_dropout > 0" in record.getMessage()
+    assert "PEFT's path" in record.getMessage() and trainer.grit_preconditioner.step_count == 1
+    caplog.clear()
+    schedule = dict(grit_reprojection="one_sided", grit_reprojection_freq=1)
+    trainer = run(small_model(), make_args(tmp_path / "reproject", max_steps=1, **schedule), feats)
+    (record,) = _fusion_records(caplog)
+    assert trainer.grit_fusion is None and not is_fused(trainer.model)
+    assert record.levelname == "WARNING" and "grit_reprojection='one_sided'" in record.getMessage()
+
+
+def test_enable_grit_fuses_and_disable_grit_undoes_it(tmp_path):
+    feats = make_features(4, seed=13)
+    model = small_model()
+    trainer = Trainer(
+        model=model, args=make_args(tmp_path, cls=TrainingArguments, max_steps=2), train_dataset=feats,
+        data_collator=DynamicPaddingCollator(0),
+    )
+    enable_grit(trainer, GritConfig(warmup_steps=1))
+    assert is_fused(model) and trainer.grit_fusion.fused_modules == 14
+    trainer.train()
+    assert trainer.grit_preconditioner.step_count == 2
+    inner = trainer.grit_optimizer.optimizer
+    assert disable_grit(trainer) is trainer and type(trainer) is Trainer
+    assert not is_fused(model) and not any(isinstance(cb, GritCallback) for cb in trainer.callback_handler.callbacks)
+    assert not any("_grit" in k for m in model.modules() for k in m.__dict__)  # plain PEFT layers again
+    assert trainer.optimizer is inner and not hasattr(trainer, "grit_preconditioner")
+    x = torch.randint(4, 260, (1, 12))
+    reference = small_model()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, reference(input_ids=x).logits, rtol=0, atol=0)
+    trainer.args.max_steps = 3
+    trainer.train()  # a plain Trainer again (GRIT-free steps from the trained weights)
+    assert trainer.state.global_step == 3 and not is_fused(model)
+    off = enable_grit(Trainer(model=small_model(), args=make_args(tmp_path / "y", cls=TrainingArguments)), fuse=False)
+    assert off.grit_fusion is None and not is_fused(off.model)
 
 
 def test_fsdp_and_deepspeed_are_refused_naming_ddp(tmp_path):
