@@ -90,15 +90,17 @@ def training_arguments(args: argparse.Namespace, mode: str, has_eval: bool):
 
 # --------------------------------------------------------------------------------------------- progress
 class TokenCounter:
-    """A data collator wrapper counting the real (non-padding) tokens of the batches it makes."""
+    """A data collator wrapper counting the real (non-padding) tokens of the batches it makes, on the host
+    (no device sync), except while ``paused`` (evaluation batches go through the same collator)."""
 
     def __init__(self, collate):
-        self.collate, self.tokens = collate, 0
+        self.collate, self.tokens, self.paused = collate, 0, False
 
     def __call__(self, features):
         batch = self.collate(features)
-        mask = batch.get("attention_mask")
-        self.tokens += int(mask.sum()) if mask is not None and mask.dim() == 2 else batch["input_ids"].numel()
+        if not self.paused:
+            mask = batch.get("attention_mask")
+            self.tokens += int(mask.sum()) if mask is not None and mask.dim() == 2 else batch["input_ids"].numel()
         return batch
 
 
@@ -115,19 +117,25 @@ class Progress(TrainerCallback):
         self.counter = counter
         self.step_times: list[float] = []
         self.eval_losses: list[tuple[int, float]] = []
-        self._t0 = self._mark_time = 0.0
+        self._t0 = 0.0
         self._mark_tokens = 0
         self._mark_steps = 0
+        self.train_tokens = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._mark_time, self._mark_tokens, self._mark_steps = time.perf_counter(), self.counter.tokens, 0
-        self._first_step = state.global_step
+        self.counter.paused = False
+        self._mark_tokens, self._mark_steps = self.counter.tokens, len(self.step_times)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step_times.append(time.perf_counter() - self._t0)
+        self.counter.paused = bool(control.should_evaluate)  # until on_evaluate: held-out batches
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.train_tokens = self.counter.tokens
+        self.counter.paused = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:
@@ -146,6 +154,7 @@ class Progress(TrainerCallback):
         self._mark_tokens, self._mark_steps = self.counter.tokens, len(self.step_times)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.counter.paused = False
         if metrics and "eval_loss" in metrics:
             self.eval_losses.append((state.global_step, metrics["eval_loss"]))
             print(f"eval @ step {state.global_step}: held-out loss {metrics['eval_loss']:.4f}", flush=True)
@@ -332,7 +341,7 @@ def run(args: argparse.Namespace) -> int:
 def _summarize(args, progress: Progress, result, held_out, train_seconds, written, trainer) -> None:
     steps = len(progress.step_times)
     step_seconds = sum(progress.step_times)
-    tokens = progress.counter.tokens
+    tokens = progress.train_tokens
     median = statistics.median(progress.step_times[1:] or progress.step_times) if steps else math.nan
     rate = tokens / step_seconds if step_seconds > 0 else math.nan
     line = (

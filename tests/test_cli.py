@@ -145,7 +145,7 @@ def test_finetune_runs_and_saves_peft_adapters(tmp_path, capsys):
     argv += ["--batch-size", "2", "--max-length", "256", "--r", "4", "--logging-steps", "1"]
     assert cli.main(argv) == 0
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
-    assert "adapters saved" in capsys.readouterr().out
+    assert f"adapters: {out}" in capsys.readouterr().out.splitlines()[-1]
 
 
 # --------------------------------------------------------------------------------------------- prior art
