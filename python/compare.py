@@ -30,6 +30,8 @@ def evaluate(model, batches):
 def train(kind, args, train_batches, val_batches):
     model = build_lora_model(tiny_llama_config(num_layers=args.layers), r=16, seed=0)
     model.train()
+    if not args.no_fuse:  # both arms on the fused blocks: like for like
+        gk.fuse(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     if kind == "grit":
         opt = gk.GritOptimizer(opt, gk.GritPreconditioner(model, gk.GritConfig(warmup_steps=5)))
@@ -49,6 +51,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--no-fuse", action="store_true", help="both arms on PEFT's LoRA layers (no gk.fuse)")
     p.add_argument("--quick", action="store_true", help="smoke size: 2 layers, 2 steps (a few seconds)")
     args = p.parse_args(argv)
     if args.quick:

@@ -28,6 +28,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--no-fuse", action="store_true", help="keep PEFT's LoRA layers (no gk.fuse)")
     p.add_argument("--quick", action="store_true", help="smoke size: 2 layers, 2 steps (a few seconds)")
     args = p.parse_args(argv)
     if args.quick:
@@ -38,6 +39,8 @@ def main(argv=None):
     model.train()
     kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith("q_proj")}
     print(f"LoRA layer types: {sorted(kinds)}")
+    if not args.no_fuse:  # the fused blocks run over NF4 base weights too
+        print(gk.fuse(model))
 
     pre = gk.GritPreconditioner(model, gk.GritConfig(warmup_steps=3))
     opt = gk.GritOptimizer(torch.optim.AdamW(model.parameters(), lr=args.lr), pre)

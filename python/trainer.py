@@ -1,7 +1,8 @@
 """GRIT with the Hugging Face Trainer: ``GritTrainer`` + ``GritTrainingArguments``.
 
 Every ``TrainingArguments`` option works; ``grit_*`` fields set GRIT's knobs and ``grit=False`` gives
-plain AdamW for an A/B run. Adapters are saved in PEFT format. Runs on CPU with the tiny
+plain AdamW for an A/B run. The model is fused (``gk.fuse``: fused LoRA blocks) by default, with or
+without GRIT; ``grit_fuse=False`` (``--no-fuse``) keeps PEFT's layers. Adapters are saved in PEFT format. Runs on CPU with the tiny
 224-module Llama (random weights) and synthetic Alpaca data.
 Runtime: 32 s wall on our 2-core CPU VM with about one other job running (one intra-op
 thread); 236 s while ~9 other jobs shared it. ``--quick``: seconds.
@@ -27,6 +28,7 @@ def main(argv=None):
     p.add_argument("--optimizer", choices=("wrap", "eigen_adamw"), default="wrap",
                    help="wrap: GRIT-preconditioned AdamW; eigen_adamw: gk.EigenAdamW (KL-clip off)")
     p.add_argument("--loraplus-ratio", type=float, default=None, help="LoRA+: lora_B at this multiple of the lr")
+    p.add_argument("--no-fuse", action="store_true", help="keep PEFT's LoRA layers (grit_fuse=False)")
     p.add_argument("--quick", action="store_true", help="smoke size: 2 layers, 2 steps (a few seconds)")
     args = p.parse_args(argv)
     if args.quick:
@@ -42,6 +44,7 @@ def main(argv=None):
     targs = GritTrainingArguments(
         output_dir=args.output,
         grit=not args.no_grit,
+        grit_fuse=not args.no_fuse,
         grit_warmup_steps=3,
         grit_optimizer=args.optimizer,
         grit_loraplus_ratio=args.loraplus_ratio,
@@ -62,6 +65,7 @@ def main(argv=None):
         train_dataset=train,
         eval_dataset=val,  # no data_collator: GritTrainer packs the batches padding-free
     )
+    print(f"model path: {trainer.grit_fusion or 'PEFT LoRA layers'}")
     trainer.train()
     metrics = trainer.evaluate()
     print(f"held-out loss: {metrics['eval_loss']:.4f}")

@@ -48,3 +48,10 @@ def test_example_quick_run(name, tmp_path, monkeypatch):
             assert math.isfinite(loss) and step_s > 0
     else:
         assert math.isfinite(result) and result > 0
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_fuses_by_default_with_an_opt_out(name):
+    """Users copy these: the fast path (gk.fuse / GritTrainer's grit_fuse) is what they show, with --no-fuse."""
+    source = (REPO / "python" / f"{name}.py").read_text()
+    assert "--no-fuse" in source and ("gk.fuse(" in source or "grit_fuse=not args.no_fuse" in source), name
