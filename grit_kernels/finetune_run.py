@@ -321,8 +321,9 @@ def run(args: argparse.Namespace) -> int:
             held_out = trainer.evaluate()["eval_loss"]
     train_seconds = time.perf_counter() - started
     written = {"adapters": str(out)}
-    if args.save_steps:
-        written["checkpoints"] = str(out / "checkpoint-<step>")
+    saved = ft._checkpoints(out)
+    if saved:
+        written["checkpoints"] = f"{out / 'checkpoint-<step>'} ({len(saved)}, newest {saved[-1].name})"
     if prompt is not None:
         samples["after"] = generate_answer(model, tokenizer, prompt, args.sample_max_new_tokens)
         print(f"sample after training:  {samples['after']!r}", flush=True)
