@@ -116,8 +116,9 @@ class Progress(TrainerCallback):
     def __init__(self, counter: TokenCounter):
         self.counter = counter
         self.step_times: list[float] = []
+        self.step_cpu_times: list[float] = []  #: process CPU seconds (all threads) per step: less load-sensitive
         self.eval_losses: list[tuple[int, float]] = []
-        self._t0 = 0.0
+        self._t0 = self._cpu0 = 0.0
         self._mark_tokens = 0
         self._mark_steps = 0
         self.train_tokens = 0
@@ -127,10 +128,11 @@ class Progress(TrainerCallback):
         self._mark_tokens, self._mark_steps = self.counter.tokens, len(self.step_times)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._t0 = time.perf_counter()
+        self._t0, self._cpu0 = time.perf_counter(), time.process_time()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step_times.append(time.perf_counter() - self._t0)
+        self.step_cpu_times.append(time.process_time() - self._cpu0)
         self.counter.paused = bool(control.should_evaluate)  # until on_evaluate: held-out batches
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -364,6 +366,7 @@ def _summarize(args, progress: Progress, result, held_out, train_seconds, writte
         "median_step_s": median,
         "tokens_per_s": rate,
         "step_times_s": progress.step_times,
+        "step_cpu_times_s": progress.step_cpu_times,
         "train_loss": result.training_loss,
         "eval_losses": progress.eval_losses,
         "held_out_loss": held_out,
