@@ -56,9 +56,10 @@ class Knob:
         text = self.help
         if self.choices:
             text += f"; one of {', '.join(self.choices)}"
-        default = "none" if self.default is None else self.default
         if self.kind is list:
-            default = ",".join(default) if default else ("none" if self.default is None else "empty")
+            default = ",".join(self.default) if self.default else ("none" if self.default is None else "empty")
+        else:
+            default = "none" if self.default is None else self.default
         return f"{text} (default {default})"
 
 

@@ -133,7 +133,7 @@ class GritConfig:
     kl_clip: float | None = _knob(0.1, "KL-clip trust region on the step taken, > 0 (none: off)")
     backend: str = _knob("auto", "kernels of the GRIT step", choices=BACKENDS)
     target_modules: Sequence[str] | None = _knob(
-        None, "names or name suffixes of LoRA layers to precondition (default: all)"
+        None, "names or name suffixes of LoRA layers to precondition (none: all)"
     )
     exclude_modules: Sequence[str] = _knob((), "names or name suffixes of LoRA layers to leave unpreconditioned")
     nonfinite_grads: str = _knob("skip", "what a NaN/Inf (or all-zero) LoRA gradient does", choices=NONFINITE_POLICIES)

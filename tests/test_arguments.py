@@ -62,6 +62,8 @@ def test_backend_help_lists_every_backend():
 
     knob = next(k for k in arguments.knobs() if k.name == "backend")
     assert all(b in knob.help_text for b in BACKENDS) and len(BACKENDS) == 5
+    targets = next(k for k in arguments.knobs() if k.name == "target_modules")
+    assert targets.help_text.endswith("(default none)")
 
 
 SET = {
