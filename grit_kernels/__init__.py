@@ -20,7 +20,7 @@ from .vlm import ModalityGroup, VLMGritConfig, create_vlm_grit_adapter
 
 __version__ = "0.1.0"
 
-_TRAINER_NAMES = ("GritTrainer", "GritTrainingArguments", "enable_grit")
+_TRAINER_NAMES = ("GritTrainer", "GritTrainingArguments", "disable_grit", "enable_grit")
 
 
 def __getattr__(name):  # the Trainer integration imports transformers.Trainer: load it on first use
