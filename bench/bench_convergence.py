@@ -218,15 +218,29 @@ def heldout_batches(data: dict, batch_size: int = 16) -> list[torch.Tensor]:
     return list(data["heldout"].split(batch_size))
 
 
+def batch_loss(model, batch):
+    """The model's mean loss on one batch: a ``[b, seq]`` long tensor (every next token is a target) or a
+    packed dict from :class:`grit_kernels.data.PackedCollator` (its supervised tokens only)."""
+    if isinstance(batch, dict):
+        return model(**batch).loss
+    return model(input_ids=batch, labels=batch).loss
+
+
+def _targets(batch) -> int:
+    if isinstance(batch, dict):
+        return int((batch["labels"][..., 1:] != -100).sum())
+    return batch.shape[0] * (batch.shape[1] - 1)
+
+
 @torch.no_grad()
 def evaluate(model, batches) -> float:
-    """Token-mean next-byte cross-entropy (nats) over ``batches`` (each ``[b, seq]`` long)."""
+    """Token-mean next-token cross-entropy (nats) over ``batches`` (see :func:`batch_loss`)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for x in batches:
-        n = x.shape[0] * (x.shape[1] - 1)
-        total += float(model(input_ids=x, labels=x).loss) * n
+        n = _targets(x)
+        total += float(batch_loss(model, x)) * n
         count += n
     model.train(was_training)
     return total / count
@@ -277,16 +291,54 @@ class RunConfig:
     heldout_windows: int = 24
     threads: int = 1
     base: BaseConfig = field(default_factory=BaseConfig)
+    #: real-model task (bench/convergence_real.py): a HF directory or .gguf file; None = the byte-level task
+    model: str | None = None
+    max_length: int = 192  #: real-model task: tokens per chat pair (batch_size pairs packed per step)
+    heldout_examples: int = 48  #: real-model task: held-out pairs
+    fuse: bool = False  #: every arm on gk.fuse's fused LoRA blocks
 
 
-def lora_model(base, seed: int, r: int = 8, alpha: float = 16.0):
-    """A PEFT LoRA copy of ``base`` (all 7 projections); the LoRA init depends only on ``seed``."""
+#: the real-model task's protocol (fixed before comparing variants): 60 steps of 4 packed chat pairs
+REAL_DEFAULTS = dict(steps=60, batch_size=4, warmup=6, eval_every=15, r=16, alpha=32.0, threads=2, fuse=True)
+#: lr grids on the real model (2x apart, centred on a first 1-seed screen; extended where the best is at an edge)
+REAL_LRS = {"adamw": (2e-3, 4e-3, 8e-3), "loraplus": (5e-4, 1e-3, 2e-3), "sgd": (0.25, 0.5, 1.0),
+            "grit_adamw": (8e-3, 1.6e-2, 3.2e-2), "grit_sgd": (0.25, 0.5, 1.0), "grit_loraplus": (5e-4, 1e-3, 2e-3),
+            "eigen_loraplus": (2.5e-4, 5e-4, 1e-3)}
+REAL_ARMS = ("adamw", "loraplus", "grit_adamw", "eigen_loraplus")
+
+
+def task_batches(data: dict, rc: RunConfig, seed: int) -> list:
+    """The training batches of ``seed`` for the task of ``rc``."""
+    if rc.model is not None:
+        import convergence_real
+
+        return convergence_real.train_batches(data, rc.steps, rc.batch_size, seed)
+    return train_batches(data, rc.steps, rc.batch_size, rc.seq_len, seed)
+
+
+def task_heldout(data: dict, rc: RunConfig) -> list:
+    if rc.model is not None:
+        import convergence_real
+
+        return convergence_real.heldout_batches(data)
+    return heldout_batches(data)
+
+
+def lora_model(base, seed: int, r: int = 8, alpha: float = 16.0, fuse: bool = False):
+    """A PEFT LoRA copy of ``base`` (all 7 projections); the LoRA init depends only on ``seed``. The copy shares
+    ``base``'s frozen parameters (memory: one base for all runs). ``fuse``: on gk.fuse's fused blocks."""
     from peft import LoraConfig, get_peft_model
 
-    model = copy.deepcopy(base)
+    model = copy.deepcopy(base, memo={id(p): p for p in base.parameters() if not p.requires_grad})
     torch.manual_seed(seed)
     lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
+    if fuse:
+        import grit_kernels as gk
+
+        report = gk.fuse(model)
+        if report.fused_modules != report.lora_modules:
+            raise RuntimeError(f"gk.fuse left LoRA modules on PEFT's path:\n{report}")
     model.train()
     return model
 
@@ -341,7 +393,7 @@ class Run:
 
     def __init__(self, name: str, arm: Arm, lr: float, seed: int, base, batches, rc: RunConfig, start_loss: float):
         self.name, self.arm, self.lr, self.seed, self.rc = name, arm, lr, seed, rc
-        self.model = lora_model(base, seed, rc.r, rc.alpha)
+        self.model = lora_model(base, seed, rc.r, rc.alpha, rc.fuse)
         self.opt, inner = make_optimizer(self.model, arm, lr, rc)
         self.sched = _schedule(inner, rc.steps, rc.warmup)
         self.batches = batches
@@ -356,7 +408,7 @@ class Run:
             return
         x = self.batches[i - 1]
         t0 = time.perf_counter()
-        loss = self.model(input_ids=x, labels=x).loss
+        loss = batch_loss(self.model, x)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -388,8 +440,8 @@ class Run:
 
 def run_interleaved(plan, base, data, rc: RunConfig, progress: bool = True, start_losses=None) -> list[dict]:
     """Train every ``(name, arm, lr, seed)`` of ``plan`` for ``rc.steps`` steps, round-robin one step each."""
-    heldout = heldout_batches(data)
-    batches = {s: train_batches(data, rc.steps, rc.batch_size, rc.seq_len, s) for s in {p[3] for p in plan}}
+    heldout = task_heldout(data, rc)
+    batches = {s: task_batches(data, rc, s) for s in {p[3] for p in plan}}
     start = start_losses if start_losses is not None else evaluate(base, heldout)
     runs = [Run(n, a, lr, s, base, batches[s], rc, start) for n, a, lr, s in plan]
     bar = None
@@ -417,9 +469,8 @@ def run_arm(base, data, arm: str | Arm = "adamw", lr: float = 2e-3, seed: int = 
     rc = dataclasses.replace(rc or RunConfig(), **({"steps": steps} if steps is not None else {}))
     spec = ARMS[arm] if isinstance(arm, str) else arm
     name = arm if isinstance(arm, str) else (spec.label or "custom")
-    heldout = heldout_batches(data)
-    run = Run(name, spec, lr, seed, base, train_batches(data, rc.steps, rc.batch_size, rc.seq_len, seed), rc,
-              evaluate(base, heldout))
+    heldout = task_heldout(data, rc)
+    run = Run(name, spec, lr, seed, base, task_batches(data, rc, seed), rc, evaluate(base, heldout))
     for i in range(1, rc.steps + 1):
         run.step(i)
         if i % rc.eval_every == 0 or i == rc.steps:
@@ -595,7 +646,7 @@ def markdown_table(result: dict) -> str:
     seeds = len(rc["seeds"])
     lines.append("")
     lines.append(
-        f"Held-out loss (nats/byte) of each arm at its best lr (lowest mean final loss over {seeds} seeds): "
+        f"Held-out loss ({_unit(rc)}) of each arm at its best lr (lowest mean final loss over {seeds} seeds): "
         "mean [min, max] over seeds; equal wall-clock = the fastest arm's total training time, "
         "runs interleaved step by step in one process."
     )
@@ -618,6 +669,10 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _unit(config: dict) -> str:
+    return "nats/token, assistant tokens" if config.get("model") else "nats/byte"
+
+
 def plot(result: dict, path: Path):
     try:
         import matplotlib
@@ -635,7 +690,7 @@ def plot(result: dict, path: Path):
             ax.fill_between(x, a["loss_min"], a["loss_max"], color=color, alpha=0.2)
     axes[0].set_xlabel("optimizer step")
     axes[1].set_xlabel("training wall-clock (s, interleaved)")
-    axes[0].set_ylabel("held-out loss (nats/byte)")
+    axes[0].set_ylabel(f"held-out loss ({_unit(result['config'])})")
     finite = [v for a in result["summary"].values() for v in a["loss_max"][1:] if math.isfinite(v)]
     if finite:
         lo = min(v for a in result["summary"].values() for v in a["loss_min"] if math.isfinite(v))
@@ -643,11 +698,10 @@ def plot(result: dict, path: Path):
     axes[0].legend(fontsize=8)
     rc = result["config"]
     b = rc["base"]
-    fig.suptitle(
-        f"Byte Llama ({b['layers']}x{b['hidden']}) pretrained on stdlib sources, LoRA r={rc['r']} on pydoc topics; "
-        f"mean and min/max over {len(rc['seeds'])} seeds, each arm at its best lr; {result['device']['name']}",
-        fontsize=9,
-    )
+    task = (f"{Path(rc['model']).name}, LoRA r={rc['r']}, chat SFT on pydoc topics" if rc.get("model")
+            else f"Byte Llama ({b['layers']}x{b['hidden']}) pretrained on stdlib sources, LoRA r={rc['r']} on pydoc topics")
+    fig.suptitle(f"{task}; mean and min/max over {len(rc['seeds'])} seeds, each arm at its best lr; "
+                 f"{result['device']['name']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -724,7 +778,13 @@ def main(argv=None, prog: str | None = None) -> int:
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; --quick 1)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: fair on a shared machine)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default 1 on the byte-level task: fair on a shared machine; 2 with --model)")
+    p.add_argument("--model", default=None,
+                   help="real-model task: a HF model directory or .gguf file, chat SFT on the Python reference "
+                        "manual (bench/convergence_real.py); default: the byte-level task")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
+                   help="every arm on gk.fuse's fused LoRA blocks (default: on with --model, off otherwise)")
     p.add_argument("--cache-dir", default=None, help="pretrained-base cache (default ~/.cache/grit-kernels/convergence)")
     p.add_argument("--out", default="grit-results", help="output directory (default ./grit-results)")
     p.add_argument("--name", default=None, help="output file stem (default convergence[_quick])")
@@ -734,10 +794,14 @@ def main(argv=None, prog: str | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # test-only: seconds end to end
     args = p.parse_args(argv)
 
+    if args.model is not None and args.arms == ",".join(DEFAULT_ARMS):
+        args.arms = ",".join(REAL_ARMS)
     arms = {n: ARMS[n] for n in args.arms.split(",") if n}
     unknown = [n for n in args.arms.split(",") if n and n not in ARMS]
     if unknown:
         p.error(f"unknown arms {unknown}; choose from {sorted(ARMS)}")
+    if args.model is not None:
+        arms = {n: dataclasses.replace(a, lrs=REAL_LRS.get(n, a.lrs)) for n, a in arms.items()}
     for text in args.variant:
         name, arm = _parse_variant(text)
         arms[name] = arm
@@ -747,7 +811,9 @@ def main(argv=None, prog: str | None = None) -> int:
             p.error(f"--lrs for unknown arm {name!r}")
         arms[name] = dataclasses.replace(arms[name], lrs=tuple(float(v) for v in grid.split(",")))
 
-    rc = RunConfig(threads=args.threads)
+    rc = RunConfig()
+    if args.model is not None:
+        rc = dataclasses.replace(rc, model=args.model, **REAL_DEFAULTS)
     if args.quick:
         rc = dataclasses.replace(rc, steps=40, eval_every=10, seeds=(0,),
                                  base=BaseConfig(pretrain_steps=200, corpus_bytes=1_000_000))
@@ -765,6 +831,10 @@ def main(argv=None, prog: str | None = None) -> int:
         rc = dataclasses.replace(rc, steps=args.steps)
     if args.eval_every:
         rc = dataclasses.replace(rc, eval_every=args.eval_every)
+    if args.threads:
+        rc = dataclasses.replace(rc, threads=args.threads)
+    if args.fuse is not None:
+        rc = dataclasses.replace(rc, fuse=args.fuse)
     torch.set_num_threads(rc.threads)
     if args.from_json:
         return resummarise(Path(args.from_json), Path(args.out), args.name)
@@ -773,12 +843,23 @@ def main(argv=None, prog: str | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    print(f"[convergence] base model: {rc.base}", flush=True)
-    base, base_info = build_base(args.cache_dir, rc.base)
-    print(f"[convergence] base {'loaded from' if base_info['cached'] else 'pretrained and cached in'} "
-          f"{base_info['cache']}", flush=True)
-    data = load_finetune_data(rc.seq_len, rc.heldout_windows)
-    start_loss = evaluate(base, heldout_batches(data))
+    if rc.model is not None:
+        import convergence_real
+
+        base, tokenizer, base_info = convergence_real.load_real_model(rc.model)
+        data = convergence_real.load_real_data(tokenizer, rc.max_length, rc.heldout_examples)
+        data_info = {k: v for k, v in data.items() if k not in ("train", "heldout")}
+        print(f"[convergence] real model {base_info['model_type']} ({base_info['layers']} layers, hidden "
+              f"{base_info['hidden']}); chat SFT data {data_info}", flush=True)
+    else:
+        print(f"[convergence] base model: {rc.base}", flush=True)
+        base, base_info = build_base(args.cache_dir, rc.base)
+        print(f"[convergence] base {'loaded from' if base_info['cached'] else 'pretrained and cached in'} "
+              f"{base_info['cache']}", flush=True)
+        data = load_finetune_data(rc.seq_len, rc.heldout_windows)
+        data_info = {"train_bytes": int(data["train"].numel()), "heldout_windows": int(data["heldout"].shape[0]),
+                     "train_topics": data["train_topics"], "heldout_topics": data["heldout_topics"]}
+    start_loss = evaluate(base, task_heldout(data, rc))
     n_runs = sum(len(a.lrs) for a in arms.values()) + (len(arms) * (len(rc.seeds) - 1) if not args.full_sweep
                                                        else sum(len(a.lrs) for a in arms.values()) * (len(rc.seeds) - 1))
 
@@ -789,7 +870,7 @@ def main(argv=None, prog: str | None = None) -> int:
         r = run_arm(base, data, ARMS[kind], ARMS[kind].lrs[0], 0, rc=probe_rc)
         probe[kind] = r["train_s"] / probe_rc.steps
     t_eval = time.perf_counter()
-    evaluate(base, heldout_batches(data))
+    evaluate(base, task_heldout(data, rc))
     t_eval = time.perf_counter() - t_eval
     grit_share = sum(1 for a in arms.values() if a.grit is not None) / len(arms)
     per_step = (1 - grit_share) * probe["adamw"] + grit_share * probe["grit_adamw"]
@@ -818,8 +899,7 @@ def main(argv=None, prog: str | None = None) -> int:
         "config": dataclasses.asdict(rc),
         "arms": {n: dataclasses.asdict(a) for n, a in arms.items()},
         "base": base_info,
-        "data": {"train_bytes": int(data["train"].numel()), "heldout_windows": int(data["heldout"].shape[0]),
-                 "train_topics": data["train_topics"], "heldout_topics": data["heldout_topics"]},
+        "data": data_info,
         "start_loss": start_loss,
         "expected_s": expected,
         "runs": runs,
