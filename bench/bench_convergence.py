@@ -294,12 +294,12 @@ class RunConfig:
     #: real-model task (bench/convergence_real.py): a HF directory or .gguf file; None = the byte-level task
     model: str | None = None
     max_length: int = 192  #: real-model task: tokens per chat pair (batch_size pairs packed per step)
-    heldout_examples: int = 48  #: real-model task: held-out pairs
+    heldout_examples: int = 32  #: real-model task: held-out pairs
     fuse: bool = False  #: every arm on gk.fuse's fused LoRA blocks
 
 
 #: the real-model task's protocol (fixed before comparing variants): 60 steps of 4 packed chat pairs
-REAL_DEFAULTS = dict(steps=60, batch_size=4, warmup=6, eval_every=15, r=16, alpha=32.0, threads=2, fuse=True)
+REAL_DEFAULTS = dict(steps=60, batch_size=4, warmup=6, eval_every=20, r=16, alpha=32.0, threads=2, fuse=True)
 #: lr grids on the real model (2x apart, centred on a first 1-seed screen; extended where the best is at an edge)
 REAL_LRS = {"adamw": (2e-3, 4e-3, 8e-3), "loraplus": (5e-4, 1e-3, 2e-3), "sgd": (0.25, 0.5, 1.0),
             "grit_adamw": (8e-3, 1.6e-2, 3.2e-2), "grit_sgd": (0.25, 0.5, 1.0), "grit_loraplus": (5e-4, 1e-3, 2e-3),

@@ -128,6 +128,10 @@ class E2EConfig:
         if c.device is None:
             c.device = "cuda" if torch.cuda.is_available() else "cpu"
         cuda = c.device.startswith("cuda")
+        if c.model_path is not None:  # a HF directory, or a .gguf file converted once into the cache
+            from grit_kernels.model_files import resolve_model_path
+
+            c.model_path = str(resolve_model_path(c.model_path))
         if c.preset is None and c.model_config is None and c.model_path is None:
             c.preset = "llama3-8b" if cuda else "tiny"
         if c.preset is not None and c.preset not in PRESETS:
@@ -961,7 +965,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     model = p.add_mutually_exclusive_group()
     model.add_argument("--preset", choices=PRESETS, help="built-in model shapes (random weights)")
     model.add_argument("--model-config", metavar="JSON", help="HF config.json path or inline JSON (random weights)")
-    model.add_argument("--model", dest="model_path", metavar="PATH", help="local HF model directory (real weights)")
+    model.add_argument("--model", dest="model_path", metavar="PATH", help="local HF model directory or .gguf file (real weights)")
     p.add_argument("--layers", type=int, help="override the number of decoder layers")
     p.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
     q = p.add_mutually_exclusive_group()

@@ -68,7 +68,7 @@ def chat_pairs() -> dict[str, list[dict]]:
     return out
 
 
-def load_real_data(tokenizer, max_length: int = 192, heldout_examples: int = 48) -> dict:
+def load_real_data(tokenizer, max_length: int = 192, heldout_examples: int = 32) -> dict:
     """Tokenized pairs: ``{"train": [features], "heldout": [features], ...counts}``; held-out features are
     ``heldout_examples`` pairs spread evenly over the held-out topics' pairs."""
     from grit_kernels.data import tokenize_chat
