@@ -394,6 +394,9 @@ def versions() -> dict:
 
 
 def git_commit() -> str | None:
+    """HEAD of the checkout; ``GRIT_COMMIT`` where .git did not travel (the GPU machine: run_gpu_all.sh sets it)."""
+    if os.environ.get("GRIT_COMMIT"):
+        return os.environ["GRIT_COMMIT"]
     try:
         proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
         return proc.stdout.strip() or None
