@@ -7,7 +7,8 @@
 #   bash bench/run_gpu_all.sh --dry-run     # anywhere: the plan, each phase replaced by a stub
 #   bash bench/run_gpu_all.sh --collect DIR # HERE, after: copy DIR's files into bench/results/<gpu-slug>/
 #
-# Phases, in order, each under `timeout` (cap at the default deadline; caps scale with --deadline):
+# Phases, in order, each under `timeout` (cap at the default deadline; with --deadline D they scale by
+# (D - 10) / 530):
 #   setup    20 s  carried wheels (.whl/*.whl: bitsandbytes) -> /tmp/site, put on PYTHONPATH
 #   env      25 s  GPU, driver, CUDA, torch/triton/transformers/peft/bitsandbytes versions, commit -> env.json
 #   build   100 s  the CUDA C++ extension (csrc/) JIT-built for sm_90, build time recorded
@@ -34,7 +35,7 @@ ROOT=$PWD
 PHASES=(setup env build tests kernels e2e)
 DEFAULT_DEADLINE_S=540
 declare -A DEFAULT_CAP=([setup]=20 [env]=25 [build]=100 [tests]=150 [kernels]=70 [e2e]=165)
-REPORT_RESERVE_S=10
+REPORT_RESERVE_S=${REPORT_RESERVE_S:-10}
 MAX_FILES=8
 #: the files each phase writes under $OUT (the report writes summary.txt and summary.json)
 declare -A PHASE_FILES=([setup]="build.log" [env]="env.json build.log" [build]="build.log" [tests]="tests.log"
@@ -48,6 +49,7 @@ E2E_ARMS=${E2E_ARMS:-peft-adamw,peft-grit,fused-adamw,fused-grit}
 SITE=${SITE:-/tmp/site}
 PY=${PYTHON:-python3}
 
+COMMAND="bash bench/run_gpu_all.sh${*:+ $*}"
 mode=run
 phase_to_run=""
 collect_dir=""
@@ -168,7 +170,7 @@ fi
 cap_of() {  # the cap of a phase: CAP_<phase>, else the default scaled to the deadline
   local var="CAP_$1"
   if [ -n "${!var:-}" ]; then echo "${!var}"; return; fi
-  echo $(( DEFAULT_CAP[$1] * DEADLINE_S / DEFAULT_DEADLINE_S ))
+  echo $(( DEFAULT_CAP[$1] * (DEADLINE_S - REPORT_RESERVE_S) / (DEFAULT_DEADLINE_S - 10) ))  # floors: the sum fits
 }
 declare -A CAP
 caps_sum=0
@@ -181,7 +183,8 @@ plan() {
   local p
   for p in "${PHASES[@]}"; do printf '  %-8s cap %4s s  -> %s\n' "$p" "${CAP[$p]}" "${PHASE_FILES[$p]}"; done
   printf '  %-8s      %4s s  -> summary.txt summary.json\n' report "$REPORT_RESERVE_S"
-  echo "  caps ${caps_sum} s + report ${REPORT_RESERVE_S} s = $((caps_sum + REPORT_RESERVE_S)) s <= deadline ${DEADLINE_S} s"
+  local total=$((caps_sum + REPORT_RESERVE_S))
+  echo "  caps ${caps_sum} s + report ${REPORT_RESERVE_S} s = ${total} s $([ "$total" -le "$DEADLINE_S" ] && echo '<=' || echo '>') deadline ${DEADLINE_S} s"
 }
 if [ $((caps_sum + REPORT_RESERVE_S)) -gt "$DEADLINE_S" ]; then
   plan >&2
@@ -221,17 +224,17 @@ export GRIT_COMMIT
 
 : > "$OUT/summary.txt"
 say() { echo "$*" | tee -a "$OUT/summary.txt"; }
-declare -A STATUS RC SECS GIVEN
+declare -A STATUS RC SECS GIVEN STARTED
 write_summary_json() {
   local p first=1
   {
-    printf '{"script": "bench/run_gpu_all.sh", "mode": "%s", "deadline_s": %s, "commit": "%s", "elapsed_s": %s, "phases": [' \
-      "$mode" "$DEADLINE_S" "$GRIT_COMMIT" "$SECONDS"
+    printf '{"script": "bench/run_gpu_all.sh", "command": "%s", "mode": "%s", "deadline_s": %s, "kill_grace_s": %s, "report_reserve_s": %s, "commit": "%s", "elapsed_s": %s, "phases": [' \
+      "$COMMAND" "$mode" "$DEADLINE_S" "$KILL_GRACE_S" "$REPORT_RESERVE_S" "$GRIT_COMMIT" "$SECONDS"
     for p in "${PHASES[@]}"; do
       [ $first = 1 ] || printf ', '
       first=0
-      printf '{"name": "%s", "cap_s": %s, "timeout_s": %s, "status": "%s", "exit": %s, "seconds": %s}' \
-        "$p" "${CAP[$p]}" "${GIVEN[$p]:-null}" "${STATUS[$p]:-pending}" "${RC[$p]:-null}" "${SECS[$p]:-null}"
+      printf '{"name": "%s", "cap_s": %s, "start_s": %s, "timeout_s": %s, "status": "%s", "exit": %s, "seconds": %s}' \
+        "$p" "${CAP[$p]}" "${STARTED[$p]:-null}" "${GIVEN[$p]:-null}" "${STATUS[$p]:-pending}" "${RC[$p]:-null}" "${SECS[$p]:-null}"
     done
     printf ']}\n'
   } > "$OUT/summary.json.tmp" && mv "$OUT/summary.json.tmp" "$OUT/summary.json"
@@ -260,6 +263,7 @@ for i in "${!PHASES[@]}"; do
     continue
   fi
   GIVEN[$p]=$t
+  STARTED[$p]=$SECONDS
   log=$OUT/build.log
   case $p in tests) log=$OUT/tests.log ;; kernels|e2e) log=$OUT/bench.log ;; esac
   echo "===== phase $p: timeout ${t} s (cap ${CAP[$p]} s), $(date -u +%H:%M:%S) UTC =====" >> "$log"
