@@ -1,7 +1,7 @@
 """Triton kernels (grit_kernels/triton) against the float64 oracle, on the CPU through the interpreter.
 
 The environment variable must be set before triton or grit_kernels is imported. A GPU session runs
-with ``TRITON_INTERPRET=0`` (bench/run_gpu.sh) and skips this file; tests/test_gpu_kernels.py runs the
+with ``TRITON_INTERPRET=0`` (bench/run_gpu_all.sh) and skips this file; tests/test_gpu_kernels.py runs the
 same checks (the ``check_*`` functions below) on CUDA.
 
 Inputs are fresh random draws each run (the ``fresh_seed`` fixture prints the seed); errors are
