@@ -132,6 +132,8 @@ class E2EConfig:
         if c.device is None:
             c.device = "cuda" if torch.cuda.is_available() else "cpu"
         cuda = c.device.startswith("cuda")
+        if cuda and not torch.cuda.is_available():
+            raise ValueError(f"--device {c.device}: torch sees no CUDA device (torch {torch.__version__})")
         if c.preset is None and c.model_config is None and c.model_path is None:
             c.preset = "llama3-8b" if cuda else "tiny"
         if c.preset is not None and c.preset not in PRESETS:

@@ -43,7 +43,7 @@ declare -A PHASE_FILES=([setup]="build.log" [env]="env.json build.log" [build]="
 #: GPU test files, each in its own pytest process (a sticky CUDA error or a hang stays in its file), and weights
 #: for sharing the phase's time between them
 TEST_FILES=(tests/test_cpp_backend.py tests/test_gpu_kernels.py tests/test_gpu_training.py)
-declare -A TEST_WEIGHT=([tests/test_cpp_backend.py]=1 [tests/test_gpu_kernels.py]=3 [tests/test_gpu_training.py]=2)
+declare -A TEST_WEIGHT=([tests/test_cpp_backend.py]=2 [tests/test_gpu_kernels.py]=3 [tests/test_gpu_training.py]=2)
 PER_TEST_TIMEOUT_S=${PER_TEST_TIMEOUT_S:-90}
 E2E_ARMS=${E2E_ARMS:-peft-adamw,peft-grit,fused-adamw,fused-grit}
 SITE=${SITE:-/tmp/site}
@@ -104,7 +104,8 @@ PY
 
 phase_tests() {
   # one pytest per file, the phase's time shared by weight among the files still to run
-  local budget=$1 start=$SECONDS status=0 f left weights w t rc
+  local budget=$1 start=$SECONDS status=0 f left weights w t rc log
+  log=$(mktemp)
   local timeout_opt=()
   if "$PY" -c "import pytest_timeout" 2>/dev/null; then
     timeout_opt=(--timeout="$PER_TEST_TIMEOUT_S")
@@ -121,21 +122,25 @@ phase_tests() {
     t=$((left * w / weights - KILL_GRACE_S))
     [ "$t" -lt 1 ] && t=1
     echo "===== $f (budget ${t} s) ====="
-    timeout -k "$KILL_GRACE_S" "$t" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider "${timeout_opt[@]}" "$f"
+    timeout -k "$KILL_GRACE_S" "$t" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider "${timeout_opt[@]}" "$f" \
+      > "$log" 2>&1
     rc=$?
+    cat "$log"
     case $rc in
-      0) echo "===== $f: passed" ;;
+      0) if grep -Eq '[0-9]+ passed' "$log"; then echo "===== $f: passed ($(tail -1 "$log" | tr -d '='))"
+         else echo "===== $f: FAILED: no test passed (all skipped?)"; status=1; fi ;;
       5) echo "===== $f: no GPU test collected (exit 5)"; status=1 ;;
       124|137) echo "===== $f: TIMED OUT after ${t} s"; status=1 ;;
-      *) echo "===== $f: FAILED (exit $rc)"; status=1 ;;
+      *) echo "===== $f: FAILED (exit $rc; $(tail -1 "$log" | tr -d '='))"; status=1 ;;
     esac
   done
+  rm -f "$log"
   return $status
 }
 
 phase_kernels() {
   local budget=$1
-  "$PY" bench/bench_kernels.py --banks llama3-8b-r16 --impls triton,cuda,torch,prior-art --host-launch \
+  "$PY" bench/bench_kernels.py --device cuda --banks llama3-8b-r16 --impls triton,cuda,torch,prior-art --host-launch \
     --out "$OUT" --time-budget $((budget - 5))
 }
 
