@@ -68,6 +68,7 @@ import torch
 
 from grit_kernels.config import BACKENDS
 
+PROCESS_START = time.perf_counter()  #: what --time-budget counts from (close enough to the process start)
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 DEFAULT_ARMS = ("peft-adamw", "fused-adamw", "fused-grit", "peft-grit", "grit-prior", "unsloth")
@@ -120,6 +121,9 @@ class E2EConfig:
     breakdown: bool | None = None  # time forward / backward / optimizer separately (CPU default; CUDA syncs)
     device: str | None = None
     progress: bool = True
+    plot: bool = True  # write the PNG beside the JSON (matplotlib)
+    time_budget: float | None = None  # seconds: arms that would not finish in it are not started
+    share_model: bool | None = None  # one model for every arm (LoRA weights reset); default: sequential order
     notes: list = field(default_factory=list)
 
     def resolve(self) -> E2EConfig:
@@ -128,6 +132,8 @@ class E2EConfig:
         if c.device is None:
             c.device = "cuda" if torch.cuda.is_available() else "cpu"
         cuda = c.device.startswith("cuda")
+        if cuda and not torch.cuda.is_available():
+            raise ValueError(f"--device {c.device}: torch sees no CUDA device (torch {torch.__version__})")
         if c.model_path is not None:  # a HF directory, or a .gguf file converted once into the cache
             from grit_kernels.model_files import resolve_model_path
 
@@ -163,6 +169,10 @@ class E2EConfig:
                 raise ValueError(f"--{key.replace('_', '-')} must be >= 1")
         if c.warmup < 0:
             raise ValueError("--warmup must be >= 0")
+        if c.share_model is None:
+            c.share_model = c.order == "sequential"
+        if c.share_model and c.order != "sequential":
+            raise ValueError("--share-model needs --order sequential (interleaved arms train at the same time)")
         if c.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {c.dtype!r}")
         return c
@@ -249,7 +259,8 @@ def _build_model(cfg: E2EConfig):
 
     if cfg.model_path is None:
         return build_lora_model(
-            model_config(cfg), r=cfg.r, quantize_4bit=cfg.qlora, dtype=cfg.torch_dtype, device=cfg.device, seed=cfg.seed
+            model_config(cfg), r=cfg.r, quantize_4bit=cfg.qlora, dtype=cfg.torch_dtype, device=cfg.device, seed=cfg.seed,
+            fast_init=cfg.device.startswith("cuda"),  # random weights filled on the GPU, no HF init pass
         )
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -282,37 +293,68 @@ def _adamw(model, lr):
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
 
 
-def make_arm(name: str, cfg: E2EConfig) -> Arm:
-    """Build the model and optimizer of one arm (raises ``_Skip`` when the arm cannot run here)."""
+class SharedModel:
+    """One model for every arm of a sequential run (``--share-model``): built once (an 8B model is built and
+    quantized once, not once per arm), its trainable (LoRA) weights put back to their initial values before
+    each arm, so every arm starts from the same state, as with a fresh build from the same seed."""
+
+    def __init__(self, cfg: E2EConfig):
+        self.model = build_model(cfg)
+        self.initial = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def take(self) -> torch.nn.Module:
+        for n, p in self.model.named_parameters():
+            if n in self.initial:
+                p.copy_(self.initial[n])
+                p.grad = None
+        return self.model
+
+
+def _chain(*fns):
+    fns = [f for f in fns if f is not None]
+    return (lambda: [f() for f in fns]) if fns else None
+
+
+def make_arm(name: str, cfg: E2EConfig, shared: SharedModel | None = None) -> Arm:
+    """Build the model and optimizer of one arm (raises ``_Skip`` when the arm cannot run here).
+
+    ``shared``: take the model from it instead of building one; the arm's cleanup then undoes what the arm
+    did to it (GRIT's patching, the fusion)."""
     if name == "unsloth":
         return _make_unsloth_arm(cfg)
-    model = build_model(cfg)
+    model = shared.take() if shared is not None else build_model(cfg)
     model.train()
     inner = _adamw(model, cfg.lr)
     modules = sum(1 for n, _ in model.named_modules() if n.endswith("lora_A.default"))
+    undo_fuse = None
     if name.startswith("fused-"):
         import grit_kernels as gk
 
         report = gk.fuse(model)
+        if shared is not None:
+            undo_fuse = lambda: gk.unfuse(model)  # noqa: E731
         if report.fused_modules == 0:
+            if undo_fuse is not None:
+                undo_fuse()
             raise _Skip(f"nothing to fuse: {report}")
         if cfg.progress:
             print(f"[bench e2e] {name}: {report.summary}", file=sys.stderr)
     if name in (BASELINE_ARM, "fused-adamw"):
-        return Arm(name, model, inner, modules)
+        return Arm(name, model, inner, modules, cleanup=undo_fuse)
     if name in ("peft-grit", "fused-grit"):
         import grit_kernels as gk
 
         # GRIT's own warm-up (steps without preconditioning) ends with the benchmark's warm-up, so
         # every measured step pays for the full preconditioning.
         pre = gk.GritPreconditioner(model, gk.GritConfig(backend=cfg.backend, warmup_steps=cfg.warmup))
-        return Arm(name, model, gk.GritOptimizer(inner, pre), pre.num_modules, cleanup=pre.remove)
+        return Arm(name, model, gk.GritOptimizer(inner, pre), pre.num_modules, cleanup=_chain(pre.remove, undo_fuse))
     if name in ("peft-eigen", "fused-eigen"):
         import grit_kernels as gk
 
         pre = gk.GritPreconditioner(model, gk.GritConfig(backend=cfg.backend, kl_clip=None))
         eigen = gk.EigenAdamW([p for p in model.parameters() if p.requires_grad], pre, lr=cfg.lr)
-        return Arm(name, model, gk.GritOptimizer(eigen, pre), pre.num_modules, cleanup=pre.remove)
+        return Arm(name, model, gk.GritOptimizer(eigen, pre), pre.num_modules, cleanup=_chain(pre.remove, undo_fuse))
     if name == "grit-prior":
         prior_art = _load_sibling("prior_art_grit")
         prior = prior_art.PriorArtGrit(model, warmup_steps=cfg.warmup)
@@ -475,25 +517,47 @@ def _progress(total: int, cfg: E2EConfig, desc: str):
     )
 
 
-def time_arms(cfg: E2EConfig, steps: list[list[dict]], bar=None) -> dict:
+def time_arms(cfg: E2EConfig, steps: list[list[dict]], bar=None, on_arm_done=None, deadline: float | None = None) -> dict:
     """Run every arm over ``steps``; returns ``{arm: result dict}`` with raw per-step times.
 
     ``bar``: a progress bar whose total includes this work (:func:`work_units`); one is made if None.
+    ``on_arm_done(results)``: called after each arm of a sequential run (finished, failed or skipped), so
+    that a run cut short keeps its finished arms. ``deadline`` (a ``time.perf_counter()`` value): a
+    sequential arm is not started when the longest arm so far would not finish before it.
     """
     results: dict = {}
     live: dict[str, Arm] = {}
+    shared_box: dict = {}
+
+    def shared_model():
+        if not cfg.share_model:
+            return None
+        if "error" in shared_box:
+            raise shared_box["error"]
+        if "model" not in shared_box:
+            t0 = time.perf_counter()
+            try:
+                shared_box["model"] = SharedModel(cfg)
+            except Exception as exc:
+                shared_box["error"] = exc
+                raise
+            shared_box["build_s"] = time.perf_counter() - t0
+        return shared_box["model"]
     breakdown = cfg.breakdown if cfg.breakdown is not None else not cfg.device.startswith("cuda")
 
     def start(name):
         bar.set_postfix_str(f"building {name}")
+        t0 = time.perf_counter()
         try:
-            live[name] = make_arm(name, cfg)
+            live[name] = make_arm(name, cfg, None if name == "unsloth" else shared_model())
             results[name] = {
                 "status": "ok",
                 "lora_modules": live[name].num_modules,
                 "times": [],
                 "losses": [],
                 "phases": [],
+                "build_s": time.perf_counter() - t0,
+                "shared_model": cfg.share_model and name != "unsloth",
             }
             if cfg.device.startswith("cuda"):
                 _sync(cfg.device)
@@ -550,6 +614,7 @@ def time_arms(cfg: E2EConfig, steps: list[list[dict]], bar=None) -> dict:
             torch.cuda.empty_cache()
 
     n_steps = len(steps)
+    arm_seconds: list[float] = []
     own_bar = bar is None
     if own_bar:
         bar = _progress(work_units(cfg, n_steps, probes=False), cfg, "bench e2e")
@@ -557,15 +622,30 @@ def time_arms(cfg: E2EConfig, steps: list[list[dict]], bar=None) -> dict:
         if cfg.order == "sequential":
             for name in cfg.arms:
                 bar.set_postfix_str(name)
-                start(name)
-                if name in live:
-                    for i in range(n_steps):
-                        one_step(name, i)
-                        bar.update(1)
-                    if name in live:
-                        finish(name)
+                t_arm = time.perf_counter()
+                if deadline is not None and arm_seconds and t_arm + max(arm_seconds) > deadline:
+                    results[name] = {
+                        "status": "skipped",
+                        "reason": f"time budget: {deadline - t_arm:.0f} s left, the longest arm so far took "
+                        f"{max(arm_seconds):.0f} s",
+                    }
+                    print(f"[bench e2e] arm {name!r} skipped: {results[name]['reason']}", file=sys.stderr)
+                    bar.update(BUILD_UNITS + n_steps)
                 else:
-                    bar.update(n_steps)
+                    start(name)
+                    if name in live:
+                        for i in range(n_steps):
+                            one_step(name, i)
+                            bar.update(1)
+                        if name in live:
+                            finish(name)
+                    else:
+                        bar.update(n_steps)
+                    arm_seconds.append(time.perf_counter() - t_arm)
+                    if "build_s" in shared_box and name in results:
+                        results[name].setdefault("shared_model_build_s", shared_box.pop("build_s"))
+                if on_arm_done is not None:
+                    on_arm_done(results)
         else:
             for name in cfg.arms:
                 start(name)
@@ -580,6 +660,8 @@ def time_arms(cfg: E2EConfig, steps: list[list[dict]], bar=None) -> dict:
             for name in names:
                 if name in live:
                     finish(name)
+    shared_box.clear()
+    gc.collect()
     return results
 
 
@@ -669,6 +751,9 @@ def versions() -> dict:
 
 
 def git_commit() -> str | None:
+    """HEAD of the checkout; ``GRIT_COMMIT`` where .git did not travel (the GPU machine: run_gpu_all.sh sets it)."""
+    if os.environ.get("GRIT_COMMIT"):
+        return os.environ["GRIT_COMMIT"]
     try:
         proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
         return proc.stdout.strip() or None
@@ -683,7 +768,7 @@ def summarise(cfg: E2EConfig, raw: dict, steps: list[list[dict]]) -> dict:
     arms = {}
     base = None
     for name in cfg.arms:
-        r = raw[name]
+        r = raw.get(name, {"status": "not run", "reason": "the run ended before this arm (partial result)"})
         if r["status"] != "ok":
             arms[name] = r
             continue
@@ -692,6 +777,8 @@ def summarise(cfg: E2EConfig, raw: dict, steps: list[list[dict]]) -> dict:
         entry = {
             "status": "ok",
             "lora_modules": r["lora_modules"],
+            "build_s": r.get("build_s"),
+            "shared_model": r.get("shared_model"),
             **_quantiles(times),
             "tokens_per_s": real / sum(times),
             "step_times_s": times,
@@ -700,8 +787,9 @@ def summarise(cfg: E2EConfig, raw: dict, steps: list[list[dict]]) -> dict:
             "peak_memory_mb": r.get("peak_memory_mb"),
             "memory_method": r.get("memory_method"),
         }
-        if "memory_after_build_mb" in r:
-            entry["memory_after_build_mb"] = r["memory_after_build_mb"]
+        for key in ("memory_after_build_mb", "shared_model_build_s"):
+            if key in r:
+                entry[key] = r[key]
         if r["phases"]:
             measured_phases = r["phases"][cfg.warmup :]
             entry["phase_median_s"] = {
@@ -870,20 +958,15 @@ def run(config: E2EConfig | None = None, out_dir: str | None = None, quick: bool
     steps = _step_batches(cfg)
     bar = _progress(work_units(cfg, len(steps)), cfg, "bench e2e")
     started = _dt.datetime.now(_dt.timezone.utc)
+    t_start = time.perf_counter()
+    deadline = PROCESS_START + cfg.time_budget if cfg.time_budget else None  # the imports count too
     load_before = os.getloadavg()
-    raw = time_arms(cfg, steps, bar=bar)
-    load_after = os.getloadavg()
-    busy_after = other_busy_cores() if cpu else None
-    result = {
+    path = result_path(cfg, device, out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = {
         "benchmark": "e2e",
         "date": started.isoformat(timespec="seconds"),
-        "wall_s": (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(),
         "device": device,
-        # other processes on the machine skew CPU timings: the 1-minute load before/after the timing
-        "load_average_1m": {"before": load_before[0], "after": load_after[0]},
-        "machine_load": machine_load(busy_before, busy_after, load_after[0], cfg.threads or torch.get_num_threads())
-        if cpu
-        else None,
         "versions": versions(),
         "git_commit": git_commit(),
         "command": argv,
@@ -892,10 +975,26 @@ def run(config: E2EConfig | None = None, out_dir: str | None = None, quick: bool
             "name": cfg.model_path or (f"{cfg.preset} Llama" if cfg.preset else "custom"),
             "num_layers": getattr(hf, "num_hidden_layers", None),
             "hidden_size": getattr(hf, "hidden_size", None),
-            "lora_modules": next((a["lora_modules"] for a in raw.values() if a.get("status") == "ok"), None),
         },
     }
-    result.update(summarise(cfg, raw, steps))
+
+    def write_partial(raw: dict) -> None:
+        """After each sequential arm: the JSON with the arms finished so far (``"partial": true``)."""
+        partial = _assemble(cfg, head, raw, steps, t_start)
+        partial["partial"] = True
+        path.write_text(json.dumps(partial, indent=1) + "\n")
+        done = ", ".join(f"{n}: {raw[n]['status']}" for n in cfg.arms if n in raw)
+        print(f"[bench e2e] arms done ({done}); wrote {path}", file=sys.stderr, flush=True)
+
+    raw = time_arms(cfg, steps, bar=bar, on_arm_done=write_partial, deadline=deadline)
+    load_after = os.getloadavg()
+    busy_after = other_busy_cores() if cpu else None
+    result = _assemble(cfg, head, raw, steps, t_start)
+    # other processes on the machine skew CPU timings: the 1-minute load before/after the timing
+    result["load_average_1m"] = {"before": load_before[0], "after": load_after[0]}
+    result["machine_load"] = (
+        machine_load(busy_before, busy_after, load_after[0], cfg.threads or torch.get_num_threads()) if cpu else None
+    )
     if cfg.memory and not cfg.device.startswith("cuda"):
         for name, entry in result["arms"].items():
             if name not in _probed_arms(cfg):
@@ -916,6 +1015,22 @@ def run(config: E2EConfig | None = None, out_dir: str | None = None, quick: bool
         for entry in result["arms"].values():
             if entry.get("status") == "ok":
                 entry["memory_method"] = "not measured (--no-memory)"
+    bar.close()
+    result["table"] = format_table(result)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    png = plot(result, path.with_suffix(".png")) if cfg.plot else None
+    result["json_path"], result["png_path"] = str(path), str(png) if png else None
+    return result
+
+
+def _assemble(cfg: E2EConfig, head: dict, raw: dict, steps: list[list[dict]], t_start: float) -> dict:
+    """The result dict of the arms in ``raw`` (all of them, or those finished so far)."""
+    result = {**head, "wall_s": time.perf_counter() - t_start}
+    result["model"] = {
+        **head["model"],
+        "lora_modules": next((a["lora_modules"] for a in raw.values() if a.get("status") == "ok"), None),
+    }
+    result.update(summarise(cfg, raw, steps))
     grit, prior = result["arms"].get("peft-grit", {}), result["arms"].get("grit-prior", {})
     result["summary"] = {
         "grit_over_adamw": grit.get("ratio_to_adamw"),
@@ -944,14 +1059,7 @@ def run(config: E2EConfig | None = None, out_dir: str | None = None, quick: bool
                 "met" if paired["p80"] <= CPU_TARGET_RATIO else "NOT met" if paired["p20"] > CPU_TARGET_RATIO
                 else "inconclusive"
             )
-    bar.close()
     result["mode"] = "full" if cfg.full else "quick"
-    result["table"] = format_table(result)
-    path = result_path(cfg, device, out_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    png = plot(result, path.with_suffix(".png"))
-    result["json_path"], result["png_path"] = str(path), str(png) if png else None
     return result
 
 
@@ -1005,6 +1113,18 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output directory (default ./grit-results/<device-slug>/)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 layers, 1 warm-up + 3 steps, no memory probe")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-plot", dest="plot", action="store_false", help="no PNG beside the JSON")
+    p.add_argument(
+        "--time-budget", type=float, metavar="S",
+        help="seconds for the whole run: an arm that would not finish in it (the longest arm so far) is not started; "
+        "the JSON is rewritten after every arm of a sequential run",
+    )
+    sm = p.add_mutually_exclusive_group()
+    sm.add_argument(
+        "--share-model", dest="share_model", action="store_true", default=None,
+        help="build the model once for every arm, LoRA weights reset per arm (default with --order sequential)",
+    )
+    sm.add_argument("--no-share-model", dest="share_model", action="store_false")
     p.add_argument("--probe-memory", help=argparse.SUPPRESS)
     p.add_argument("--probe-steps", type=int, default=3, help=argparse.SUPPRESS)
     return p

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+PROCESS_START = time.perf_counter()  #: what --time-budget counts from
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 if str(REPO_ROOT) not in sys.path:
@@ -109,6 +110,10 @@ class BenchConfig:
     threads: int | None = None  #: CPU: torch.set_num_threads (default: torch's choice)
     damping: float = 1e-3
     quick: bool = False
+    host_launch: bool = False  #: CUDA: also time the host side of one call (enqueue only, queue empty)
+    time_budget: float | None = None  #: seconds: later cases are not started past it (the JSON keeps the finished)
+    notes: list = None  #: filled by resolve(): what was asked for but cannot run here, and why
+
 
     def resolve(self) -> BenchConfig:
         cuda = self.device.startswith("cuda")
@@ -128,6 +133,13 @@ class BenchConfig:
         from grit_kernels import _ext  # compiled csrc/ kernels: timed where built for this device
 
         compiled = {"cpp": not cuda and _ext.cpu_available(), "cuda": cuda and _ext.cuda_available()}
+        self.notes = []
+        for name in self.impls:
+            if not compiled.get(name, True):
+                self.notes.append(
+                    f"{name} asked for but not timed: the compiled kernels are not available here ({_ext.load_error()}); "
+                    "GRIT_KERNELS_JIT=1 builds them from csrc/"
+                )
         self.impls = tuple(i for i in self.impls if compiled.get(i, True))
         unknown = set(self.banks) - set(BANKS) | set(self.ops) - set(OPS) | set(self.impls) - set(IMPLS)
         if unknown:
@@ -198,6 +210,56 @@ def _time_cpu(fn: Callable[[], object], reps: int) -> dict:
         "method": f"time.perf_counter, {reps} calls after 1 warm-up",
         "raw_ms": times,
     }
+
+
+def _time_host(fn: Callable[[], object], calls: int = 30) -> dict:
+    """Host-side cost of one call on CUDA: the time until it returns, the device queue drained before each
+    call (so that no launch waits for queue space). A call that synchronises (the per-module loop's
+    ``.item()``) includes its device time."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return {"host_median_ms": statistics.median(times), "host_p20_ms": q[1], "host_p80_ms": q[7]}
+
+
+def triton_host_path(bank: Bank, calls: int = 300) -> dict | None:
+    """Python cost of one Triton ``precondition_`` call over ``bank``'s 2M gradients, the kernel launch stubbed
+    (no GPU needed): the front end's shape check plus the launcher's layout key, plan lookup and pointer
+    tuple. Tiny tensors of the bank's count (the host path depends on the count, not the sizes)."""
+    try:
+        from grit_kernels.ops import precondition as front
+        from grit_kernels.triton import precondition as launcher
+    except Exception as exc:  # noqa: BLE001 -- triton missing: reported, not raised
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    M, r = bank.modules, bank.r
+    ga = [torch.empty(r, 8) for _ in range(M)]
+    gb = [torch.empty(8, r) for _ in range(M)]
+    inv = torch.eye(r).repeat(M, 1, 1)
+    kernel = launcher._precondition_kernel
+    launcher._precondition_kernel = type("Stub", (), {"__getitem__": lambda self, grid: (lambda *a, **k: None)})()
+    try:
+        def call():
+            front._check_shapes(tuple(map(torch.Tensor.size, ga)), tuple(map(torch.Tensor.size, gb)), r)
+            launcher.precondition_(ga, gb, inv, inv)
+
+        call()
+        times = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            for _ in range(calls // 7):
+                call()
+            times.append((time.perf_counter() - t0) / (calls // 7) * 1e6)
+    finally:
+        launcher._precondition_kernel = kernel
+    return {"gradients": 2 * M, "us_per_call_best_of_7": min(times), "us_per_call_median_of_7": statistics.median(times),
+            "what": "shape check + layout key + plan lookup + pointer tuple, kernel launch stubbed, CPU tensors"}
 
 
 def measure_copy_bandwidth(device: str, cfg: BenchConfig) -> dict | None:
@@ -312,6 +374,8 @@ def bench_case(bank: Bank, op: str, cfg: BenchConfig, copy_gbps: float | None) -
         if name == "prior-art" and not cuda and _prior_art_subset(bank, cfg) is not None:
             continue
         t = _time_gpu(fn) if cuda else _time_cpu(fn, cfg.reps)
+        if cuda and cfg.host_launch:
+            t.update(_time_host(fn))
         timings[name] = t
     del impls
     gc.collect()
@@ -394,6 +458,9 @@ def versions() -> dict:
 
 
 def git_commit() -> str | None:
+    """HEAD of the checkout; ``GRIT_COMMIT`` where .git did not travel (the GPU machine: run_gpu_all.sh sets it)."""
+    if os.environ.get("GRIT_COMMIT"):
+        return os.environ["GRIT_COMMIT"]
     try:
         proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
         return proc.stdout.strip() or None
@@ -485,17 +552,11 @@ def run(out_dir: str | None = None, quick: bool = False, config: BenchConfig | N
         notes.append("CPU run: Triton kernels skipped (interpreter timings are meaningless); torch backend is the baseline")
     if cfg.prior_art_max_modules is not None and not cfg.device.startswith("cuda"):
         notes.append(f"per-module loop timed on at most {cfg.prior_art_max_modules} modules and scaled linearly")
+    notes.extend(cfg.notes or [])
     torch.manual_seed(0)
     load_start = os.getloadavg()
     bw = measure_copy_bandwidth(cfg.device, cfg)
     rows = []
-    for bank_name in cfg.banks:
-        bank = BANKS[bank_name]
-        for op in cfg.ops:
-            rows.append(bench_case(bank, op, cfg, bw["gbps"] if bw else None))
-            print(f"  {bank_name:15s} {op:13s} " + "  ".join(f"{k}={_fmt_ms(v)}" for k, v in rows[-1]["timings"].items()), file=sys.stderr)
-            if cfg.device.startswith("cuda"):
-                torch.cuda.empty_cache()
     result = {
         "benchmark": "kernels",
         "device": device,
@@ -504,17 +565,34 @@ def run(out_dir: str | None = None, quick: bool = False, config: BenchConfig | N
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": argv,
         "config": {**asdict(cfg), "banks_detail": {b: {**asdict(BANKS[b]), "modules": BANKS[b].modules, "lora_params": BANKS[b].lora_params} for b in cfg.banks}},
-        "host_load_average_1_5_15min": {"start": load_start, "end": os.getloadavg()},
+        "host_load_average_1_5_15min": {"start": load_start, "end": None},
         "copy_bandwidth": bw,
         "design_floors_ms": DESIGN_FLOORS_MS,
+        "triton_precondition_host_path": triton_host_path(BANKS[cfg.banks[0]]) if cfg.banks else None,
         "results": rows,
         "notes": notes,
     }
     path = result_path(device, out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     result["json_path"] = str(path)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+
+    def write(partial: bool) -> None:
+        result["partial"] = partial
+        result["host_load_average_1_5_15min"]["end"] = os.getloadavg()
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+    cases = [(b, op) for b in cfg.banks for op in cfg.ops]
+    for k, (bank_name, op) in enumerate(cases):
+        if cfg.time_budget is not None and time.perf_counter() - PROCESS_START > cfg.time_budget:
+            notes.append(f"time budget of {cfg.time_budget:.0f} s spent: not run: " + ", ".join(f"{b}/{o}" for b, o in cases[k:]))
+            break
+        rows.append(bench_case(BANKS[bank_name], op, cfg, bw["gbps"] if bw else None))
+        print(f"  {bank_name:15s} {op:13s} " + "  ".join(f"{k}={_fmt_ms(v)}" for k, v in rows[-1]["timings"].items()), file=sys.stderr, flush=True)
+        write(partial=True)  # a run cut short keeps the finished cases
+        if cfg.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    write(partial=False)
     result["table"] = format_table(result)
     return result
 
@@ -533,6 +611,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU: torch threads (default: torch's choice)")
     p.add_argument("--out", metavar="DIR", help="output directory (default $OUT, else ./grit-results/<device-slug>/)")
     p.add_argument("--quick", action="store_true", help="smoke run: Llama-3-8B r=16 bank only")
+    p.add_argument("--host-launch", action="store_true", help="CUDA: also time the host side of each call (queue empty)")
+    p.add_argument("--time-budget", type=float, metavar="S", help="seconds: later cases are not started past it")
     return p
 
 
@@ -550,6 +630,8 @@ def main(argv=None, prog: str | None = None) -> int:
         reps=args.reps,
         prior_art_max_modules=args.prior_art_max_modules,
         threads=args.threads,
+        host_launch=args.host_launch,
+        time_budget=args.time_budget,
     )
     try:
         result = run(out_dir=args.out, quick=args.quick, config=cfg, argv=list(sys.argv if argv is None else argv))

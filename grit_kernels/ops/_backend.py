@@ -64,6 +64,19 @@ def triton_available() -> bool:
     return True
 
 
+def check_same_device(op: str, device: torch.device, **tensors) -> None:
+    """Raise ``ValueError`` unless every given tensor (``None`` skipped) is on ``device``.
+
+    A kernel handed a pointer from another device reads host memory or another GPU's address space: an
+    illegal address that poisons the process's CUDA context. Launchers call this before launching anything.
+    """
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(
+                f"{op}: {name} is on {t.device} but the op runs on {device}; move every tensor of the call to one device"
+            )
+
+
 def interpreter_active() -> bool:
     """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
