@@ -1,0 +1,224 @@
+"""FSDP2 (``fully_shard``): two gloo processes on CPU give one process's training on the concatenated batch
+(PEFT's layers with gradient accumulation; gk.fuse with activation checkpointing; the gradient KL-clip), a
+sharded checkpoint resumes bit for bit, and every refusal says why and what works."""
+
+import functools
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import grit_kernels as gk
+from grit_kernels import GritConfig, GritOptimizer, GritPreconditioner
+from grit_kernels.distributed import check_fsdp_supported
+from grit_kernels.models import build_lora_model, tiny_llama_config
+from test_distributed import LR, STEPS, WORLD, _free_port, global_batches, supervised
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+RANK = 3  #: uneven shards of lora_A: rows [0, 2) on rank 0, [2, 3) on rank 1
+CONFIG = dict(warmup_steps=1, update_freq=1, kl_clip=1e-3)
+#: name -> (fuse, activation checkpointing, micro-batches per step, graft, gradient-level KL-clip)
+SCENARIOS = {
+    "peft_accumulation": (False, False, 2, True, False),
+    "fused_checkpointing": (True, True, 1, True, False),
+    "gradient_clip_no_graft": (False, False, 1, False, True),
+}
+
+
+def make(fuse=False, checkpointing=False, graft=True, shard=False, world=WORLD):
+    model = build_lora_model(tiny_llama_config(num_layers=2), r=RANK, seed=0)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if fuse:  # before fully_shard, as a Trainer does: the fused blocks must notice the weights were replaced
+        gk.fuse(model)
+    if shard:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    pre = GritPreconditioner(model, GritConfig(**CONFIG, graft=graft))
+    opt = GritOptimizer(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR), pre)
+    return model, pre, opt
+
+
+def train_step(model, pre, opt, ids, labels, micro, gradient_clip, rows=None, world=1):
+    """One optimizer step on ``ids[rows]`` in ``micro`` micro-batches, the loss normalised by the global token
+    count (times the world size: FSDP averages the gradients over ranks, like DDP)."""
+    rows = rows if rows is not None else slice(None)
+    local_ids, local_labels = ids[rows], labels[rows]
+    n = supervised(labels)
+    parts = list(zip(local_ids.chunk(micro), local_labels.chunk(micro)))
+    for i, (x, y) in enumerate(parts):
+        if hasattr(model, "set_requires_gradient_sync"):  # what accelerate's no_sync does under FSDP2
+            model.set_requires_gradient_sync(i == len(parts) - 1)
+        (model(input_ids=x, labels=y, num_items_in_batch=n).loss * world).backward()
+    if gradient_clip:  # the gradient-level KL-clip: GritPreconditioner.step(lr) before a plain optimizer step
+        pre.step(lr=LR)
+        opt.optimizer.step()
+    else:
+        opt.step()
+    opt.zero_grad()
+
+
+def lora_state(model, full=True):
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p = p.detach()
+            out[name] = (p.full_tensor() if full else p.to_local()).clone() if hasattr(p, "to_local") else p.clone()
+    return out
+
+
+def _worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    rows = slice(rank * 2, (rank + 1) * 2)
+    try:
+        results = {}
+        for name, (fuse, ckpt, micro, graft, gclip) in SCENARIOS.items():
+            model, pre, opt = make(fuse, ckpt, graft, shard=True)
+            assert pre.sharded
+            for ids, labels in global_batches():
+                train_step(model, pre, opt, ids, labels, micro, gclip, rows, WORLD)
+            results[name] = {"params": lora_state(model), "factor": pre.bank.factor.clone()}
+        # resume: 2 steps, a sharded checkpoint (torch.distributed.checkpoint), a fresh process state, 1 step
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        batches = global_batches()
+        model, pre, opt = make(shard=True)
+        for ids, labels in batches[:2]:
+            train_step(model, pre, opt, ids, labels, 1, False, rows, WORLD)
+        model_sd, optim_sd = get_state_dict(model, opt.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(out_dir, "ckpt"))
+        grit_state = pre.state_dict()
+        train_step(model, pre, opt, *batches[2], 1, False, rows, WORLD)
+        uninterrupted = lora_state(model, full=False)
+        model, pre, opt = make(shard=True)
+        model_sd, optim_sd = get_state_dict(model, opt.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=os.path.join(out_dir, "ckpt"))
+        set_state_dict(model, opt.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        pre.load_state_dict(grit_state)
+        train_step(model, pre, opt, *batches[2], 1, False, rows, WORLD)
+        resumed = lora_state(model, full=False)
+        results["resume_equal"] = all(torch.equal(uninterrupted[n], resumed[n]) for n in uninterrupted)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@functools.cache
+def single_process(fuse, ckpt, micro, graft, gclip):
+    """One process, unsharded, on the concatenated batch (PEFT's path, no checkpointing, one micro-batch)."""
+    model, pre, opt = make(graft=graft)
+    init = lora_state(model)
+    for ids, labels in global_batches():
+        train_step(model, pre, opt, ids, labels, 1, gclip)
+    return init, lora_state(model), pre.bank.factor.clone()
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_fsdp2_matches_one_process_on_concatenated_batch(fsdp_results, scenario):
+    """Statistics all-reduced once per step (1/W^2), grad_B preconditioned on local rows, grad_A gathered, the
+    grafting norms, the KL-clips and the gradient check reduced: the weights move as in one process. Errors are
+    measured against the distance the weights moved (the LR is small: a wrong factor still moves them)."""
+    init, ref, ref_factor = single_process(*SCENARIOS[scenario])
+    for res in fsdp_results:
+        got = res[scenario]
+        factor_error = (got["factor"] - ref_factor).norm() / ref_factor.norm()
+        assert factor_error < 1e-4, factor_error
+        for name, value in ref.items():
+            moved = (value - init[name]).norm()
+            assert moved > 0, name
+            error = (got["params"][name] - value).norm() / moved
+            assert error < 1e-3, (scenario, name, float(error))
+    assert all(torch.equal(fsdp_results[0][scenario]["factor"], r[scenario]["factor"]) for r in fsdp_results)
+
+
+def test_fsdp2_resume_from_sharded_checkpoint_is_bit_for_bit(fsdp_results):
+    assert all(r["resume_equal"] for r in fsdp_results)
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+def test_fsdp1_is_refused_and_fsdp2_modules_pass():
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    model[1].__class__ = type("FSDPLinear", (FullyShardedDataParallel, nn.Linear), {})
+    with pytest.raises(NotImplementedError, match=r"FSDP1 \(FullyShardedDataParallel, module '1'\).*FlatParameter.*"
+                       r"Use FSDP2 .*fully_shard.*or DDP"):
+        check_fsdp_supported(model)
+    model[1].__class__ = type("FSDPLinear2", (FSDPModule, nn.Linear), {})  # what fully_shard does
+    check_fsdp_supported(model)
+
+
+def _refusal_worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    from torch.distributed.fsdp import fully_shard
+
+    messages = {}
+
+    def refused(key, fn):
+        try:
+            fn()
+        except NotImplementedError as e:
+            messages[key] = str(e)
+
+    try:
+        def sharded(**cfg):
+            model = build_lora_model(tiny_llama_config(num_layers=1), r=2, seed=0)
+            fully_shard(model)
+            return GritPreconditioner(model, GritConfig(**cfg))
+
+        refused("diagonal", lambda: sharded(fisher="diagonal"))
+        refused("reprojection", lambda: sharded(reprojection="one_sided"))
+
+        def partial():
+            model = build_lora_model(tiny_llama_config(num_layers=2), r=2, seed=0)
+            fully_shard(model.base_model.model.model.layers[0])
+            GritPreconditioner(model)
+
+        refused("partial", partial)
+
+        def eigen():
+            pre = sharded()
+            model = pre._model
+            opt = GritOptimizer(gk.EigenAdamW([p for p in model.parameters() if p.requires_grad], pre, lr=1e-3), pre)
+            ids = torch.randint(4, 200, (1, 8))
+            model(input_ids=ids, labels=ids).loss.backward()
+            with torch.no_grad():  # PEFT starts at B = 0: give the gradient check something to see
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.fill_(1.0)
+            opt.step()
+
+        refused("eigen_adamw", eigen)
+        torch.save(messages, os.path.join(out_dir, f"refusals{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_refusals_name_the_reason_and_what_works(tmp_path):
+    mp.spawn(_refusal_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    messages = torch.load(tmp_path / "refusals0.pt", weights_only=True)
+    assert set(messages) == {"diagonal", "reprojection", "partial", "eigen_adamw"}, messages
+    assert "fisher='diagonal'" in messages["diagonal"] and "or DDP" in messages["diagonal"]
+    assert "reprojection='one_sided'" in messages["reprojection"]
+    assert "are not sharded" in messages["partial"] and "fully_shard every decoder layer" in messages["partial"]
+    assert "EigenAdamW" in messages["eigen_adamw"] and "default GritOptimizer" in messages["eigen_adamw"]
