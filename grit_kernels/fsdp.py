@@ -134,8 +134,9 @@ class ShardedLayout:
         if parts:
             torch._foreach_copy_(views, list(parts))
         send[at:].copy_(extra)
-        recv = torch.empty(self.world, size, dtype=torch.float32, device=device)
+        recv = torch.empty(self.world * size, dtype=torch.float32, device=device)
         dist.all_gather_single(recv, send, group=self.group)
+        recv = recv.view(self.world, size)
         whole, at = [], 0
         for p, n, slot in zip(parts, full_rows, slots):
             chunk = slot // p.shape[1] if p.shape[1] else 0
