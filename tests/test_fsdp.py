@@ -222,3 +222,77 @@ def test_fsdp2_refusals_name_the_reason_and_what_works(tmp_path):
     assert "reprojection='one_sided'" in messages["reprojection"]
     assert "are not sharded" in messages["partial"] and "fully_shard every decoder layer" in messages["partial"]
     assert "EigenAdamW" in messages["eigen_adamw"] and "default GritOptimizer" in messages["eigen_adamw"]
+
+
+# ------------------------------------------------------------------------------------------------ the Trainer
+def _accelerate_fsdp_on_cpu():
+    """accelerate turns its FSDP plugin on for accelerator devices only (``MULTI_GPU``, ...), never for
+    ``MULTI_CPU``: set the state as its GPU branch does (``distributed_type = FSDP``, ``fsdp_plugin``), so the
+    Trainer's FSDP2 path (prepare -> fully_shard, sharded checkpoints) runs here with gloo."""
+    from accelerate.state import AcceleratorState, DistributedType
+
+    init = AcceleratorState.__init__
+
+    def patched(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = patched
+
+
+def _trainer_worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
+    )
+    from test_trainer import make_args, make_features, run, small_model
+
+    _accelerate_fsdp_on_cpu()
+    fsdp_args = dict(
+        ddp_backend="gloo", optim="sgd", learning_rate=LR, grit_kl_clip=1e-3, max_steps=STEPS,
+        fsdp="full_shard", fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                     "state_dict_type": "SHARDED_STATE_DICT"},
+        save_strategy="steps", save_steps=2,
+    )
+    trainer = run(small_model(), make_args(out_dir, **fsdp_args), make_features(16, seed=9))
+    assert trainer.args.world_size == WORLD and trainer.grit_preconditioner.sharded
+    final = lora_state(trainer.model)
+    resumed = run(small_model(), make_args(out_dir, **fsdp_args), make_features(16, seed=9),
+                  resume=os.path.join(out_dir, "checkpoint-2"))
+    torch.save(
+        {
+            "factor": trainer.grit_preconditioner.bank.factor.clone(),
+            "params": final,
+            "resumed_params": lora_state(resumed.model),
+            "resumed_factor": resumed.grit_preconditioner.bank.factor.clone(),
+        },
+        os.path.join(out_dir, f"trainer-rank{rank}.pt"),
+    )
+
+
+def test_grit_trainer_under_fsdp2_matches_one_process_and_resumes(tmp_path):
+    """GritTrainer with accelerate's FSDP2 (fsdp_version 2, two gloo ranks x 2 rows) == one process with 4 rows per
+    step; resuming from its sharded checkpoint-2 reproduces step 3 bit for bit."""
+    from test_trainer import make_args, make_features, run, small_model
+
+    mp.spawn(_trainer_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    init = lora_state(small_model())
+    single = run(
+        small_model(),
+        make_args(tmp_path / "single", per_device_train_batch_size=2 * WORLD, optim="sgd", learning_rate=LR,
+                  grit_kl_clip=1e-3, max_steps=STEPS),
+        make_features(16, seed=9),
+    )
+    ref_factor = single.grit_preconditioner.bank.factor
+    for r in range(WORLD):
+        res = torch.load(tmp_path / f"trainer-rank{r}.pt", weights_only=True)
+        assert (res["factor"] - ref_factor).norm() / ref_factor.norm() < 1e-4
+        for name, value in lora_state(single.model).items():
+            key = name if name in res["params"] else name.replace("base_model.model.", "", 1)
+            error = (res["params"][key] - value).norm() / (value - init[name]).norm()
+            assert error < 1e-3, (r, name, float(error))
+        assert all(torch.equal(res["params"][n], res["resumed_params"][n]) for n in res["params"])
+        assert torch.equal(res["factor"], res["resumed_factor"])
