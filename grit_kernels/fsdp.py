@@ -275,10 +275,11 @@ def check_4bit_sharding(model: nn.Module) -> None:
     plain tensor: bitsandbytes finds its quantisation state only on the module (``Linear4bit.quant_state``, which
     ``Params4bit(..., module=layer)`` and transformers' ``BitsAndBytesConfig`` loading set).
     """
-    sharded = [
-        (n, m) for n, m in model.named_modules()
-        if type(m).__name__ == "Linear4bit" and is_sharded(getattr(m, "weight", None))
-    ]
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except Exception:  # bitsandbytes missing or broken: no 4-bit weights
+        return
+    sharded = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit) and is_sharded(m.weight)]
     if not sharded:
         return
     dtypes = _mp_param_dtypes(model)

@@ -53,6 +53,7 @@ def build_lora_model(
     dropout: float = 0.0,
     targets: Sequence[str] = LLAMA_TARGETS,
     quantize_4bit: bool = False,
+    quant_storage: torch.dtype = torch.uint8,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     seed: int = 0,
@@ -61,7 +62,8 @@ def build_lora_model(
     """Random-weight causal LM from ``config`` wrapped by PEFT LoRA on ``targets``.
 
     ``quantize_4bit`` replaces the base linears by bitsandbytes NF4 ``Linear4bit`` (QLoRA; works on
-    CPU with bitsandbytes >= 0.44). LoRA weights stay fp32.
+    CPU with bitsandbytes >= 0.44). LoRA weights stay fp32. ``quant_storage``: the dtype the packed 4-bit data is
+    stored as (``bnb_4bit_quant_storage``; a float dtype lets FSDP2 shard it like the other weights).
     """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -72,7 +74,7 @@ def build_lora_model(
         # (Real checkpoints: from_pretrained(path, quantization_config=BitsAndBytesConfig(load_in_4bit=True)).)
         with torch.device(device):  # random init on the device: an 8B model in seconds, not minutes on a CPU
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        _quantize_linears_nf4(model, targets, compute_dtype=dtype, device=device)
+        _quantize_linears_nf4(model, targets, compute_dtype=dtype, device=device, quant_storage=quant_storage)
         model.is_loaded_in_4bit = True  # what PEFT reads to pick its bitsandbytes LoRA layer
     else:
         with torch.device(device):
@@ -89,7 +91,7 @@ def build_lora_model(
     return get_peft_model(model, lora)
 
 
-def _quantize_linears_nf4(model, targets, compute_dtype, device):
+def _quantize_linears_nf4(model, targets, compute_dtype, device, quant_storage=torch.uint8):
     import bitsandbytes as bnb
 
     for module in list(model.modules()):
@@ -101,8 +103,13 @@ def _quantize_linears_nf4(model, targets, compute_dtype, device):
                     bias=child.bias is not None,
                     compute_dtype=compute_dtype,
                     quant_type="nf4",
+                    quant_storage=quant_storage,
                 )
-                q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4")
+                # module=q: bitsandbytes keeps the quantisation state on the layer too (as transformers' loading
+                # does), where it finds it again when FSDP2 has replaced the Params4bit by a plain tensor
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data.clone(), requires_grad=False, quant_type="nf4", quant_storage=quant_storage, module=q
+                )
                 if child.bias is not None:
                     q.bias = child.bias
                 setattr(module, child_name, q.to(device))  # moving to a device quantizes

@@ -1,6 +1,8 @@
 """FSDP2 (``fully_shard``): two gloo processes on CPU give one process's training on the concatenated batch
-(PEFT's layers with gradient accumulation; gk.fuse with activation checkpointing; the gradient KL-clip), a
-sharded checkpoint resumes bit for bit, and every refusal says why and what works."""
+(PEFT's layers with gradient accumulation; gk.fuse with activation checkpointing; the gradient KL-clip; QLoRA with
+a float quant storage, fused), a sharded checkpoint resumes bit for bit, GritTrainer runs and resumes under
+accelerate's FSDP2, and every refusal says why and what works. One spawn of two processes per group of checks
+(process start-up dominates)."""
 
 import functools
 import os
@@ -21,26 +23,29 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 
 RANK = 3  #: uneven shards of lora_A: rows [0, 2) on rank 0, [2, 3) on rank 1
 CONFIG = dict(warmup_steps=1, update_freq=1, kl_clip=1e-3)
-#: name -> (fuse, activation checkpointing, micro-batches per step, graft, gradient-level KL-clip)
+#: name -> (fuse, activation checkpointing, micro-batches per step, graft, gradient-level KL-clip, 4-bit storage)
 SCENARIOS = {
-    "peft_accumulation": (False, False, 2, True, False),
-    "fused_checkpointing": (True, True, 1, True, False),
-    "gradient_clip_no_graft": (False, False, 1, False, True),
+    "peft_accumulation": (False, False, 2, True, False, None),
+    "fused_checkpointing": (True, True, 1, True, False, None),
+    "gradient_clip_no_graft": (False, False, 1, False, True, None),
+    "qlora_fused": (True, False, 1, True, False, "float32"),
 }
 
 
-def make(fuse=False, checkpointing=False, graft=True, shard=False, world=WORLD):
-    model = build_lora_model(tiny_llama_config(num_layers=2), r=RANK, seed=0)
+def make(fuse=False, checkpointing=False, graft=True, shard=False, storage=None, mp_policy=None):
+    quant = dict(quantize_4bit=True, quant_storage=getattr(torch, storage)) if storage else {}
+    model = build_lora_model(tiny_llama_config(num_layers=2), r=RANK, seed=0, **quant)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if fuse:  # before fully_shard, as a Trainer does: the fused blocks must notice the weights were replaced
         gk.fuse(model)
     if shard:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        kw = {"mp_policy": mp_policy or MixedPrecisionPolicy()}
         for layer in model.base_model.model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, **kw)
+        fully_shard(model, **kw)
     pre = GritPreconditioner(model, GritConfig(**CONFIG, graft=graft))
     opt = GritOptimizer(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR), pre)
     return model, pre, opt
@@ -81,8 +86,8 @@ def _worker(rank, port, out_dir):
     rows = slice(rank * 2, (rank + 1) * 2)
     try:
         results = {}
-        for name, (fuse, ckpt, micro, graft, gclip) in SCENARIOS.items():
-            model, pre, opt = make(fuse, ckpt, graft, shard=True)
+        for name, (fuse, ckpt, micro, graft, gclip, storage) in SCENARIOS.items():
+            model, pre, opt = make(fuse, ckpt, graft, shard=True, storage=storage)
             assert pre.sharded
             for ids, labels in global_batches():
                 train_step(model, pre, opt, ids, labels, micro, gclip, rows, WORLD)
@@ -109,15 +114,16 @@ def _worker(rank, port, out_dir):
         train_step(model, pre, opt, *batches[2], 1, False, rows, WORLD)
         resumed = lora_state(model, full=False)
         results["resume_equal"] = all(torch.equal(uninterrupted[n], resumed[n]) for n in uninterrupted)
+        results["refusals"] = refusals()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 @functools.cache
-def single_process(fuse, ckpt, micro, graft, gclip):
+def single_process(fuse, ckpt, micro, graft, gclip, storage):
     """One process, unsharded, on the concatenated batch (PEFT's path, no checkpointing, one micro-batch)."""
-    model, pre, opt = make(graft=graft)
+    model, pre, opt = make(graft=graft, storage=storage)
     init = lora_state(model)
     for ids, labels in global_batches():
         train_step(model, pre, opt, ids, labels, 1, gclip)
@@ -166,11 +172,9 @@ def test_fsdp1_is_refused_and_fsdp2_modules_pass():
     check_fsdp_supported(model)
 
 
-def _refusal_worker(rank, port, out_dir):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    from torch.distributed.fsdp import fully_shard
+def refusals() -> dict[str, str]:
+    """Build each refused FSDP2 setup (inside the workers' process group); ``{case: error message}``."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     messages = {}
 
@@ -180,48 +184,61 @@ def _refusal_worker(rank, port, out_dir):
         except NotImplementedError as e:
             messages[key] = str(e)
 
-    try:
-        def sharded(**cfg):
-            model = build_lora_model(tiny_llama_config(num_layers=1), r=2, seed=0)
-            fully_shard(model)
-            return GritPreconditioner(model, GritConfig(**cfg))
+    def sharded(**cfg):
+        model = build_lora_model(tiny_llama_config(num_layers=1), r=2, seed=0)
+        fully_shard(model)
+        return GritPreconditioner(model, GritConfig(**cfg))
 
-        refused("diagonal", lambda: sharded(fisher="diagonal"))
-        refused("reprojection", lambda: sharded(reprojection="one_sided"))
+    refused("diagonal", lambda: sharded(fisher="diagonal"))
+    refused("reprojection", lambda: sharded(reprojection="one_sided"))
 
-        def partial():
-            model = build_lora_model(tiny_llama_config(num_layers=2), r=2, seed=0)
-            fully_shard(model.base_model.model.model.layers[0])
-            GritPreconditioner(model)
+    def partial():
+        model = build_lora_model(tiny_llama_config(num_layers=2), r=2, seed=0)
+        fully_shard(model.base_model.model.model.layers[0])
+        GritPreconditioner(model)
 
-        refused("partial", partial)
+    refused("partial", partial)
 
-        def eigen():
-            pre = sharded()
-            model = pre._model
-            opt = GritOptimizer(gk.EigenAdamW([p for p in model.parameters() if p.requires_grad], pre, lr=1e-3), pre)
-            ids = torch.randint(4, 200, (1, 8))
-            model(input_ids=ids, labels=ids).loss.backward()
-            with torch.no_grad():  # PEFT starts at B = 0: give the gradient check something to see
-                for p in model.parameters():
-                    if p.grad is not None:
-                        p.grad.fill_(1.0)
-            opt.step()
+    def eigen():
+        pre = sharded()
+        model = pre._model
+        opt = GritOptimizer(gk.EigenAdamW([p for p in model.parameters() if p.requires_grad], pre, lr=1e-3), pre)
+        ids = torch.randint(4, 200, (1, 8))
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
 
-        refused("eigen_adamw", eigen)
-        torch.save(messages, os.path.join(out_dir, f"refusals{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    refused("eigen_adamw", eigen)
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    refused("qlora_storage_cast", lambda: make(shard=True, storage="float32", mp_policy=bf16))
+
+    def no_module_state():
+        model = build_lora_model(tiny_llama_config(num_layers=1), r=2, seed=0, quantize_4bit=True,
+                                 quant_storage=torch.float32)
+        fully_shard(model)
+        for module in model.modules():
+            if type(module).__name__ == "Linear4bit":
+                module.quant_state = None  # a Params4bit built without module=layer
+        GritPreconditioner(model)
+
+    refused("qlora_no_module_state", no_module_state)
+    make(shard=True, storage="uint8", mp_policy=bf16)  # integer storage: FSDP never casts it; accepted
+    return messages
 
 
-def test_fsdp2_refusals_name_the_reason_and_what_works(tmp_path):
-    mp.spawn(_refusal_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    messages = torch.load(tmp_path / "refusals0.pt", weights_only=True)
-    assert set(messages) == {"diagonal", "reprojection", "partial", "eigen_adamw"}, messages
+def test_fsdp2_refusals_name_the_reason_and_what_works(fsdp_results):
+    messages = fsdp_results[0]["refusals"]
+    assert set(messages) == {
+        "diagonal", "reprojection", "partial", "eigen_adamw", "qlora_storage_cast", "qlora_no_module_state"
+    }, messages
     assert "fisher='diagonal'" in messages["diagonal"] and "or DDP" in messages["diagonal"]
     assert "reprojection='one_sided'" in messages["reprojection"]
     assert "are not sharded" in messages["partial"] and "fully_shard every decoder layer" in messages["partial"]
     assert "EigenAdamW" in messages["eigen_adamw"] and "default GritOptimizer" in messages["eigen_adamw"]
+    assert "torch.float32 (bnb_4bit_quant_storage)" in messages["qlora_storage_cast"]
+    assert "corrupts the packed bytes" in messages["qlora_storage_cast"]
+    assert "bnb_4bit_quant_storage=torch.bfloat16" in messages["qlora_storage_cast"]
+    assert "no quant_state" in messages["qlora_no_module_state"]
+    assert "module=layer" in messages["qlora_no_module_state"]
 
 
 # ------------------------------------------------------------------------------------------------ the Trainer
