@@ -23,13 +23,18 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 
 RANK = 3  #: uneven shards of lora_A: rows [0, 2) on rank 0, [2, 3) on rank 1
 CONFIG = dict(warmup_steps=1, update_freq=1, kl_clip=1e-3)
-#: name -> (fuse, activation checkpointing, micro-batches per step, graft, gradient-level KL-clip, 4-bit storage)
+#: name -> (gk.fuse before / after fully_shard or not, activation checkpointing, micro-batches per step, graft, gradient-level KL-clip, 4-bit storage)
 SCENARIOS = {
     "peft_accumulation": (False, False, 2, True, False, None),
-    "fused_checkpointing": (True, True, 1, True, False, None),
+    "fused_checkpointing": ("before", True, 1, True, False, None),
     "gradient_clip_no_graft": (False, False, 1, False, True, None),
-    "qlora_fused": (True, False, 1, True, False, "float32"),
+    "qlora_fused": ("after", False, 1, True, False, "float32"),
 }
+
+
+def fused(model):
+    report = gk.fuse(model)
+    assert report.base_stack_blocks == report.num_blocks == 2, report
 
 
 def make(fuse=False, checkpointing=False, graft=True, shard=False, storage=None, mp_policy=None):
@@ -37,8 +42,8 @@ def make(fuse=False, checkpointing=False, graft=True, shard=False, storage=None,
     model = build_lora_model(tiny_llama_config(num_layers=2), r=RANK, seed=0, **quant)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if fuse:  # before fully_shard, as a Trainer does: the fused blocks must notice the weights were replaced
-        gk.fuse(model)
+    if fuse == "before":  # as a Trainer does: the fused blocks must notice that fully_shard replaced the weights
+        fused(model)
     if shard:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -46,6 +51,8 @@ def make(fuse=False, checkpointing=False, graft=True, shard=False, storage=None,
         for layer in model.base_model.model.model.layers:
             fully_shard(layer, **kw)
         fully_shard(model, **kw)
+    if fuse == "after":  # on DTensor weights
+        fused(model)
     pre = GritPreconditioner(model, GritConfig(**CONFIG, graft=graft))
     opt = GritOptimizer(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR), pre)
     return model, pre, opt
@@ -92,6 +99,10 @@ def _worker(rank, port, out_dir):
             for ids, labels in global_batches():
                 train_step(model, pre, opt, ids, labels, micro, gclip, rows, WORLD)
             results[name] = {"params": lora_state(model), "factor": pre.bank.factor.clone()}
+            if fuse:  # the fused blocks read FSDP's gathered weights and dropped their full stacked / packed copies
+                for layer in model.base_model.model.model.layers:
+                    weights = layer.self_attn.o_proj.__dict__["_grit_fused"].group.weights
+                    assert weights.live and weights.stacked is None and weights.packed is None
         # resume: 2 steps, a sharded checkpoint (torch.distributed.checkpoint), a fresh process state, 1 step
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -123,7 +134,7 @@ def _worker(rank, port, out_dir):
 @functools.cache
 def single_process(fuse, ckpt, micro, graft, gclip, storage):
     """One process, unsharded, on the concatenated batch (PEFT's path, no checkpointing, one micro-batch)."""
-    model, pre, opt = make(graft=graft, storage=storage)
+    model, pre, opt = make(graft=graft, storage=storage)  # (unfused: fuse is checked against PEFT's path)
     init = lora_state(model)
     for ids, labels in global_batches():
         train_step(model, pre, opt, ids, labels, 1, gclip)

@@ -89,6 +89,7 @@ class BlockWeights:
             name: (sum(b.out_features for b in layers), layers[0].in_features)
             for name, layers in self.groups.items()
         }
+        self.stacked = self.packed = self.absmax = None  #: the stacked / packed copies (None when live)
         self._bases = bases
         self._bound = [b._parameters["weight"] for b in bases]  #: the weights stacked / packed at construction
         self.live = any(_is_dtensor(w) for w in self._bound)  #: read the layers' weights at each call (FSDP2)
