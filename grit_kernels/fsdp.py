@@ -67,6 +67,22 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_sharded(t) else t
 
 
+def check_config(config, optimizer: str = "wrap") -> None:
+    """Raise ``NotImplementedError`` for the :class:`~grit_kernels.GritConfig` options (and the Trainer's
+    ``grit_optimizer``) that do not run on sharded LoRA weights."""
+    unsupported = [
+        (config.fisher != "kfac", f"fisher={config.fisher!r} (its state is per LoRA entry or d x d; only 'kfac' is sharding-aware)"),
+        (config.reprojection != "off", f"reprojection={config.reprojection!r} (it rewrites whole lora_A / lora_B tensors)"),
+        (optimizer == "eigen_adamw", "grit_optimizer='eigen_adamw' (EigenAdamW rotates whole lora_A / lora_B tensors)"),
+    ]
+    for bad, what in unsupported:
+        if bad:
+            raise NotImplementedError(
+                f"GRIT under FSDP2 (fully_shard) does not support {what}; use GritConfig(fisher='kfac', "
+                "reprojection='off') with the default GritOptimizer there, or DDP, which runs every option"
+            )
+
+
 class ShardedLayout:
     """Row sharding of the preconditioned LoRA weights under ``fully_shard`` (validated at construction).
 
@@ -76,17 +92,7 @@ class ShardedLayout:
     def __init__(self, preconditioner):
         from torch.distributed.tensor import Shard
 
-        cfg = preconditioner.config
-        unsupported = [
-            (cfg.fisher != "kfac", f"fisher={cfg.fisher!r} (its state is per LoRA entry or d x d; only 'kfac' is sharding-aware)"),
-            (cfg.reprojection != "off", f"reprojection={cfg.reprojection!r} (it rewrites whole lora_A / lora_B tensors)"),
-        ]
-        for bad, what in unsupported:
-            if bad:
-                raise NotImplementedError(
-                    f"GRIT under FSDP2 (fully_shard) does not support {what}; use GritConfig(fisher='kfac', "
-                    "reprojection='off') there, or DDP, which runs every option"
-                )
+        check_config(preconditioner.config)
         params = [(m.name, p) for m in preconditioner.modules for p in (m.lora_A, m.lora_B)]
         plain = [name for name, p in params if not is_sharded(p)]
         if plain:
@@ -305,6 +311,7 @@ def check_4bit_sharding(model: nn.Module) -> None:
 __all__ = [
     "ShardedLayout",
     "check_4bit_sharding",
+    "check_config",
     "clip_update_sharded_",
     "global_sum_of_squares",
     "is_sharded",

@@ -47,6 +47,7 @@ class GritOptimizer(torch.optim.Optimizer):
             raise TypeError(f"expected a GritPreconditioner, got {type(preconditioner).__name__}")
         if getattr(optimizer, "uses_grit_factors", False) and optimizer.preconditioner is not preconditioner:
             raise ValueError(f"{type(optimizer).__name__} was built with another GritPreconditioner than this one")
+        preconditioner.parameters()  # re-reads the LoRA weights if fully_shard replaced them since
         owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = [m.name for m in preconditioner.modules if id(m.lora_A) not in owned or id(m.lora_B) not in owned]
         if missing:

@@ -462,8 +462,9 @@ class _GritTrainerMixin:
         if getattr(self, "is_fsdp_xla_enabled", False):
             raise fsdp1_error(" on XLA")
         if getattr(self, "is_fsdp_enabled", False):  # FSDP2 runs (grit_kernels.fsdp); FSDP1 cannot
-            if getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+            if getattr(getattr(self.accelerator.state, "fsdp_plugin", None), "fsdp_version", 1) != 2:
                 raise fsdp1_error()
+            fsdp.check_config(config, getattr(self.args, "grit_optimizer", "wrap"))
         if getattr(self, "is_deepspeed_enabled", False):
             raise deepspeed_error()
         check_fsdp_supported(self.model)

@@ -288,8 +288,16 @@ def _trainer_worker(rank, port, out_dir):
     trainer = run(small_model(), make_args(out_dir, **fsdp_args), make_features(16, seed=9))
     assert trainer.args.world_size == WORLD and trainer.grit_preconditioner.sharded
     final = lora_state(trainer.model)
-    resumed = run(small_model(), make_args(out_dir, **fsdp_args), make_features(16, seed=9),
-                  resume=os.path.join(out_dir, "checkpoint-2"))
+    # the resumed run: a plain Trainer with enable_grit (the same GRIT path as GritTrainer's)
+    from transformers import Trainer
+
+    from grit_kernels.data import DynamicPaddingCollator
+
+    resumed = Trainer(model=small_model(), args=make_args(out_dir, **fsdp_args), train_dataset=make_features(16, seed=9),
+                      data_collator=DynamicPaddingCollator(pad_token_id=0))
+    gk.enable_grit(resumed)
+    resumed.train(resume_from_checkpoint=os.path.join(out_dir, "checkpoint-2"))
+    assert resumed.grit_preconditioner.sharded
     torch.save(
         {
             "factor": trainer.grit_preconditioner.bank.factor.clone(),
@@ -303,7 +311,7 @@ def _trainer_worker(rank, port, out_dir):
 
 def test_grit_trainer_under_fsdp2_matches_one_process_and_resumes(tmp_path):
     """GritTrainer with accelerate's FSDP2 (fsdp_version 2, two gloo ranks x 2 rows) == one process with 4 rows per
-    step; resuming from its sharded checkpoint-2 reproduces step 3 bit for bit."""
+    step; a Trainer with enable_grit resuming from its sharded checkpoint-2 reproduces step 3 bit for bit."""
     from test_trainer import make_args, make_features, run, small_model
 
     mp.spawn(_trainer_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
@@ -324,3 +332,26 @@ def test_grit_trainer_under_fsdp2_matches_one_process_and_resumes(tmp_path):
             assert error < 1e-3, (r, name, float(error))
         assert all(torch.equal(res["params"][n], res["resumed_params"][n]) for n in res["params"])
         assert torch.equal(res["factor"], res["resumed_factor"])
+
+
+def test_trainer_under_fsdp2_accepts_kfac_and_refuses_what_cannot_shard(tmp_path, monkeypatch):
+    """The Trainer-level decision, before any sharding: FSDP2 (fsdp_version 2) is accepted, the options that need
+    whole LoRA tensors are refused at once (not at the first step)."""
+    from types import SimpleNamespace
+
+    from transformers import Trainer, TrainingArguments
+
+    from test_trainer import make_args, make_features, small_model
+
+    def fsdp2_trainer(**kw):
+        trainer = Trainer(model=small_model(), args=make_args(tmp_path, **kw), train_dataset=make_features(2))
+        monkeypatch.setattr(trainer, "is_fsdp_enabled", True)
+        plugin = SimpleNamespace(fsdp_version=2)  # what accelerate's state holds under fsdp_version 2
+        monkeypatch.setattr(trainer, "accelerator", SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+        return trainer
+
+    assert gk.enable_grit(fsdp2_trainer(cls=TrainingArguments)).grit_config is not None
+    with pytest.raises(NotImplementedError, match=r"FSDP2 \(fully_shard\) does not support fisher='diagonal'.*or DDP"):
+        gk.enable_grit(fsdp2_trainer(cls=TrainingArguments), GritConfig(fisher="diagonal"))
+    with pytest.raises(NotImplementedError, match=r"does not support grit_optimizer='eigen_adamw'"):
+        gk.enable_grit(fsdp2_trainer(grit_optimizer="eigen_adamw"))
