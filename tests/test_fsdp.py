@@ -88,7 +88,10 @@ def lora_state(model, full=True):
 
 def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(  # (RANK, ... for accelerate, which reuses this process group)
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
+    )
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     rows = slice(rank * 2, (rank + 1) * 2)
     try:
@@ -127,6 +130,7 @@ def _worker(rank, port, out_dir):
         results["resume_equal"] = all(torch.equal(uninterrupted[n], resumed[n]) for n in uninterrupted)
         results["refusals"] = refusals()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        _trainer_part(rank, out_dir)
     finally:
         dist.destroy_process_group()
 
@@ -142,10 +146,15 @@ def single_process(fuse, ckpt, micro, graft, gclip, storage):
 
 
 @pytest.fixture(scope="module")
-def fsdp_results(tmp_path_factory):
+def fsdp_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(fsdp_dir):
+    return [torch.load(fsdp_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
@@ -270,12 +279,9 @@ def _accelerate_fsdp_on_cpu():
     AcceleratorState.__init__ = patched
 
 
-def _trainer_worker(rank, port, out_dir):
-    torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
-    )
+def _trainer_part(rank, out_dir):
+    """GritTrainer under accelerate's FSDP2 (3 steps, sharded checkpoint at 2), then a Trainer with enable_grit
+    resuming from it; in the workers' process group (one spawn for all of this file's multi-process checks)."""
     from test_trainer import make_args, make_features, run, small_model
 
     _accelerate_fsdp_on_cpu()
@@ -285,7 +291,8 @@ def _trainer_worker(rank, port, out_dir):
                      "state_dict_type": "SHARDED_STATE_DICT"},
         save_strategy="steps", save_steps=2,
     )
-    trainer = run(small_model(), make_args(out_dir, **fsdp_args), make_features(16, seed=9))
+    run_dir = os.path.join(out_dir, "trainer")
+    trainer = run(small_model(), make_args(run_dir, **fsdp_args), make_features(16, seed=9))
     assert trainer.args.world_size == WORLD and trainer.grit_preconditioner.sharded
     final = lora_state(trainer.model)
     # the resumed run: a plain Trainer with enable_grit (the same GRIT path as GritTrainer's)
@@ -293,10 +300,10 @@ def _trainer_worker(rank, port, out_dir):
 
     from grit_kernels.data import DynamicPaddingCollator
 
-    resumed = Trainer(model=small_model(), args=make_args(out_dir, **fsdp_args), train_dataset=make_features(16, seed=9),
+    resumed = Trainer(model=small_model(), args=make_args(run_dir, **fsdp_args), train_dataset=make_features(16, seed=9),
                       data_collator=DynamicPaddingCollator(pad_token_id=0))
     gk.enable_grit(resumed)
-    resumed.train(resume_from_checkpoint=os.path.join(out_dir, "checkpoint-2"))
+    resumed.train(resume_from_checkpoint=os.path.join(run_dir, "checkpoint-2"))
     assert resumed.grit_preconditioner.sharded
     torch.save(
         {
@@ -309,12 +316,11 @@ def _trainer_worker(rank, port, out_dir):
     )
 
 
-def test_grit_trainer_under_fsdp2_matches_one_process_and_resumes(tmp_path):
+def test_grit_trainer_under_fsdp2_matches_one_process_and_resumes(fsdp_dir, tmp_path):
     """GritTrainer with accelerate's FSDP2 (fsdp_version 2, two gloo ranks x 2 rows) == one process with 4 rows per
     step; a Trainer with enable_grit resuming from its sharded checkpoint-2 reproduces step 3 bit for bit."""
     from test_trainer import make_args, make_features, run, small_model
 
-    mp.spawn(_trainer_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     init = lora_state(small_model())
     single = run(
         small_model(),
@@ -324,7 +330,7 @@ def test_grit_trainer_under_fsdp2_matches_one_process_and_resumes(tmp_path):
     )
     ref_factor = single.grit_preconditioner.bank.factor
     for r in range(WORLD):
-        res = torch.load(tmp_path / f"trainer-rank{r}.pt", weights_only=True)
+        res = torch.load(fsdp_dir / f"trainer-rank{r}.pt", weights_only=True)
         assert (res["factor"] - ref_factor).norm() / ref_factor.norm() < 1e-4
         for name, value in lora_state(single.model).items():
             key = name if name in res["params"] else name.replace("base_model.model.", "", 1)
