@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from grit_kernels.models import build_lora_model, tiny_llama_config  # noqa: E402
+from grit_kernels.models import build_lora_model, tiny_llama_config
 
 HIDDEN, LAYERS, RANK, ROWS, SEQ, STEPS, WARMUP = 512, 4, 16, 2, 128, 12, 3
 

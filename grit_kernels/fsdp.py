@@ -129,6 +129,13 @@ class ShardedLayout:
         """One ``all_gather`` of every ``parts[i]`` (this rank's rows ``[rows_i, d_i]`` of an ``[full_rows[i], d_i]``
         tensor) and of ``extra`` (1-D fp32). Returns (the whole tensors, fp32, in order; ``extra`` summed over ranks).
         """
+        for p, n in zip(parts, full_rows):
+            _, first, last = self.rows(n)
+            if p.shape[0] != last - first:  # FSDP2 shards like torch.chunk; anything else would be mis-placed
+                raise RuntimeError(
+                    f"GRIT under FSDP2: a local shard has {p.shape[0]} of {n} rows, expected rows [{first}, {last}) "
+                    f"of torch.chunk over {self.world} ranks; this FSDP sharding is not supported"
+                )
         slots = [self.rows(n)[0] * p.shape[1] for p, n in zip(parts, full_rows)]
         size = sum(slots) + extra.numel()
         device = extra.device
@@ -283,7 +290,7 @@ def check_4bit_sharding(model: nn.Module) -> None:
     """
     try:
         from bitsandbytes.nn import Linear4bit
-    except Exception:  # bitsandbytes missing or broken: no 4-bit weights
+    except ImportError:  # bitsandbytes not installed: no 4-bit weights
         return
     sharded = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit) and is_sharded(m.weight)]
     if not sharded:

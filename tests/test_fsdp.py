@@ -12,18 +12,18 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_distributed import LR, STEPS, WORLD, _free_port, global_batches, supervised
 from torch import nn
 
 import grit_kernels as gk
 from grit_kernels import GritConfig, GritOptimizer, GritPreconditioner
 from grit_kernels.distributed import check_fsdp_supported
 from grit_kernels.models import build_lora_model, tiny_llama_config
-from test_distributed import LR, STEPS, WORLD, _free_port, global_batches, supervised
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 RANK = 3  #: uneven shards of lora_A: rows [0, 2) on rank 0, [2, 3) on rank 1
-CONFIG = dict(warmup_steps=1, update_freq=1, kl_clip=1e-4)
+CONFIG = {"warmup_steps": 1, "update_freq": 1, "kl_clip": 1e-4}
 #: name -> (gk.fuse before / after fully_shard or not, activation checkpointing, micro-batches per step, graft, gradient-level KL-clip, 4-bit storage)
 SCENARIOS = {
     "peft_accumulation": (False, False, 2, True, False, None),
@@ -39,7 +39,7 @@ def fused(model):
 
 
 def make(fuse=False, checkpointing=False, graft=True, shard=False, storage=None, mp_policy=None):
-    quant = dict(quantize_4bit=True, quant_storage=getattr(torch, storage)) if storage else {}
+    quant = {"quantize_4bit": True, "quant_storage": getattr(torch, storage)} if storage else {}
     model = build_lora_model(tiny_llama_config(num_layers=2), r=RANK, seed=0, init_lora_weights=False, **quant)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -236,6 +236,15 @@ def refusals() -> dict[str, str]:
 
     refused("partial", partial)
 
+    def hsdp():
+        from torch.distributed.device_mesh import init_device_mesh
+
+        model = build_lora_model(tiny_llama_config(num_layers=1), r=2, seed=0)
+        fully_shard(model, mesh=init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard")))
+        GritPreconditioner(model)
+
+    refused("hsdp", hsdp)
+
     def eigen():
         pre = sharded()
         model = pre._model
@@ -265,8 +274,9 @@ def refusals() -> dict[str, str]:
 def test_fsdp2_refusals_name_the_reason_and_what_works(fsdp_results):
     messages = fsdp_results[0]["refusals"]
     assert set(messages) == {
-        "diagonal", "reprojection", "partial", "eigen_adamw", "qlora_storage_cast", "qlora_no_module_state"
+        "diagonal", "reprojection", "partial", "hsdp", "eigen_adamw", "qlora_storage_cast", "qlora_no_module_state"
     }, messages
+    assert "needs a 1-D mesh" in messages["hsdp"] and "2-D mesh" in messages["hsdp"]
     assert "fisher='diagonal'" in messages["diagonal"] and "or DDP" in messages["diagonal"]
     assert "reprojection='one_sided'" in messages["reprojection"]
     assert "are not sharded" in messages["partial"] and "fully_shard every decoder layer" in messages["partial"]
@@ -362,9 +372,8 @@ def test_trainer_under_fsdp2_accepts_kfac_and_refuses_what_cannot_shard(tmp_path
     whole LoRA tensors are refused at once (not at the first step)."""
     from types import SimpleNamespace
 
-    from transformers import Trainer, TrainingArguments
-
     from test_trainer import make_args, make_features, small_model
+    from transformers import Trainer, TrainingArguments
 
     def fsdp2_trainer(**kw):
         trainer = Trainer(model=small_model(), args=make_args(tmp_path, **kw), train_dataset=make_features(2))
