@@ -438,8 +438,10 @@ class Run:
         }
 
 
-def run_interleaved(plan, base, data, rc: RunConfig, progress: bool = True, start_losses=None) -> list[dict]:
-    """Train every ``(name, arm, lr, seed)`` of ``plan`` for ``rc.steps`` steps, round-robin one step each."""
+def run_interleaved(plan, base, data, rc: RunConfig, progress: bool = True, start_losses=None,
+                    on_eval=None) -> list[dict]:
+    """Train every ``(name, arm, lr, seed)`` of ``plan`` for ``rc.steps`` steps, round-robin one step each.
+    ``on_eval(results so far)`` is called after every evaluation (partial results survive a cut-short run)."""
     heldout = task_heldout(data, rc)
     batches = {s: task_batches(data, rc, s) for s in {p[3] for p in plan}}
     start = start_losses if start_losses is not None else evaluate(base, heldout)
@@ -455,6 +457,8 @@ def run_interleaved(plan, base, data, rc: RunConfig, progress: bool = True, star
         if i % rc.eval_every == 0 or i == rc.steps:
             for run in runs:
                 run.evaluate(i, heldout)
+            if on_eval is not None:
+                on_eval([r.result() for r in runs])
         if bar is not None:
             bar.update(len(runs))
     if bar is not None:
@@ -491,13 +495,16 @@ def _best_lr(runs: list[dict], name: str) -> tuple[float, list[float]]:
 
 
 def run_protocol(arms: dict[str, Arm], base, data, rc: RunConfig, start_loss: float, max_extensions: int = 2,
-                 progress: bool = True) -> list[dict]:
+                 progress: bool = True, on_eval=None) -> list[dict]:
     """Stage 1: every arm's lr grid on the first seed, interleaved; where the best lr is at the grid's
     edge, the grid is extended one step (the grid's ratio) beyond it, up to ``max_extensions`` times.
     Stage 2: the other seeds at each arm's best lr, interleaved."""
     seed0, others = rc.seeds[0], rc.seeds[1:]
+    done: list[dict] = []
+    partial = (lambda current: on_eval(done + current)) if on_eval is not None else None
     runs = run_interleaved([(n, a, lr, seed0) for n, a in arms.items() for lr in a.lrs], base, data, rc, progress,
-                           start_loss)
+                           start_loss, partial)
+    done[:] = runs
     for _ in range(max_extensions):
         extra = []
         for n, a in arms.items():
@@ -511,10 +518,11 @@ def run_protocol(arms: dict[str, Arm], base, data, rc: RunConfig, start_loss: fl
         if not extra:
             break
         print(f"[convergence] best lr at a grid edge, extending: {[(n, f'{lr:g}') for n, _, lr, _ in extra]}", flush=True)
-        runs += run_interleaved(extra, base, data, rc, progress, start_loss)
+        runs += run_interleaved(extra, base, data, rc, progress, start_loss, partial)
+        done[:] = runs
     if others:
         plan = [(n, a, _best_lr(runs, n)[0], s) for s in others for n, a in arms.items()]
-        runs += run_interleaved(plan, base, data, rc, progress, start_loss)
+        runs += run_interleaved(plan, base, data, rc, progress, start_loss, partial)
     return runs
 
 
@@ -885,17 +893,10 @@ def main(argv=None, prog: str | None = None) -> int:
           f"{probe['adamw'] * 1000:.0f} / {probe['grit_adamw'] * 1000:.0f} ms per step (LoRA / GRIT, measured now): "
           f"expected ~{expected / 60:.1f} min (more if a grid is extended)", flush=True)
 
-    if args.full_sweep:
-        plan = [(n, a, lr, s) for s in rc.seeds for n, a in arms.items() for lr in a.lrs]
-        runs = run_interleaved(plan, base, data, rc, start_losses=start_loss)
-    else:
-        runs = run_protocol(arms, base, data, rc, start_loss, max_extensions=args.max_extensions)
     result = {
         "benchmark": "convergence",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "wall_s": time.perf_counter() - started,
         "device": device_info("cpu"),
-        "load_average_1m_end": os.getloadavg()[0],
         "versions": versions(),
         "git_commit": git_commit(),
         "command": list(sys.argv[1:] if argv is None else argv),
@@ -905,8 +906,21 @@ def main(argv=None, prog: str | None = None) -> int:
         "data": data_info,
         "start_loss": start_loss,
         "expected_s": expected,
-        "runs": runs,
     }
+    partial_path = out / f"{name}.partial.json"
+
+    def save_partial(runs_so_far):  # raw runs so far: `--from-json` summarises a cut-short run
+        result["arms"] = {n: dataclasses.asdict(a) for n, a in arms.items()}
+        partial_path.write_text(json.dumps({**result, "wall_s": time.perf_counter() - started, "runs": runs_so_far}))
+
+    if args.full_sweep:
+        plan = [(n, a, lr, s) for s in rc.seeds for n, a in arms.items() for lr in a.lrs]
+        runs = run_interleaved(plan, base, data, rc, start_losses=start_loss, on_eval=save_partial)
+    else:
+        runs = run_protocol(arms, base, data, rc, start_loss, max_extensions=args.max_extensions, on_eval=save_partial)
+    result.update(wall_s=time.perf_counter() - started, load_average_1m_end=os.getloadavg()[0], runs=runs,
+                  arms={n: dataclasses.asdict(a) for n, a in arms.items()})
+    partial_path.unlink(missing_ok=True)
     _finish(result, arms, rc, out, name)
     return 0
 
