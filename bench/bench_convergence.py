@@ -791,6 +791,8 @@ def main(argv=None, prog: str | None = None) -> int:
     p.add_argument("--full-sweep", action="store_true", help="every lr on every seed (default: sweep on seed 0)")
     p.add_argument("--max-extensions", type=int, default=2, help="grid extensions per arm when the best lr is at an edge")
     p.add_argument("--from-json", default=None, help="re-summarise a saved result's raw runs (no training)")
+    p.add_argument("--no-probe", dest="probe", action="store_false",
+                   help="skip the few timed steps that estimate the run's duration")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # test-only: seconds end to end
     args = p.parse_args(argv)
 
@@ -863,18 +865,19 @@ def main(argv=None, prog: str | None = None) -> int:
     n_runs = sum(len(a.lrs) for a in arms.values()) + (len(arms) * (len(rc.seeds) - 1) if not args.full_sweep
                                                        else sum(len(a.lrs) for a in arms.values()) * (len(rc.seeds) - 1))
 
-    # expected time: a few timed steps of a plain and a GRIT arm
-    probe_rc = dataclasses.replace(rc, steps=4)
-    probe = {}
-    for kind in ("adamw", "grit_adamw"):
-        r = run_arm(base, data, ARMS[kind], ARMS[kind].lrs[0], 0, rc=probe_rc)
-        probe[kind] = r["train_s"] / probe_rc.steps
-    t_eval = time.perf_counter()
-    evaluate(base, task_heldout(data, rc))
-    t_eval = time.perf_counter() - t_eval
-    grit_share = sum(1 for a in arms.values() if a.grit is not None) / len(arms)
-    per_step = (1 - grit_share) * probe["adamw"] + grit_share * probe["grit_adamw"]
-    expected = n_runs * (rc.steps * per_step + t_eval * (rc.steps // rc.eval_every))
+    # expected time: a few timed steps of a plain and a GRIT arm (--no-probe: skip, no estimate)
+    probe, expected = {"adamw": math.nan, "grit_adamw": math.nan}, math.nan
+    if args.probe:
+        probe_rc = dataclasses.replace(rc, steps=4)
+        for kind in ("adamw", "grit_adamw"):
+            r = run_arm(base, data, ARMS[kind], ARMS[kind].lrs[0], 0, rc=probe_rc)
+            probe[kind] = r["train_s"] / probe_rc.steps
+        t_eval = time.perf_counter()
+        evaluate(base, task_heldout(data, rc))
+        t_eval = time.perf_counter() - t_eval
+        grit_share = sum(1 for a in arms.values() if a.grit is not None) / len(arms)
+        per_step = (1 - grit_share) * probe["adamw"] + grit_share * probe["grit_adamw"]
+        expected = n_runs * (rc.steps * per_step + t_eval * (rc.steps // rc.eval_every))
     protocol = "every lr on every seed" if args.full_sweep else (
         f"stage 1: lr sweep on seed {rc.seeds[0]} (grid extended where the best lr is at an edge); "
         f"stage 2: seeds {list(rc.seeds[1:])} at each arm's best lr")

@@ -54,6 +54,7 @@ def build_lora_model(
     dropout: float = 0.0,
     targets: Sequence[str] = LLAMA_TARGETS,
     quantize_4bit: bool = False,
+    quant_storage: torch.dtype = torch.uint8,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     seed: int = 0,
@@ -63,7 +64,9 @@ def build_lora_model(
     """Random-weight causal LM from ``config`` wrapped by PEFT LoRA on ``targets``.
 
     ``quantize_4bit`` replaces the base linears by bitsandbytes NF4 ``Linear4bit`` (QLoRA; works on
-    CPU with bitsandbytes >= 0.44), quantized on ``device`` one projection at a time. LoRA weights stay fp32.
+    CPU with bitsandbytes >= 0.44), quantized on ``device`` one projection at a time. LoRA weights stay fp32. ``quant_storage``: the dtype the
+    packed 4-bit data is stored as (``bnb_4bit_quant_storage``; a float dtype lets FSDP2 shard it like the other
+    weights).
 
     ``fast_init``: skip transformers' weight initialisation and fill every linear and embedding weight with
     ``N(0, config.initializer_range)`` (biases 0) on ``device`` in one pass: the same distribution as HF's
@@ -82,7 +85,7 @@ def build_lora_model(
     if quantize_4bit:
         # from_config cannot quantize; replace the target linears of the random-weight model by NF4 ones.
         # (Real checkpoints: from_pretrained(path, quantization_config=BitsAndBytesConfig(load_in_4bit=True)).)
-        _quantize_linears_nf4(model, targets, compute_dtype=dtype, device=device)
+        _quantize_linears_nf4(model, targets, compute_dtype=dtype, device=device, quant_storage=quant_storage)
         model.is_loaded_in_4bit = True  # what PEFT reads to pick its bitsandbytes LoRA layer
     model.to(device)
     lora = LoraConfig(
@@ -117,7 +120,7 @@ def _fill_random(model: torch.nn.Module, std: float) -> None:
                 module.weight[module.padding_idx].zero_()
 
 
-def _quantize_linears_nf4(model, targets, compute_dtype, device):
+def _quantize_linears_nf4(model, targets, compute_dtype, device, quant_storage=torch.uint8):
     """Each target ``nn.Linear`` -> NF4 ``Linear4bit``: the layer is made on the meta device (no weight of its
     own is allocated or initialised), takes the linear's weight, and is quantized on ``device``; the
     full-precision weight is freed as soon as its layer is replaced."""
@@ -132,9 +135,14 @@ def _quantize_linears_nf4(model, targets, compute_dtype, device):
                     bias=child.bias is not None,
                     compute_dtype=compute_dtype,
                     quant_type="nf4",
+                    quant_storage=quant_storage,
                     device="meta",
                 )
-                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4", module=q)
+                # module=q: bitsandbytes keeps the quantisation state on the layer too (as transformers' loading
+                # does), where it finds it again when FSDP2 has replaced the Params4bit by a plain tensor
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data, requires_grad=False, quant_type="nf4", quant_storage=quant_storage, module=q
+                )
                 if child.bias is not None:
                     q.bias = child.bias
                 setattr(module, child_name, q.to(device))  # moving to a device quantizes
