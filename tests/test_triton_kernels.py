@@ -430,7 +430,7 @@ def test_precondition_mixed_dtypes(fresh_seed):
 
 @pytest.fixture
 def count_uploads(monkeypatch):
-    """Record every host->device table copy of the precondition kernel module (``_transfer.upload_``) and
+    """Record every host->device table copy of the precondition kernel module (``_device.upload_``) and
     fail on any ``torch.tensor(..., device=...)`` (a pageable, blocking copy on CUDA) during the test."""
     from grit_kernels.triton import precondition as kernel_module
 

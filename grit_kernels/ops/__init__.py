@@ -4,7 +4,8 @@ each is also a ``torch.library`` custom op ``torch.ops.grit_kernels.<name>`` for
 See :mod:`grit_kernels.reference` for the slow oracle of each op.
 """
 
-from ._backend import interpreter_active, resolve_backend, triton_available
+from .._device import interpreter_active
+from ._backend import resolve_backend, triton_available
 from ._fallback import fallback_counts, fallback_reasons, reset_fallback_counts
 from .fold import ema_fold_
 from .gram import accumulate_gram_, accumulate_grams_

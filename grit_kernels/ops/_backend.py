@@ -10,10 +10,10 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-import os
 
 import torch
 
+from .._device import interpreter_active
 from ..config import BACKENDS
 
 _OPS = ("accumulate_gram_", "accumulate_grams_", "ema_fold_", "damped_cholesky_inverse", "precondition_")
@@ -72,19 +72,6 @@ def triton_available() -> bool:
     return True
 
 
-def check_same_device(op: str, device: torch.device, **tensors) -> None:
-    """Raise ``ValueError`` unless every given tensor (``None`` skipped) is on ``device``.
-
-    A kernel handed a pointer from another device reads host memory or another GPU's address space: an
-    illegal address that poisons the process's CUDA context. Launchers call this before launching anything.
-    """
-    for name, t in tensors.items():
-        if t is not None and t.device != device:
-            raise ValueError(
-                f"{op}: {name} is on {t.device} but the op runs on {device}; move every tensor of the call to one device"
-            )
-
-
 _triton_import_error: str | None = None  #: the first error of a broken Triton install (logged once)
 
 
@@ -97,11 +84,6 @@ def _report_broken_triton(error: BaseException) -> None:
             "unavailable (backend='auto' uses the next one)",
             _triton_import_error,
         )
-
-
-def interpreter_active() -> bool:
-    """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._backend import check_same_device
+from .._device import check_same_device
 
 MAX_CHUNK = 4096
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)

@@ -20,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._backend import check_same_device, interpreter_active
-from ..ops._transfer import to_device
+from .._device import check_same_device, interpreter_active, to_device
 
 MAX_TILE_R = 64  #: output tile edge; r above this is tiled
 ROWS_PER_STEP = 128  #: rows loaded per loop iteration of one program

@@ -26,8 +26,9 @@ else the previous inverse where ``previous_valid``, else ``I/lam`` (``I`` if ``l
 and positive). A non-finite entry in the ``r x r`` block or a non-finite ``lam`` fails every attempt;
 so does a non-finite result. Status codes: :class:`grit_kernels.status.InverseStatus`.
 
-``R > MAX_TRITON_R`` (64) and float64 matrices go to the sync-free torch batched path
-(:func:`grit_kernels.ops.inverse.torch_damped_cholesky_inverse`): the register tile would spill beyond 64.
+``R > MAX_TRITON_R`` (64) and float64 matrices are refused here (``ValueError``): the register tile would
+spill beyond 64. The op front end (:func:`grit_kernels.ops.damped_cholesky_inverse`) sends them to the
+sync-free torch batched path instead (this module imports nothing from ``grit_kernels.ops``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._backend import check_same_device
+from .._device import check_same_device
 from ..status import InverseStatus
 
 MAX_TRITON_R = 64
@@ -246,6 +247,11 @@ def _num_warps(rp: int) -> int:
     return {16: 1, 32: 4}.get(rp, 16)
 
 
+def handles(mats: torch.Tensor) -> bool:
+    """Whether the kernel inverts ``mats`` (``[n, R, R]``): ``R <= MAX_TRITON_R`` and not float64."""
+    return mats.shape[-1] <= MAX_TRITON_R and mats.dtype != torch.float64
+
+
 def damped_cholesky_inverse(
     mats: torch.Tensor,
     damping: float,
@@ -261,10 +267,11 @@ def damped_cholesky_inverse(
     returns ``(inverses [n, R, R] in mats.dtype, status [n] int32)`` from one kernel launch.
     """
     n, R, _ = mats.shape
-    if R > MAX_TRITON_R or mats.dtype == torch.float64:
-        from ..ops.inverse import torch_damped_cholesky_inverse
-
-        return torch_damped_cholesky_inverse(mats, damping, eps_abs, ranks, previous, previous_valid, retry_factor)
+    if not handles(mats):
+        raise ValueError(
+            f"triton damped_cholesky_inverse: {mats.dtype} [{n}, {R}, {R}] is beyond the kernel (R <= {MAX_TRITON_R}, "
+            "not float64); grit_kernels.ops.damped_cholesky_inverse sends such matrices to the torch batched path"
+        )
     device = mats.device
     if ranks is not None and not torch.is_tensor(ranks):
         ranks = torch.as_tensor(list(ranks), dtype=torch.int32, device=device)
@@ -335,4 +342,4 @@ def _check_inverse_args(mats, ranks, previous, previous_valid) -> None:
             )
 
 
-__all__ = ["MAX_TRITON_R", "damped_cholesky_inverse"]
+__all__ = ["MAX_TRITON_R", "damped_cholesky_inverse", "handles"]

@@ -16,7 +16,7 @@ addresses), and holds one int64 device buffer: the per-matrix pointers (``[n_mat
 per-matrix fields (length, outer and inner stride, rank, module, side) and the tile list. The static
 part is uploaded once; each call only compares the gradients' current addresses with the uploaded
 ones, and when they changed (``zero_grad(set_to_none=True)``: most steps) uploads the ``n_mats``
-pointers with a pinned, non-blocking copy (:mod:`grit_kernels.ops._transfer`). No call
+pointers with a pinned, non-blocking copy (:mod:`grit_kernels._device`). No call
 synchronises the host, the first one included.
 
 **CUDA graphs.** A plan used while a graph is captured is *frozen*: it is kept alive for the life of
@@ -47,8 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._backend import check_same_device
-from ..ops._transfer import capturing, host_table, upload_
+from .._device import capturing, check_same_device, host_table, upload_
 
 #: (RP, element bytes) -> (BLOCK, num_warps); no register spills on sm_90, triton 3.6 and 3.9 (ptxas)
 CONFIGS = {

@@ -1,6 +1,6 @@
 """GRIT done the prior way: a faithful model of how published GRIT code preconditions LoRA.
 
-This is the ``grit-prior`` arm of ``bench/bench_e2e.py``. It runs the same rank-space K-FAC math
+This is the ``grit-prior`` arm of ``grit-kernels bench e2e`` (:mod:`grit_kernels.bench.e2e`). It runs the same rank-space K-FAC math
 as :class:`grit_kernels.GritPreconditioner` (same factors, scale normalisation, EMA, relative
 damping, warm-up) but engineered the way the published GRIT implementation and its derivatives do
 it (docs/design.md §8 "the per-module way" column, §11):

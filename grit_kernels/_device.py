@@ -1,4 +1,10 @@
-"""Host -> device copies of small tables (kernel pointer tables, index lists) without a host sync.
+"""Device helpers shared by the op front ends (``ops/``) and the kernels (``triton/``, ``bank.py``): a leaf
+module, importing nothing from grit_kernels, so that the kernels never import the ops that dispatch to them.
+
+* :func:`interpreter_active`: whether Triton kernels run in the CPU interpreter;
+* :func:`check_same_device`: the pointer check every launcher runs before launching;
+* :func:`capturing`, :func:`host_table`, :func:`upload_`, :func:`to_device`: host -> device copies of small
+  tables (kernel pointer tables, index lists) without a host sync.
 
 A pageable ``torch.tensor(..., device="cuda")`` or ``.to("cuda")`` blocks the host until the copy is
 done, and is illegal during CUDA-graph capture. Every table the ops build goes through
@@ -14,10 +20,31 @@ few (one per captured step function), so this is bounded in practice.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
 
+
+def interpreter_active() -> bool:
+    """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_same_device(op: str, device: torch.device, **tensors) -> None:
+    """Raise ``ValueError`` unless every given tensor (``None`` skipped) is on ``device``.
+
+    A kernel handed a pointer from another device reads host memory or another GPU's address space: an
+    illegal address that poisons the process's CUDA context. Launchers call this before launching anything.
+    """
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(
+                f"{op}: {name} is on {t.device} but the op runs on {device}; move every tensor of the call to one device"
+            )
+
+
+# ------------------------------------------------------------------------ host -> device tables
 _graph_staging: list[torch.Tensor] = []  #: staging buffers read by captured graphs: never freed
 
 
