@@ -69,16 +69,23 @@ def test_user_docs_carry_no_project_history(doc):
     assert not hits, "project history belongs in CHANGELOG.md or bench/README.md:\n" + "\n".join(hits)
 
 
+def _anchors(markdown: Path) -> set[str]:
+    """GitHub's heading anchors of ``markdown``: lower case, punctuation dropped, spaces to hyphens."""
+    headings = (ln.lstrip("#").strip() for ln in markdown.read_text().splitlines() if re.match(r"#{1,6} ", ln))
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
 @pytest.mark.parametrize("doc", USER_DOCS, ids=_relative)
 def test_user_docs_links_resolve(doc):
     missing = []
     for match in LINK.finditer(doc.read_text()):
-        target = match.group("target").split("#", 1)[0]
-        if not target or "://" in target or target.startswith("mailto:"):
+        path, _, anchor = match.group("target").partition("#")
+        if "://" in path or path.startswith("mailto:"):
             continue
-        if not (doc.parent / target).exists():
+        target = (doc.parent / path) if path else doc
+        if not target.exists() or (anchor and target.suffix == ".md" and anchor not in _anchors(target)):
             missing.append(match.group("target"))
-    assert not missing, f"{_relative(doc)} links to missing paths: {missing}"
+    assert not missing, f"{_relative(doc)} links to missing paths or anchors: {missing}"
 
 
 def test_ci_runs_exactly_the_readme_test_command():
