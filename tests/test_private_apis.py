@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from grit_kernels.fisher import _checkpoint_phase
 
-FOREACH_USED = (  # grit_kernels/{preconditioner,fisher,eigen_adam,trainer}.py, ops/{precondition,step}.py
+FOREACH_USED = (  # grit_kernels/{preconditioner,eigen_adam,trainer}.py, fisher/, ops/{precondition,step}.py
     "_foreach_add", "_foreach_add_", "_foreach_addcmul_", "_foreach_clamp_min", "_foreach_copy_",
     "_foreach_div", "_foreach_div_", "_foreach_lerp_", "_foreach_mul", "_foreach_mul_", "_foreach_norm",
     "_foreach_sqrt", "_foreach_sub",
@@ -18,8 +18,8 @@ FOREACH_USED = (  # grit_kernels/{preconditioner,fisher,eigen_adam,trainer}.py, 
 
 
 def test_top_saved_tensors_default_hooks_tells_checkpoint_phases():
-    """fisher._checkpoint_phase (fisher="kfac_full"/"kfac_lowrank" input capture under activation checkpointing)
-    reads ``torch._C._autograd._top_saved_tensors_default_hooks`` and matches the qualnames of
+    """fisher.capture._checkpoint_phase (fisher="kfac_full"/"kfac_lowrank" input capture under activation
+    checkpointing) reads ``torch._C._autograd._top_saved_tensors_default_hooks`` and matches the qualnames of
     torch.utils.checkpoint's ``_checkpoint_hook`` / ``_recomputation_hook``. If this breaks, the code falls back
     to holding every LoRA input (memory grows, nothing else says so)."""
     assert callable(getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None))
@@ -46,7 +46,7 @@ def test_current_graph_task_id_and_queue_callback():
     """layers.StatsRecorder (every GRIT step) batches the statistics of one backward: it reads
     ``torch._C._current_graph_task_id()`` (-1 outside a backward, one id per backward) and queues its flush with
     ``torch.autograd.Variable._execution_engine.queue_callback`` (runs once when that backward ends).
-    fisher._LargeFactorKFAC._meet keys recomputed inputs by the same task id."""
+    fisher.capture._LargeFactorCapture._meet keys recomputed inputs by the same task id."""
     assert torch._C._current_graph_task_id() == -1
     seen, flushed = [], []
 
