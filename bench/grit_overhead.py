@@ -206,6 +206,7 @@ def run(args) -> dict:
         steps=args.steps,
         seq=args.seq,
         layers=args.layers,
+        model_path=args.model,
         progress=False,
         arms=tuple(dict.fromkeys(v.split("+")[0] for v in variants)),
     ).resolve()
@@ -344,6 +345,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--layers", type=int, default=None, help="decoder layers of the tiny model (default 32)")
+    p.add_argument("--model", default=None, help="a local HF model directory or .gguf file (default: the tiny model)")
     p.add_argument(
         "--out", default=None, help="directory for grit_overhead.json (default ./grit-results/cpu)"
     )

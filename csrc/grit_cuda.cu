@@ -34,6 +34,22 @@ namespace {
 
 constexpr int32_t kOk = 0, kRetried = 1, kKeptPrevious = 2, kScaledIdentity = 3;
 
+// Every op validates all of its inputs before its first launch: a tensor on another device (the CPU, another
+// GPU) would be read through a host or foreign pointer (an illegal address, which poisons the CUDA context of
+// the whole process), and an error after a first launch would leave the outputs half written.
+void check_on(const at::Tensor& t, const at::Device& device, const char* op, const char* what) {
+  TORCH_CHECK(t.device() == device, op, ": ", what, " is on ", t.device(), " but the op runs on ", device,
+              " (every tensor of one call must be on the same CUDA device)");
+}
+
+bool is_float_or_double(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
+}
+
+bool is_grad_dtype(at::ScalarType st) {
+  return st == at::kFloat || st == at::kBFloat16 || st == at::kHalf || st == at::kDouble;
+}
+
 __device__ __forceinline__ int64_t i64min(int64_t a, int64_t b) { return a < b ? a : b; }
 
 template <typename G> struct Math { using T = float; };
@@ -91,8 +107,14 @@ void accumulate_gram_cuda(at::Tensor out, const at::Tensor& x, double weight) {
   TORCH_CHECK(out.dim() == 2 && out.size(0) == out.size(1) && x.size(-1) == out.size(0) && out.stride(1) == 1,
               "accumulate_gram_: out [r, r] (unit column stride) and x [..., r]");
   const int r = static_cast<int>(out.size(0));
+  TORCH_CHECK(out.is_cuda(), "accumulate_gram_ (cuda): out must be a CUDA tensor, got ", out.device());
+  check_on(x, out.device(), "accumulate_gram_", "x");
   TORCH_CHECK(r <= kGramMaxR, "accumulate_gram_ (cuda): r <= 64");
-  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble, "accumulate_gram_: out float32/64");
+  TORCH_CHECK(is_float_or_double(out), "accumulate_gram_: out float32/64, got ", out.scalar_type());
+  TORCH_CHECK(is_grad_dtype(x.scalar_type()), "accumulate_gram_: x must be float32/64, bfloat16 or float16, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.scalar_type() != at::kDouble || out.scalar_type() == at::kDouble,
+              "accumulate_gram_: float64 x needs float64 out");
   if (x.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
   const at::Tensor x2 = x.reshape({-1, r}).contiguous();
@@ -112,7 +134,6 @@ void accumulate_gram_cuda(at::Tensor out, const at::Tensor& x, double weight) {
     case at::kBFloat16: launch(x2.data_ptr<at::BFloat16>()); break;
     case at::kHalf: launch(x2.data_ptr<at::Half>()); break;
     case at::kDouble:
-      TORCH_CHECK(out.scalar_type() == at::kDouble, "accumulate_gram_: float64 x needs float64 out");
       gram_kernel<<<blocks, kGramThreads, 0, stream>>>(x2.data_ptr<double>(), n, r, out.data_ptr<double>(),
                                                       out.stride(0), weight);
       break;
@@ -148,6 +169,14 @@ void ema_fold_cuda(at::Tensor factor, const at::Tensor& stat_sum, const at::Tens
                   initialized.numel() == factor.size(0) && factor.is_contiguous() && initialized.is_contiguous() &&
                   initialized.scalar_type() == at::kBool,
               "ema_fold_: factor/stat_sum [n, R, R] contiguous, weight [n], initialized [n] bool");
+  TORCH_CHECK(factor.is_cuda(), "ema_fold_ (cuda): factor must be a CUDA tensor, got ", factor.device());
+  check_on(stat_sum, factor.device(), "ema_fold_", "stat_sum");
+  check_on(weight, factor.device(), "ema_fold_", "weight");
+  check_on(initialized, factor.device(), "ema_fold_", "initialized");
+  TORCH_CHECK(is_float_or_double(factor), "ema_fold_: factor float32/64, got ", factor.scalar_type());
+  TORCH_CHECK(at::isFloatingType(stat_sum.scalar_type()) && at::isFloatingType(weight.scalar_type()),
+              "ema_fold_: stat_sum and weight must be floating point, got ", stat_sum.scalar_type(), " and ",
+              weight.scalar_type());
   const int64_t n = factor.size(0), rr = factor.size(1) * factor.size(2);
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(factor.device());
@@ -160,7 +189,6 @@ void ema_fold_cuda(at::Tensor factor, const at::Tensor& stat_sum, const at::Tens
     ema_fold_kernel<<<blocks, 32 * warps, 0, stream>>>(factor.data_ptr<double>(), s.data_ptr<double>(),
                                                        w.data_ptr<double>(), initialized.data_ptr<bool>(), n, rr, decay);
   else {
-    TORCH_CHECK(factor.scalar_type() == at::kFloat, "ema_fold_: factor float32/64");
     ema_fold_kernel<<<blocks, 32 * warps, 0, stream>>>(factor.data_ptr<float>(), s.data_ptr<float>(),
                                                        w.data_ptr<float>(), initialized.data_ptr<bool>(), n, rr,
                                                        static_cast<float>(decay));
@@ -227,7 +255,7 @@ template <typename T>
 __global__ void inverse_kernel(const T* __restrict__ mats, int64_t n, int R, const int64_t* __restrict__ ranks,
                                const T* __restrict__ previous, const bool* __restrict__ valid, T damping, T eps_abs,
                                T retry, T* __restrict__ out, int32_t* __restrict__ status, int team) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(8) unsigned char smem_raw[];  // read as float or double
   const int per_block = blockDim.x / team;
   const int local = threadIdx.x / team, tid = threadIdx.x % team;
   const bool warp = team <= 32;
@@ -292,6 +320,23 @@ std::tuple<at::Tensor, at::Tensor> damped_cholesky_inverse_cuda(const at::Tensor
   const int64_t n = mats_in.size(0);
   const int R = static_cast<int>(mats_in.size(1));
   TORCH_CHECK(R <= 64, "damped_cholesky_inverse (cuda): R <= 64");
+  TORCH_CHECK(mats_in.is_cuda(), "damped_cholesky_inverse (cuda): mats must be a CUDA tensor, got ", mats_in.device());
+  const int64_t n_in = mats_in.size(0);
+  check_on(ranks_in, mats_in.device(), "damped_cholesky_inverse", "ranks");
+  TORCH_CHECK(ranks_in.dim() == 1 && ranks_in.size(0) == n_in && at::isIntegralType(ranks_in.scalar_type(), false),
+              "damped_cholesky_inverse: ranks must be an integer [n] tensor (n = ", n_in, "), got ",
+              ranks_in.scalar_type(), " ", ranks_in.sizes());
+  if (previous_in.has_value() && valid_in.has_value()) {
+    check_on(*previous_in, mats_in.device(), "damped_cholesky_inverse", "previous");
+    check_on(*valid_in, mats_in.device(), "damped_cholesky_inverse", "previous_valid");
+    TORCH_CHECK(previous_in->sizes() == mats_in.sizes() && at::isFloatingType(previous_in->scalar_type()),
+                "damped_cholesky_inverse: previous must be floating point and shaped like mats ", mats_in.sizes(),
+                ", got ", previous_in->scalar_type(), " ", previous_in->sizes());
+    TORCH_CHECK(valid_in->dim() == 1 && valid_in->size(0) == n_in &&
+                    (valid_in->scalar_type() == at::kBool || at::isIntegralType(valid_in->scalar_type(), false)),
+                "damped_cholesky_inverse: previous_valid must be a bool [n] tensor (n = ", n_in, "), got ",
+                valid_in->scalar_type(), " ", valid_in->sizes());
+  }
   const c10::cuda::CUDAGuard guard(mats_in.device());
   const at::Tensor mats = mats_in.contiguous();
   const at::Tensor ranks = ranks_in.to(at::kLong).contiguous();
@@ -417,7 +462,28 @@ at::Tensor precondition_cuda(at::TensorList grads_a, at::TensorList grads_b, con
               "precondition_: one lora_A and one lora_B grad per module and [M, R, R] inverses");
   const int R = static_cast<int>(inv_d_in.size(1));
   TORCH_CHECK(R <= 64, "precondition_ (cuda): R <= 64");
-  const c10::cuda::CUDAGuard guard(inv_d_in.device());
+  TORCH_CHECK(inv_d_in.is_cuda(), "precondition_ (cuda): inv_d must be a CUDA tensor, got ", inv_d_in.device());
+  const at::Device device = inv_d_in.device();
+  check_on(inv_h_in, device, "precondition_", "inv_h");
+  TORCH_CHECK(is_float_or_double(inv_d_in) && at::isFloatingType(inv_h_in.scalar_type()),
+              "precondition_: inv_d must be float32/64 and inv_h floating point, got ", inv_d_in.scalar_type(), " and ",
+              inv_h_in.scalar_type());
+  // Every gradient is checked before the first launch: an error must not leave some gradients preconditioned.
+  for (int side = 0; side < 2; ++side) {
+    for (int64_t i = 0; i < M; ++i) {
+      const at::Tensor& g = side == 0 ? grads_a[i] : grads_b[i];
+      const char* what = side == 0 ? "lora_A gradient" : "lora_B gradient";
+      TORCH_CHECK(g.device() == device, "precondition_: ", what, " ", i, " is on ", g.device(),
+                  " but the inverses are on ", device);
+      TORCH_CHECK(g.dim() == 2 && g.stride(1) == 1, "precondition_: ", what, " ", i,
+                  " must be 2-D with unit column stride, got sizes ", g.sizes(), " strides ", g.strides());
+      TORCH_CHECK(is_grad_dtype(g.scalar_type()), "precondition_: ", what, " ", i,
+                  " must be float32/64, bfloat16 or float16, got ", g.scalar_type());
+      const int64_t r = side == 0 ? g.size(0) : g.size(1);
+      TORCH_CHECK(r >= 1 && r <= R, "precondition_: ", what, " ", i, " has rank ", r, " outside [1, ", R, "]");
+    }
+  }
+  const c10::cuda::CUDAGuard guard(device);
   const bool f64 = inv_d_in.scalar_type() == at::kDouble;
   const at::Tensor inv_d = inv_d_in.contiguous(), inv_h = inv_h_in.to(inv_d.scalar_type()).contiguous();
   at::Tensor dot = at::zeros({}, inv_d.options().dtype(at::kDouble));
@@ -449,10 +515,8 @@ at::Tensor precondition_cuda(at::TensorList grads_a, at::TensorList grads_b, con
     for (int side = 0; side < 2; ++side) {
       for (int64_t i = 0; i < M; ++i) {
         const at::Tensor& g = side == 0 ? grads_a[i] : grads_b[i];
-        if (g.scalar_type() != st) continue;
-        TORCH_CHECK(g.dim() == 2 && g.stride(1) == 1 && g.is_cuda(), "precondition_: 2-D CUDA gradients, unit column stride");
+        if (g.scalar_type() != st) continue;  // validated above
         const int r = static_cast<int>(side == 0 ? g.size(0) : g.size(1));
-        TORCH_CHECK(r >= 1 && r <= R, "precondition_: gradient rank exceeds R");
         const int64_t len = side == 0 ? g.size(1) : g.size(0);
         if (len == 0) continue;
         const int span = std::max(1, (st == at::kDouble ? GRIT_TILE_ELEMS(double) : GRIT_TILE_ELEMS(float)) / r);

@@ -93,7 +93,8 @@ def _jit_build() -> None:
             extra_cflags=["-O3", "-fopenmp"],
             extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"] if with_cuda else None,
             is_python_module=False,
-            verbose=False,
+            # the compiler's command lines and output (not part of the build's hash: a verbose build is reused)
+            verbose=os.environ.get("GRIT_KERNELS_JIT_VERBOSE", "0") == "1",
         )
     except Exception as exc:  # noqa: BLE001 -- a broken toolchain must not break the package: torch remains
         _state["error"] = f"JIT build of {SOURCE_DIR} failed: {exc}"

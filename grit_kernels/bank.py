@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from . import ops
-from .ops._transfer import to_device
+from ._device import to_device
 from .status import InverseStatus
 
 FORWARD = 0  #: H = E[h h^T], h = A dropout(x): preconditions grad_B from the right

@@ -4,24 +4,26 @@
 
     grit-kernels bench e2e [options]      end-to-end step time: AdamW-LoRA vs GRIT vs GRIT the prior way
                                           (tiny 224-module Llama on CPU; Llama-3-8B shapes, QLoRA, on CUDA)
-    grit-kernels bench kernels [options]  kernel microbenchmarks (bench/bench_kernels.py)
+    grit-kernels bench kernels [options]  kernel microbenchmarks: ours vs torch batched vs the per-module loop
     grit-kernels bench convergence [options]
                                           held-out loss of AdamW-LoRA, LoRA+, SGD vs GRIT on a pretrained
-                                          byte Llama (bench/bench_convergence.py)
+                                          byte Llama (bench/bench_convergence.py, from a checkout)
     grit-kernels demo [options]           a short GRIT training run on the tiny model, printing the loss
     grit-kernels finetune --model DIR|FILE.gguf --data FILE.json [options]
                                           GRIT fine-tuning (fused LoRA blocks by default) of a local HF
                                           model or GGUF file on Alpaca or chat data; adapters (and
                                           --save-steps checkpoints) in PEFT format, --merge for a merged model
 
-The benchmarks live in the source repository's ``bench/`` directory (not in the wheel); the bench
-subcommands load them by path and say so when they are missing. User errors (missing paths,
-malformed data records, bad options) print one line and exit with status 2.
+``bench e2e`` and ``bench kernels`` ship with the package (:mod:`grit_kernels.bench`) and run from any
+directory. ``bench convergence`` is a research benchmark of the source repository's ``bench/`` directory (not
+in the wheel): it is loaded by path and, without a checkout, is a one-line error naming the checkout. User
+errors (missing paths, malformed data records, bad options) print one line and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import inspect
 import os
@@ -47,6 +49,9 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 # --------------------------------------------------------------------------------------------- bench
+CHECKOUT_BENCHMARKS = ("convergence",)  #: run from the source repository's bench/ (not in the wheel)
+
+
 def bench_dir() -> Path | None:
     """The repository's ``bench/`` directory: ``$GRIT_KERNELS_BENCH_DIR``, else next to the package
     (editable / source install), else ``./bench``. ``None`` if none holds the benchmarks."""
@@ -55,7 +60,7 @@ def bench_dir() -> Path | None:
         candidates.append(Path(os.environ["GRIT_KERNELS_BENCH_DIR"]))
     candidates += [Path(__file__).resolve().parent.parent / "bench", Path.cwd() / "bench"]
     for path in candidates:
-        if (path / "bench_e2e.py").is_file() or (path / "bench_kernels.py").is_file():
+        if any((path / f"bench_{name}.py").is_file() for name in CHECKOUT_BENCHMARKS):
             return path
     return None
 
@@ -67,8 +72,8 @@ def load_bench_module(name: str):
     if path is None or not path.is_file():
         raise CliError(
             f"bench/{name}.py not found (looked in $GRIT_KERNELS_BENCH_DIR, {Path(__file__).resolve().parent.parent / 'bench'}"
-            f" and {Path.cwd() / 'bench'}): the benchmarks ship with the source repository, not the wheel; "
-            "clone the repository and run `pip install -e .` there, or set GRIT_KERNELS_BENCH_DIR"
+            f" and {Path.cwd() / 'bench'}): this benchmark ships with the source repository's checkout, not the "
+            "wheel; clone the repository and run it there (or set GRIT_KERNELS_BENCH_DIR to its bench/)"
         )
     module_name = f"_grit_bench_{name}"
     if module_name in sys.modules:
@@ -84,8 +89,18 @@ def load_bench_module(name: str):
     return module
 
 
+def bench_module(target: str):
+    """The module that runs ``grit-kernels bench <target>``: packaged (:data:`grit_kernels.bench.PACKAGED`),
+    else the checkout's ``bench/bench_<target>.py``."""
+    from .bench import PACKAGED
+
+    if target in PACKAGED:
+        return importlib.import_module(PACKAGED[target])
+    return load_bench_module(f"bench_{target}")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    module = load_bench_module(f"bench_{args.target}")
+    module = bench_module(args.target)
     kwargs = {}
     if "prog" in inspect.signature(module.main).parameters:
         kwargs["prog"] = f"{PROG} bench {args.target}"
@@ -182,10 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="benchmarks: `bench e2e` (end-to-end step time), `bench kernels` (kernel microbenchmarks) or "
         "`bench convergence` (held-out loss vs step and wall-clock)",
-        description="Run a benchmark from the repository's bench/ directory; options after the target go to it "
-        "(e.g. `grit-kernels bench e2e --help`).",
+        description="Run a benchmark (e2e and kernels ship with the package; convergence needs the repository's "
+        "checkout); options after the target go to it (e.g. `grit-kernels bench e2e --help`).",
     )
-    bench.add_argument("target", choices=("e2e", "kernels", "convergence"))
+    bench.add_argument("target", choices=("e2e", "kernels", *CHECKOUT_BENCHMARKS))
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark")
     bench.set_defaults(func=cmd_bench)
 

@@ -15,8 +15,9 @@ multiplied by ``1/W^2``; then ``D_step = rows * sum(delta delta^T) / scale^2`` (
 the single-process value, and so do ``H``, the inverses and the preconditioned (already averaged)
 gradients. ``tests/test_distributed.py`` checks this with two gloo processes on CPU.
 
-FSDP shards the LoRA weights and their gradients, which the in-place grouped preconditioning cannot
-see whole; :func:`check_not_fsdp` refuses it. Use DDP: LoRA adapters are small enough to replicate.
+FSDP2 (``torch.distributed.fsdp.fully_shard``) works: the same statistics all-reduce, and the sharded
+preconditioning of :mod:`grit_kernels.fsdp`. FSDP1 (``FullyShardedDataParallel``) and DeepSpeed are refused
+(:func:`check_fsdp_supported`, :func:`fsdp1_error`, :func:`deepspeed_error`), with the reason and what works.
 """
 
 from __future__ import annotations
@@ -51,45 +52,43 @@ def all_reduce_statistics(bank, group: Any | None = None) -> None:
     bank.stat_sum[BACKWARD].mul_(1.0 / (w * w))
 
 
-def _fsdp_classes() -> tuple[type, ...]:
-    classes: list[type] = []
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        classes.append(FullyShardedDataParallel)
-    except Exception:  # pragma: no cover - torch built without distributed
-        pass
-    try:
-        from torch.distributed.fsdp import FSDPModule  # FSDP2 (fully_shard)
-
-        classes.append(FSDPModule)
-    except Exception:  # pragma: no cover - older torch
-        pass
-    return tuple(classes)
-
-
-def fsdp_error(where: str = "") -> NotImplementedError:
-    """The error GRIT raises for FSDP; ``where`` names the FSDP-wrapped module if known."""
+def fsdp1_error(where: str = "") -> NotImplementedError:
+    """The error GRIT raises for FSDP1; ``where`` names the wrapped module if known."""
     return NotImplementedError(
-        f"GRIT does not support FSDP{where}: FSDP shards the LoRA weights and gradients, so the "
-        "rank-space preconditioning cannot act on whole lora_A / lora_B gradients. Use DDP instead "
-        "(LoRA adapters are small enough to replicate; QLoRA keeps the base model 4-bit on every rank)."
+        f"GRIT does not support FSDP1 (FullyShardedDataParallel{where}): it flattens each unit's parameters into "
+        "one FlatParameter sharded at element offsets, so a rank holds arbitrary slices of lora_A / lora_B rows "
+        "that the rank-space preconditioning cannot address. Use FSDP2 (torch.distributed.fsdp.fully_shard; "
+        "accelerate / Trainer: fsdp_config={'fsdp_version': 2}), which shards whole rows, or DDP"
     )
 
 
-def check_not_fsdp(model: nn.Module) -> None:
-    """Raise ``NotImplementedError`` if ``model`` is or contains an FSDP (1 or 2) wrapped module."""
-    classes = _fsdp_classes()
-    if not classes:
+def deepspeed_error() -> NotImplementedError:
+    """The error GRIT raises for DeepSpeed (every ZeRO stage)."""
+    return NotImplementedError(
+        "GRIT does not support DeepSpeed: its engine owns the optimizer step and ZeRO partitions parameters, "
+        "gradients (stage 2-3) and optimizer state as flat buffers at element offsets, so GRIT's optimizer would "
+        "run on flat partitions instead of whole lora_A / lora_B gradients, after DeepSpeed's own reduction. Use "
+        "FSDP2 (accelerate / Trainer: fsdp_config={'fsdp_version': 2}; ZeRO-3's sharding of weights, gradients and "
+        "optimizer state) or DDP"
+    )
+
+
+def check_fsdp_supported(model: nn.Module) -> None:
+    """Raise ``NotImplementedError`` if ``model`` is or contains an FSDP1 ``FullyShardedDataParallel`` module
+    (FSDP2's ``fully_shard`` modules pass: :mod:`grit_kernels.fsdp`)."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except Exception:  # pragma: no cover - torch built without distributed
         return
     for name, module in model.named_modules():
-        if isinstance(module, classes):
-            raise fsdp_error(f" (module {name!r})" if name else "")
+        if isinstance(module, FullyShardedDataParallel):
+            raise fsdp1_error(f", module {name!r}" if name else "")
 
 
 __all__ = [
     "all_reduce_statistics",
-    "check_not_fsdp",
-    "fsdp_error",
+    "check_fsdp_supported",
+    "deepspeed_error",
+    "fsdp1_error",
     "world_size",
 ]

@@ -114,8 +114,11 @@ class EigenAdamW(torch.optim.Optimizer):
         second_moment: str = "keep",
     ):
         from .preconditioner import GritPreconditioner
+        from .vlm import GroupedGritPreconditioner
 
-        if not isinstance(preconditioner, GritPreconditioner):
+        # one bank: its factors are indexed by module.index (a grouped preconditioner has one bank per group)
+        one_bank = not isinstance(preconditioner, GroupedGritPreconditioner)
+        if not (isinstance(preconditioner, GritPreconditioner) and one_bank):
             raise TypeError(f"EigenAdamW needs a GritPreconditioner, got {type(preconditioner).__name__}")
         cfg = preconditioner.config
         if cfg.fisher != "kfac" or cfg.reprojection != "off":

@@ -166,14 +166,14 @@ def add_arguments(ft: argparse.ArgumentParser) -> None:
         choices=("adamw", "eigen_adamw"),
         default="adamw",
         help="adamw: GRIT-preconditioned AdamW (default); eigen_adamw: grit_kernels.EigenAdamW, Adam in the "
-        "eigenbasis of GRIT's factors (KL-clip off unless --grit-kl-clip is given, as benchmarked in README's "
-        "convergence section)",
+        "eigenbasis of GRIT's factors (KL-clip off unless --grit-kl-clip is given, as benchmarked in "
+        "docs/benchmarks.md)",
     )
     grit.add_argument(
         "--loraplus-ratio",
         type=float,
         default=None,
-        help="LoRA+: lora_B trains at this multiple of --lr (default: one lr; README's convergence runs use 16)",
+        help="LoRA+: lora_B trains at this multiple of --lr (default: one lr; the convergence runs of docs/benchmarks.md use 16)",
     )
     grit.add_argument("--no-grit", action="store_true", help="plain AdamW LoRA (for an A/B run)")
     grit.add_argument(

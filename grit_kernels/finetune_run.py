@@ -179,7 +179,7 @@ def prompt_ids(tokenizer, prompt: str, data_format: str) -> list[int]:
     else:
         user = data.CHAT_FALLBACK_HEADER.format(role="User")
         text = f"{user}{prompt}\n\n{data.CHAT_FALLBACK_HEADER.format(role='Assistant')}"
-    return ([bos] if bos is not None else []) + data._encode(tokenizer, text)
+    return ([bos] if bos is not None else []) + data.encode_text(tokenizer, text)
 
 
 def generate_answer(model, tokenizer, ids: list[int], max_new_tokens: int) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from . import ops
+from . import fsdp, ops
 from .preconditioner import GritPreconditioner
 
 
@@ -47,6 +47,7 @@ class GritOptimizer(torch.optim.Optimizer):
             raise TypeError(f"expected a GritPreconditioner, got {type(preconditioner).__name__}")
         if getattr(optimizer, "uses_grit_factors", False) and optimizer.preconditioner is not preconditioner:
             raise ValueError(f"{type(optimizer).__name__} was built with another GritPreconditioner than this one")
+        preconditioner.parameters()  # re-reads the LoRA weights if fully_shard replaced them since
         owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = [m.name for m in preconditioner.modules if id(m.lora_A) not in owned or id(m.lora_B) not in owned]
         if missing:
@@ -81,10 +82,15 @@ class GritOptimizer(torch.optim.Optimizer):
 
     def _gradient_problem(self) -> str | None:
         """One device->host read: why this step must not be taken, or None."""
-        grads = [p.grad for p in self.preconditioner.parameters() if p.grad is not None]
+        pre = self.preconditioner
+        grads = [p.grad for p in pre.parameters() if p.grad is not None]
         if not grads:
             return "no LoRA parameter has a gradient"
-        total = float(ops.sum_of_squares(grads, backend=self.preconditioner.backend))  # the one host read
+        if pre.sharded:  # FSDP2: the shards' sums, all-reduced, so every rank takes the same decision
+            local = ops.sum_of_squares([fsdp.local(g) for g in grads], backend=pre.backend)
+            total = float(fsdp.global_sum_of_squares(local, pre._sharded))  # the one host read
+        else:
+            total = float(ops.sum_of_squares(grads, backend=pre.backend))  # the one host read
         if not math.isfinite(total):
             return "NaN/Inf in LoRA gradients"
         return "all LoRA gradients are zero" if total == 0 else None
@@ -119,6 +125,11 @@ class GritOptimizer(torch.optim.Optimizer):
         clip = pre.config.kl_clip is not None  # on the step taken: after momentum, with each group's lr
         before = pre.snapshot_adapters() if clip else None
         if getattr(self.optimizer, "uses_grit_factors", False):  # EigenAdamW: it uses the factors itself
+            if pre.sharded:
+                raise NotImplementedError(
+                    f"{type(self.optimizer).__name__} rotates whole lora_A / lora_B tensors into the factors' eigenbasis; "
+                    "it does not run under FSDP2 (sharded rows). Use the default GritOptimizer over AdamW there, or DDP"
+                )
             pre.update_factors(loss_scale=self._loss_scale())
         else:
             pre.step(loss_scale=self._loss_scale())

@@ -8,6 +8,7 @@ lora_A / lora_B ``.grad`` in place (one op), optional KL-clip -> the wrapped opt
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -18,7 +19,8 @@ from . import ops
 from .bank import BACKWARD, FORWARD, FactorBank
 from .compress import RankAdapter
 from .config import GritConfig
-from .distributed import all_reduce_statistics, check_not_fsdp
+from . import fsdp
+from .distributed import all_reduce_statistics, check_fsdp_supported
 from .fisher import make_fisher
 from .layers import CaptureSlot, is_lora_layer, patch_lora_layer, unpatch_lora_layer, unsupported_reason
 
@@ -57,7 +59,7 @@ class GritPreconditioner:
         if not isinstance(self.config, GritConfig):
             raise TypeError(f"config must be a GritConfig, got {type(self.config).__name__}")
         cfg = self.config
-        check_not_fsdp(model)
+        check_fsdp_supported(model)
         found, self.skipped = [], {}
         for name, layer in model.named_modules():
             if not is_lora_layer(layer):
@@ -101,6 +103,11 @@ class GritPreconditioner:
             slot = CaptureSlot(*self.bank.stat_views(m.index), backend=self.backend, bank=self.bank, index=m.index)
             patch_lora_layer(m.layer, slot)
         self.step_count = 0
+        self._model = model
+        #: FSDP2: the row layout of the sharded LoRA weights (None when they are plain tensors), see grit_kernels.fsdp
+        self._sharded = fsdp.sharded_layout(self)
+        if self._sharded is not None:
+            fsdp.check_4bit_sharding(model)
         #: config.damping_floor: running maximum of every factor's tr(C)/r over the refreshes ([2, M]), else None
         self._scale_max = torch.zeros(2, self.bank.num_modules, device=self.bank.device) if cfg.damping_floor > 0 else None
         self._has_statistics: torch.Tensor | None = None  #: device bool, set at each refresh after warm-up
@@ -118,7 +125,33 @@ class GritPreconditioner:
 
     def parameters(self) -> list[nn.Parameter]:
         """All preconditioned adapter weights (lora_A then lora_B per module)."""
+        self._sync_parameters()
         return [p for m in self.modules for p in (m.lora_A, m.lora_B)]
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the LoRA weights are FSDP2-sharded ``DTensor`` s (:mod:`grit_kernels.fsdp`)."""
+        self._sync_parameters()
+        return self._sharded is not None
+
+    def _sync_parameters(self) -> None:
+        """Re-read every module's lora_A / lora_B when the model's parameters were replaced after construction
+        (``fully_shard`` after the preconditioner, as accelerate's ``prepare`` does), and re-check the sharding.
+        Two dict look-ups per call otherwise (the first and the last module)."""
+        first, last = self.modules[0], self.modules[-1]
+        if self._weight(first, "lora_A") is first.lora_A and self._weight(last, "lora_B") is last.lora_B:
+            return
+        self.modules = [
+            dataclasses.replace(m, lora_A=self._weight(m, "lora_A"), lora_B=self._weight(m, "lora_B")) for m in self.modules
+        ]
+        self._snapshot = None
+        self._sharded = fsdp.sharded_layout(self)
+        if self._sharded is not None:
+            fsdp.check_4bit_sharding(self._model)
+
+    @staticmethod
+    def _weight(m: GritModule, which: str) -> nn.Parameter:
+        return getattr(m.layer, which)[m.layer._grit_state["adapter"]].weight
 
     @property
     def preconditioning_active(self) -> bool:
@@ -145,6 +178,7 @@ class GritPreconditioner:
         """
         self._check_not_removed()
         self.check_active_adapter()
+        self._sync_parameters()
         cfg = self.config
         if self._fisher is not None:
             return self._fisher.step(lr=lr, loss_scale=loss_scale)
@@ -159,7 +193,10 @@ class GritPreconditioner:
                     cfg.damping, cfg.eps_abs, cfg.retry_damping_factor, backend=self.backend, floor=self._damping_floor()
                 )
                 self._has_statistics = self.bank.initialized.any()
-            self._precondition_grads(lr)
+            if self._sharded is not None:  # FSDP2: local rows of grad_B, gathered grad_A (one all_gather)
+                fsdp.precondition_sharded_(self, lr)
+            else:
+                self._precondition_grads(lr)
         self.step_count += 1
 
     def _damping_floor(self) -> torch.Tensor | None:
@@ -223,6 +260,8 @@ class GritPreconditioner:
         are buffers refilled at every call (valid until the next one): no allocation of hundreds of tensors."""
         with torch.no_grad():  # (no per-tensor detach: hundreds of tensors)
             params = self.parameters()
+            if self._sharded is not None:  # FSDP2: the local shards
+                params = [fsdp.local(p) for p in params]
             if self.bank.device.type != "cpu":
                 return ops.clone_tensors(params, backend=self.backend)
             if self._snapshot is None or not ops.copy_tensors_(self._snapshot, params, backend=self.backend):
@@ -236,6 +275,9 @@ class GritPreconditioner:
         quadratic form, ~2 x the per-token KL of the step); ``p <- before + min(1, sqrt(kl_clip / q)) Delta``.
         """
         params = self.parameters()
+        if self._sharded is not None:  # FSDP2: one all_gather of the Delta_A rows
+            fsdp.clip_update_sharded_(self, before)
+            return
         with torch.no_grad():
             ops.kl_clip_update_(
                 params[0::2], params[1::2], before[0::2], before[1::2], self.bank.factor[BACKWARD],

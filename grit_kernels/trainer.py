@@ -28,8 +28,9 @@ GRIT wraps it in a :class:`TrainerGritOptimizer` *before* ``accelerator.prepare`
   ``PeftModel.from_pretrained`` without grit_kernels.
 * **Logging**: at logging steps only (no per-step host sync), ``grit/damping``, ``grit/condition_max``,
   ``grit/inverse_failures``, ``grit/grad_norm_ratio``, ... are added to the Trainer's logs.
-* **Distributed**: DDP works (one all-reduce of the statistics per step, see :mod:`grit_kernels.distributed`);
-  FSDP and DeepSpeed are refused with a clear error.
+* **Distributed**: DDP works (one all-reduce of the statistics per step, see :mod:`grit_kernels.distributed`),
+  and FSDP2 (``fsdp_config={"fsdp_version": 2}``; sharded preconditioning, see :mod:`grit_kernels.fsdp`);
+  FSDP1 and DeepSpeed are refused with the reason.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ from .arguments import GritConfigArguments, trainer_config
 from .checkpoints import atomic_checkpoint
 from .config import GritConfig
 from .data import PackedCollator, packing_isolates
-from .distributed import check_not_fsdp, fsdp_error
+from . import fsdp
+from .distributed import check_fsdp_supported, deepspeed_error, fsdp1_error
 from .fused.patch import fuse, is_fused, unfuse
 from .optim import GritOptimizer
 from .preconditioner import GritPreconditioner
@@ -136,10 +138,13 @@ class GritTrainingArguments(GritConfigArguments, TrainingArguments):
 
 
 # --------------------------------------------------------------------------------------------- optimizer
-def _total_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
+def _total_norm(params: list[torch.nn.Parameter], layout=None) -> torch.Tensor:
+    grads = [fsdp.local(p.grad) for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
+    if layout is not None:  # FSDP2: the shards' sums of squares, all-reduced (logging steps only)
+        local = torch.stack(torch._foreach_norm(grads)).double().square().sum()
+        return fsdp.global_sum_of_squares(local, layout).sqrt().float()
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
@@ -164,11 +169,11 @@ class TrainerGritOptimizer(GritOptimizer):
         pre = self.preconditioner
         measure, self.measure_grad_norm_ratio = self.measure_grad_norm_ratio, False
         params = pre.parameters()
-        raw = _total_norm(params) if measure else None
+        raw = _total_norm(params, pre._sharded) if measure else None
         taken_before, skipped_before = pre.step_count, self.skipped_steps
         loss = super().step(closure)
         if measure and self.skipped_steps == skipped_before:
-            after = _total_norm(params)
+            after = _total_norm(params, pre._sharded)
             self.grad_norm_ratio = torch.where(raw > 0, after / raw.clamp_min(1e-30), torch.ones_like(raw))
             self.grad_norm_ratio_step = taken_before
         return loss
@@ -365,14 +370,15 @@ class _GritTrainerMixin:
         self.grit_fusion = None
         self._grit_fused_model = None
         if config is not None:
-            if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_fsdp_xla_enabled", False):
-                raise fsdp_error()
+            if getattr(self, "is_fsdp_xla_enabled", False):
+                raise fsdp1_error(" on XLA")
+            if getattr(self, "is_fsdp_enabled", False):  # FSDP2 runs (grit_kernels.fsdp); FSDP1 cannot
+                if getattr(getattr(self.accelerator.state, "fsdp_plugin", None), "fsdp_version", 1) != 2:
+                    raise fsdp1_error()
+                fsdp.check_config(config, getattr(self.args, "grit_optimizer", "wrap"))
             if getattr(self, "is_deepspeed_enabled", False):
-                raise NotImplementedError(
-                    "GRIT does not support DeepSpeed (it owns the optimizer step and partitions the "
-                    "gradients). Use DDP."
-                )
-            check_not_fsdp(self.model)
+                raise deepspeed_error()
+            check_fsdp_supported(self.model)
             _check_train_dataset(getattr(self, "train_dataset", None))
             if not any(isinstance(cb, GritCallback) for cb in self.callback_handler.callbacks):
                 self.add_callback(GritCallback(self))
@@ -387,8 +393,8 @@ class _GritTrainerMixin:
         if not self.grit_fuse or model is None or model is self._grit_fused_model:
             return
         self._grit_fused_model = model
-        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
-            logger.warning("grit_fuse: not fusing a model sharded by FSDP / DeepSpeed; it keeps PEFT's path")
+        if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_xla_enabled", False):
+            logger.warning("grit_fuse: not fusing a model under DeepSpeed / FSDP on XLA; it keeps PEFT's path")
             return
         if is_fused(model):
             logger.info("grit_fuse: the model was already fused by the caller; keeping that")
@@ -429,7 +435,7 @@ class _GritTrainerMixin:
             return optimizer
         model = args[0] if args else kwargs.get("model")
         if model is not None:
-            check_not_fsdp(model)
+            check_fsdp_supported(model)
         pre = self.grit_preconditioner
         if pre is not None and not any(p is pre.modules[0].lora_A for p in self.model.parameters()):
             pre.remove()  # the model was replaced (model_init / hyper-parameter search): start afresh

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .config import GritConfig
+from .interface import Preconditioner
 from .preconditioner import GritPreconditioner
 
 GROUPS = ("vision", "projector", "language")
@@ -123,14 +124,20 @@ def _load(model_or_path, kwargs):
     return AutoModelForImageTextToText.from_pretrained(model_or_path, **kwargs)
 
 
-class GroupedGritPreconditioner(GritPreconditioner):
-    """One :class:`GritPreconditioner` per modality group, used as one.
+class GroupedGritPreconditioner(Preconditioner, GritPreconditioner):
+    """One :class:`GritPreconditioner` per modality group, composed behind the :class:`Preconditioner`
+    contract (:mod:`grit_kernels.interface`): each method runs on every group.
 
     Attributes:
         groups: ``{group: GritPreconditioner}`` (groups without modules are absent).
         group_modules: ``{group: [module names]}`` -- the report of which layers each group holds.
         modules: all groups' modules (each ``index`` is within its group's bank).
         config: the shared base config (what the optimizer reads: ``nonfinite_grads``, KL-clip mode).
+
+    ``GritPreconditioner`` is a base class only so that the ``isinstance`` checks of :class:`GritOptimizer`
+    and :class:`GritTrainer` accept it; nothing is inherited from it (:class:`Preconditioner` comes first
+    and declares every member abstract, and ``tests/test_vlm.py`` checks that no ``GritPreconditioner``
+    member is reachable). Once those checks read ``isinstance(pre, Preconditioner)``, the base goes.
     """
 
     def __init__(self, model: nn.Module, configs: dict[str, GritConfig], base: GritConfig | None = None):
@@ -140,30 +147,34 @@ class GroupedGritPreconditioner(GritPreconditioner):
         self.config = base if base is not None else next(iter(configs.values()))
         self.group_modules = {g: [m.name for m in p.modules] for g, p in self.groups.items()}
         self._removed = False
-        self._fisher = None
 
-    # the attributes GritPreconditioner keeps, derived from the groups
+    # ------------------------------------------------------------------ attributes, derived from the groups
     @property
     def modules(self):
         return [m for p in self.groups.values() for m in p.modules]
+
+    @property
+    def num_modules(self) -> int:
+        return sum(p.num_modules for p in self.groups.values())
 
     @property
     def skipped(self):
         return {k: v for p in self.groups.values() for k, v in p.skipped.items()}
 
     @property
+    def bank_owner(self) -> GritPreconditioner:
+        """The language group (else the first group): its bank and backend stand for the whole."""
+        return self.groups.get("language", next(iter(self.groups.values())))
+
+    @property
     def bank(self):
         """The language group's bank (else the first group's): device and refresh count for callers that
         expect one bank. Each group's bank is ``groups[name].bank``."""
-        return self.groups.get("language", next(iter(self.groups.values()))).bank
+        return self.bank_owner.bank
 
     @property
     def backend(self):
         return self.bank_owner.backend
-
-    @property
-    def bank_owner(self) -> GritPreconditioner:
-        return self.groups.get("language", next(iter(self.groups.values())))
 
     @property
     def step_count(self) -> int:
@@ -174,19 +185,28 @@ class GroupedGritPreconditioner(GritPreconditioner):
         adapters = [p.rank_adapter for p in self.groups.values() if p.rank_adapter is not None]
         return _AllAdapters(adapters) if adapters else None
 
+    @property
+    def preconditioning_active(self) -> bool:
+        return any(p.preconditioning_active for p in self.groups.values())
+
+    # ------------------------------------------------------------------ the step
     def parameters(self) -> list[nn.Parameter]:
         return [q for p in self.groups.values() for q in p.parameters()]
 
     def check_active_adapter(self) -> None:
         for p in self.groups.values():
-            if hasattr(p, "check_active_adapter"):
-                p.check_active_adapter()
+            p.check_active_adapter()
 
     def step(self, lr=None, loss_scale=None) -> None:
         """Each group's step (fold, refresh at its own ``update_freq``, precondition with its damping)."""
         self._check_not_removed()
         for p in self.groups.values():
             p.step(lr=lr, loss_scale=loss_scale)
+
+    def update_factors(self, loss_scale=None) -> None:
+        self._check_not_removed()
+        for p in self.groups.values():
+            p.update_factors(loss_scale=loss_scale)
 
     def discard_step(self) -> None:
         for p in self.groups.values():
@@ -202,6 +222,7 @@ class GroupedGritPreconditioner(GritPreconditioner):
             p.clip_update_(before[start : start + n])
             start += n
 
+    # ------------------------------------------------------------------ observability
     def curvature_summary(self) -> dict[str, torch.Tensor]:
         """Over all groups: mean damping and traces (module-weighted), max condition, summed failures."""
         parts = {g: p.curvature_summary() for g, p in self.groups.items()}
@@ -218,6 +239,7 @@ class GroupedGritPreconditioner(GritPreconditioner):
         """``{group: curvature_summary()}`` (device tensors; the Trainer logs them as ``grit/<group>/...``)."""
         return {g: p.curvature_summary() for g, p in self.groups.items()}
 
+    # ------------------------------------------------------------------ state and lifetime
     def state_dict(self) -> dict:
         return {"groups": {g: p.state_dict() for g, p in self.groups.items()}}
 
@@ -235,6 +257,10 @@ class GroupedGritPreconditioner(GritPreconditioner):
         for p in self.groups.values():
             p.remove()
         self._removed = True
+
+    def _check_not_removed(self) -> None:
+        if self._removed:
+            raise RuntimeError("this GroupedGritPreconditioner was removed; create a new one")
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{g}={p.num_modules}" for g, p in self.groups.items())

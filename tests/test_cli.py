@@ -80,10 +80,59 @@ def test_bench_e2e_bad_option_exits_2(capsys):
 
 
 def test_bench_missing_dir_is_a_clear_error(monkeypatch, capsys):
+    """A checkout-only benchmark without the checkout: one line naming it."""
     monkeypatch.setattr(cli, "bench_dir", lambda: None)
-    assert cli.main(["bench", "kernels"]) == 2
+    assert cli.main(["bench", "convergence"]) == 2
     err = capsys.readouterr().err
-    assert "bench/bench_kernels.py not found" in err and "source repository" in err
+    assert "bench/bench_convergence.py not found" in err and "checkout" in err and len(err.strip().splitlines()) == 1
+
+
+def test_packaged_benchmarks_need_no_bench_dir(monkeypatch, tmp_path, capsys):
+    """e2e and kernels are modules of the package: nothing is loaded from bench/ by path."""
+    monkeypatch.setattr(cli, "bench_dir", lambda: None)
+    monkeypatch.setattr(cli, "load_bench_module", lambda name: pytest.fail(f"loaded {name} by path"))
+    assert cli.bench_module("e2e").__name__ == "grit_kernels.bench.e2e"
+    argv = ["bench", "kernels", "--quick", "--device", "cpu", "--ops", "fold,invert", "--impls", "torch,prior-art"]
+    assert cli.main(argv + ["--reps", "2", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "kernels.json").read_text())
+    assert [(row["op"], sorted(row["timings"])) for row in result["results"]] == [
+        ("fold", ["prior-art", "torch"]), ("invert", ["prior-art", "torch"])
+    ]
+    assert result["partial"] is False and result["versions"]["torch"]
+
+
+def test_installed_package_runs_benchmarks_from_anywhere(tmp_path):
+    """The package copied alone (no bench/ beside it, as in site-packages), run from another directory:
+    `bench kernels` and `bench e2e` run, the checkout-only `bench convergence` is a one-line error."""
+    import os
+    import shutil
+    import subprocess
+
+    site = tmp_path / "site"
+    shutil.copytree(REPO / "grit_kernels", site / "grit_kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("GRIT_KERNELS_BENCH_DIR", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(site)
+
+    def grit(*argv):
+        code = "import sys, grit_kernels.cli as c; print(c.__file__, flush=True); sys.exit(c.main(sys.argv[1:]))"
+        return subprocess.run([sys.executable, "-c", code, *argv], cwd=work, env=env, capture_output=True, text=True,
+                              timeout=600)
+
+    kernels = grit("bench", "kernels", "--quick", "--device", "cpu", "--ops", "invert", "--impls", "torch", "--reps", "2",
+                   "--out", "k")
+    assert kernels.returncode == 0, kernels.stderr[-2000:]
+    assert kernels.stdout.startswith(str(site / "grit_kernels" / "cli.py"))  # the copy, not the checkout
+    assert json.loads((work / "k" / "kernels.json").read_text())["git_commit"] is None  # no checkout around it
+    e2e = grit("bench", "e2e", "--quick", "--arms", "peft-adamw,peft-grit,grit-prior", "--batch-size", "2",
+               "--max-length", "256", "--no-progress", "--no-plot")
+    assert e2e.returncode == 0, e2e.stderr[-2000:]
+    arms = json.loads((work / "grit-results" / "cpu" / "e2e.json").read_text())["arms"]
+    assert {name: arm["status"] for name, arm in arms.items()} == dict.fromkeys(("peft-adamw", "peft-grit", "grit-prior"), "ok")
+    convergence = grit("bench", "convergence")
+    assert convergence.returncode == 2 and "checkout" in convergence.stderr
+    assert len(convergence.stderr.strip().splitlines()) == 1
 
 
 # --------------------------------------------------------------------------------------------- finetune errors
@@ -155,7 +204,8 @@ def test_prior_art_statistics_equal_ours_to_fp16_precision():
     from grit_kernels.bank import BACKWARD, FORWARD
     from grit_kernels.models import build_lora_model, tiny_llama_config
 
-    prior_art = _load(REPO / "bench" / "prior_art_grit.py", "prior_art_grit_under_test")
+    from grit_kernels.bench import prior_art
+
     cfg = tiny_llama_config(num_layers=2)
     ours_model = build_lora_model(cfg, r=8, seed=1, init_lora_weights=False)  # random B: D != 0
     prior_model = build_lora_model(cfg, r=8, seed=1, init_lora_weights=False)
@@ -187,7 +237,8 @@ def test_prior_art_statistics_equal_ours_to_fp16_precision():
 def test_prior_art_preconditions_with_the_chosen_pairing():
     from grit_kernels.models import build_lora_model, tiny_llama_config
 
-    prior_art = _load(REPO / "bench" / "prior_art_grit.py", "prior_art_grit_under_test")
+    from grit_kernels.bench import prior_art
+
     grads = {}
     for pairing in ("correct", "published"):
         model = build_lora_model(tiny_llama_config(num_layers=1), r=4, seed=2, init_lora_weights=False)

@@ -444,3 +444,33 @@ def test_cuda_precondition_bf16_and_graph_capture(fresh_seed):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(work_a[0], eager_a[0]) and torch.equal(work_b[0], eager_b[0])
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+def test_cuda_ops_refuse_tensors_on_another_device(fresh_seed):
+    """A CPU tensor among an op's CUDA tensors is refused before anything is launched (it used to reach a
+    kernel as a host pointer: an illegal address that breaks every later CUDA call of the process)."""
+    dev, cpp = "cuda", torch.ops.grit_kernels_cpp
+    M, r = 100, 16  # > 96 gradients per launch table: the old code launched a first batch before the check
+    grads_a = [torch.randn(r, 64, device=dev) for _ in range(M)]
+    grads_b = [torch.randn(32, r, device=dev) for _ in range(M - 1)] + [torch.randn(32, r)]  # the last on the CPU
+    inv = torch.eye(r, device=dev).repeat(M, 1, 1) * 2
+    before = [g.clone() for g in grads_a + grads_b]
+    with pytest.raises(RuntimeError, match="lora_B gradient 99 is on cpu"):
+        cpp.precondition_(grads_a, grads_b, inv, inv, False)
+    torch.cuda.synchronize()
+    assert all(torch.equal(g, b) for g, b in zip(grads_a + grads_b, before))  # nothing was preconditioned
+    with pytest.raises(RuntimeError, match="ranks is on cpu"):
+        cpp.damped_cholesky_inverse(inv, 1e-3, 1e-12, torch.full((M,), r), None, None, 100.0)
+    with pytest.raises(RuntimeError, match="previous must be floating point and shaped like mats"):
+        ranks = torch.full((M,), r, device=dev)
+        cpp.damped_cholesky_inverse(inv, 1e-3, 1e-12, ranks, inv[:1], torch.ones(1, dtype=torch.bool, device=dev), 100.0)
+    with pytest.raises(RuntimeError, match="x is on cpu"):
+        cpp.accumulate_gram_(torch.zeros(r, r, device=dev), torch.randn(8, r), 1.0)
+    with pytest.raises(RuntimeError, match="weight is on cpu"):
+        cpp.ema_fold_(inv.clone(), inv, torch.ones(M), 0.9, torch.zeros(M, dtype=torch.bool, device=dev))
+    # the context is intact: the same op on valid tensors works and matches the oracle
+    grads_b[-1] = grads_b[-1].to(dev)
+    cpp.precondition_(grads_a, grads_b, inv, inv, False)
+    assert torch.equal(grads_a[0], 2 * before[0]) and torch.equal(grads_b[-1], 2 * before[-1].to(dev))

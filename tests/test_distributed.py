@@ -17,7 +17,6 @@ from grit_kernels.bank import FactorBank
 from grit_kernels.data import IGNORE_INDEX
 from grit_kernels.distributed import (
     all_reduce_statistics,
-    check_not_fsdp,
     world_size,
 )
 from grit_kernels.models import build_lora_model, tiny_llama_config
@@ -171,19 +170,6 @@ def test_all_reduce_statistics_is_a_noop_without_process_group():
     before = bank.accumulators.clone()
     all_reduce_statistics(bank)
     assert torch.equal(bank.accumulators, before)
-
-
-def test_fsdp_is_refused_naming_ddp():
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-    for fsdp_cls in (FSDPModule, FullyShardedDataParallel):
-        model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
-        model[1].__class__ = type(
-            f"FSDP{fsdp_cls.__name__}", (fsdp_cls, nn.Linear), {}
-        )  # what fully_shard does
-        with pytest.raises(NotImplementedError, match=r"FSDP \(module '1'\).*Use DDP"):
-            check_not_fsdp(model)
-    check_not_fsdp(nn.Sequential(nn.Linear(2, 2)))  # plain modules pass
 
 
 # ---------------------------------------------------------------------------------- the Trainer under DDP

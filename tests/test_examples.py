@@ -1,8 +1,8 @@
 """The example scripts in python/ run: each in its ``--quick`` mode (2 layers, 2 steps), in-process.
 
-Their default sizes take 24-32 s each on the 2-core VM (measured; stated in each docstring and the README),
-too long for the suite, so the defaults are timed by hand, not here. Examples that save write into
-a temporary working directory.
+Their default sizes take 24-32 s each on the 2-core VM (measured; stated in each docstring and in
+docs/benchmarks.md), too long for the suite, so the defaults are timed by hand, not here. Examples that
+save write into a temporary working directory.
 """
 
 import importlib.util

@@ -2,7 +2,7 @@
 Llama-3-8B-sized banks, no host synchronisation, and CUDA-graph capture.
 
 Run on a GPU machine with the interpreter off: ``TRITON_INTERPRET=0 python -m pytest -m gpu -q tests/``
-(bench/run_gpu.sh does this). tests/conftest.py defaults ``TRITON_INTERPRET`` to 1 for CPU runs; under
+(bench/run_gpu_all.sh does this, one pytest process per file). tests/conftest.py defaults ``TRITON_INTERPRET`` to 1 for CPU runs; under
 the interpreter these tests skip.
 """
 
@@ -21,7 +21,7 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
     pytest.mark.skipif(
-        interpreter_active(), reason="TRITON_INTERPRET=1: run GPU tests with TRITON_INTERPRET=0 (bench/run_gpu.sh)"
+        interpreter_active(), reason="TRITON_INTERPRET=1: run GPU tests with TRITON_INTERPRET=0 (bench/run_gpu_all.sh)"
     ),
 ]
 

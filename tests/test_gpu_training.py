@@ -1,5 +1,5 @@
 """Training paths on a CUDA device against the same run on the CPU: fused blocks vs PEFT (fp32 and bf16), one
-GRIT step per fisher option, EigenAdamW. GPU-only (``pytest -m gpu``, run by bench/run_gpu.sh); the CPU
+GRIT step per fisher option, EigenAdamW. GPU-only (``pytest -m gpu``, run by bench/run_gpu_all.sh); the CPU
 versions of these checks are in test_fused.py, test_fisher.py and test_eigen_adam.py.
 
 Each test builds one model, copies it to the device, and compares what the device computes with what the

@@ -721,14 +721,14 @@ def test_enable_grit_fuses_and_disable_grit_undoes_it(tmp_path):
     assert off.grit_fusion is None and not is_fused(off.model)
 
 
-def test_fsdp_and_deepspeed_are_refused_naming_ddp(tmp_path):
+def test_fsdp1_and_deepspeed_are_refused_naming_fsdp2_and_ddp(tmp_path):
     trainer = Trainer(model=small_model(), args=make_args(tmp_path, cls=TrainingArguments), train_dataset=[])
-    trainer.is_fsdp_enabled = True
-    with pytest.raises(NotImplementedError, match="Use DDP"):
+    trainer.is_fsdp_enabled = True  # no fsdp_plugin: accelerate's default, FSDP1
+    with pytest.raises(NotImplementedError, match=r"FSDP1 .*FlatParameter.*fsdp_version': 2.*or DDP"):
         enable_grit(trainer)
     trainer = Trainer(model=small_model(), args=make_args(tmp_path, cls=TrainingArguments), train_dataset=[])
     trainer.is_deepspeed_enabled = True
-    with pytest.raises(NotImplementedError, match="Use DDP"):
+    with pytest.raises(NotImplementedError, match=r"DeepSpeed: its engine owns the optimizer step.*FSDP2.*or DDP"):
         enable_grit(trainer)
 
 

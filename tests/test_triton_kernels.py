@@ -1,7 +1,7 @@
 """Triton kernels (grit_kernels/triton) against the float64 oracle, on the CPU through the interpreter.
 
 The environment variable must be set before triton or grit_kernels is imported. A GPU session runs
-with ``TRITON_INTERPRET=0`` (bench/run_gpu.sh) and skips this file; tests/test_gpu_kernels.py runs the
+with ``TRITON_INTERPRET=0`` (bench/run_gpu_all.sh) and skips this file; tests/test_gpu_kernels.py runs the
 same checks (the ``check_*`` functions below) on CUDA.
 
 Inputs are fresh random draws each run (the ``fresh_seed`` fixture prints the seed); errors are
@@ -430,7 +430,7 @@ def test_precondition_mixed_dtypes(fresh_seed):
 
 @pytest.fixture
 def count_uploads(monkeypatch):
-    """Record every host->device table copy of the precondition kernel module (``_transfer.upload_``) and
+    """Record every host->device table copy of the precondition kernel module (``_device.upload_``) and
     fail on any ``torch.tensor(..., device=...)`` (a pageable, blocking copy on CUDA) during the test."""
     from grit_kernels.triton import precondition as kernel_module
 
@@ -513,6 +513,34 @@ def test_precondition_captured_plans_never_dangle_or_change(fresh_seed, monkeypa
 def test_precondition_refuses_rank_above_inverse(fresh_seed):
     with pytest.raises(ValueError, match="rank 16 but the inverses are 8 x 8"):
         ops.precondition_([torch.randn(16, 5)], [torch.randn(7, 16)], torch.eye(8)[None], torch.eye(8)[None], backend="triton")
+
+
+def test_launchers_refuse_tensors_on_another_device(fresh_seed):
+    """Every Triton launcher checks devices (and the inverse its shapes) before launching: a tensor on another
+    device (here ``meta``; on a GPU machine the CPU or another GPU) would reach the kernel as a foreign pointer."""
+    from grit_kernels.triton import fold, gram, inverse
+    from grit_kernels.triton import precondition as launcher
+
+    meta = torch.device("meta")
+    with pytest.raises(ValueError, match="x is on meta"):
+        gram.accumulate_gram_(torch.zeros(4, 4), torch.empty(8, 4, device=meta))
+    with pytest.raises(ValueError, match=r"xs\[1\] is on meta"):
+        gram.accumulate_grams_([torch.zeros(4, 4), torch.zeros(4, 4)], [torch.randn(8, 4), torch.empty(8, 4, device=meta)])
+    with pytest.raises(ValueError, match="weight is on meta"):
+        fold.ema_fold_(torch.zeros(2, 4, 4), torch.zeros(2, 4, 4), torch.ones(2, device=meta), 0.9, torch.zeros(2, dtype=torch.bool))
+    mats = torch.eye(4).repeat(2, 1, 1)
+    with pytest.raises(ValueError, match="ranks is on meta"):
+        inverse.damped_cholesky_inverse(mats, 1e-3, ranks=torch.tensor([4, 4], device=meta))
+    with pytest.raises(ValueError, match="previous must be floating point"):
+        inverse.damped_cholesky_inverse(mats, 1e-3, previous=torch.eye(4)[None], previous_valid=torch.ones(1, dtype=torch.bool))
+    ga = [torch.randn(4, 19), torch.randn(4, 23)]  # a layout no other test uses: the plan is built (and checked) here
+    gb = [torch.randn(29, 4), torch.empty(31, 4, device=meta)]
+    before = [g.clone() for g in ga]
+    with pytest.raises(ValueError, match=r"grads_b\[1\] is on meta"):
+        launcher.precondition_(ga, gb, mats, mats)
+    with pytest.raises(ValueError, match="inv_h is on meta"):
+        launcher.precondition_(ga, gb[:1] + [torch.randn(31, 4)], mats, mats.to(meta))
+    assert all(torch.equal(g, b) for g, b in zip(ga, before))  # nothing was launched
 
 
 def test_precondition_bank_scale(fresh_seed):

@@ -231,3 +231,51 @@ def test_compress_adapter_follows_every_group():
     peft_model(**batch).loss.backward()
     opt.step()
     assert all(torch.isfinite(p).all() for p in pre.parameters())
+
+
+def test_grouped_preconditioner_is_composed_behind_the_interface():
+    """Every member of the Preconditioner contract is GroupedGritPreconditioner's own; no public
+    GritPreconditioner member is reachable from it (GritPreconditioner is a base for today's isinstance
+    checks only; its private helpers are called only by its own public methods, all overridden)."""
+    import inspect
+
+    from grit_kernels.bank import FORWARD
+    from grit_kernels.interface import Preconditioner
+    from grit_kernels.vlm import GroupedGritPreconditioner
+
+    assert not GroupedGritPreconditioner.__abstractmethods__
+    inherited = [
+        name
+        for name, value in vars(gk.GritPreconditioner).items()
+        if not name.startswith("_") and inspect.getattr_static(GroupedGritPreconditioner, name) is value
+    ]
+    assert inherited == [], f"GroupedGritPreconditioner falls through to GritPreconditioner for {inherited}"
+    contract = [n for n in vars(Preconditioner) if not n.startswith("_")] + list(
+        Preconditioner.__annotations__
+    )
+    own = set(vars(GroupedGritPreconditioner))
+    assert set(contract) - {"group_summaries"} <= own | {"config", "groups"}
+
+    torch.manual_seed(0)
+    model, batch, _ = tiny_llava()
+    peft_model, pre = create_vlm_grit_adapter(model, group_config())
+    peft_model.train()
+    with torch.no_grad():  # non-zero B: rows carry gradient, so every group gets statistics
+        for m in pre.modules:
+            m.lora_B.normal_(0.0, 0.1)
+    assert isinstance(pre, Preconditioner) and pre.config is not None
+    assert pre.num_modules == len(pre.modules) == sum(p.num_modules for p in pre.groups.values())
+    assert pre.preconditioning_active is False
+    peft_model(**batch).loss.backward()
+    pre.update_factors()  # the factor-only step folds every group's statistics
+    assert pre.step_count == 1 and all(p.step_count == 1 for p in pre.groups.values())
+    assert all(p.bank.factor[FORWARD].abs().sum() > 0 for p in pre.groups.values())
+    peft_model.zero_grad()
+    peft_model(**batch).loss.backward()
+    pre.step()
+    assert pre.preconditioning_active is True
+    with pytest.raises(TypeError, match="EigenAdamW needs a GritPreconditioner"):
+        gk.EigenAdamW(peft_model.parameters(), pre)
+    pre.remove()
+    with pytest.raises(RuntimeError, match="removed"):
+        pre.step()

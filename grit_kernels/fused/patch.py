@@ -309,10 +309,16 @@ class _DecoderState:
         return x, (weight, module.variance_epsilon)
 
 
+def _model_class(module: nn.Module) -> type:
+    """The module's own class: FSDP2's ``fully_shard`` swaps it for a subclass ``FSDP<Name>(FSDPModule, <Name>)``."""
+    return next(c for c in type(module).__mro__ if not any(b.__name__ == "FSDPModule" for b in c.__mro__))
+
+
 def _base_stack_reason(block: nn.Module) -> str | None:
     """``None`` if ``block``'s whole forward can be fused, else why not."""
-    if type(block).__name__ not in BASE_STACK_DECODERS:
-        return f"{type(block).__name__} is not one of {', '.join(BASE_STACK_DECODERS)}"
+    cls = _model_class(block)
+    if cls.__name__ not in BASE_STACK_DECODERS:
+        return f"{cls.__name__} is not one of {', '.join(BASE_STACK_DECODERS)}"
     norms = [getattr(block, "input_layernorm", None), getattr(block, "post_attention_layernorm", None)]
     attn = block.self_attn
     if hasattr(attn, "q_norm"):
@@ -328,7 +334,7 @@ def _base_stack_reason(block: nn.Module) -> str | None:
         return "Gemma and Llama RMSNorms mixed in one block"
     if (sandwich or hasattr(attn, "attn_logit_softcapping")) and gemma != {True}:
         return "a Gemma2-style block without Gemma RMSNorms"
-    params = inspect.signature(type(block).forward).parameters
+    params = inspect.signature(cls.forward).parameters
     if "position_embeddings" not in params or "cache" not in params:
         return "decoder forward without (position_embeddings, cache): not the transformers 5 layout"
     if not hasattr(sys.modules[type(attn).__module__], "eager_attention_forward"):
@@ -552,7 +558,7 @@ def fuse(model: nn.Module) -> FusionReport:
                 report.unfused[f"{name}.mlp"] = mlp_reason
     if report.fused_modules:
         for module in model.modules():
-            kind = type(module).__name__
+            kind = _model_class(module).__name__
             if kind in RMS_NORMS and "_grit_fused" not in module.__dict__:
                 gemma = kind in GEMMA_RMS_NORMS
                 _install(

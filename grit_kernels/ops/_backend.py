@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
+import logging
 
 import torch
 
+from .._device import interpreter_active
 from ..config import BACKENDS
 
 _OPS = ("accumulate_gram_", "accumulate_grams_", "ema_fold_", "damped_cholesky_inverse", "precondition_")
@@ -57,16 +58,32 @@ AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
 
 
 def triton_available() -> bool:
+    """Whether ``import triton`` works. Not installed: ``False``, quietly (Triton is optional). Installed but
+    broken (the import raises anything else): ``False``, and the error is logged once."""
     try:
         import triton  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the platform
+    except ModuleNotFoundError as error:
+        if error.name != "triton":  # triton is there, one of its own imports is missing: broken
+            _report_broken_triton(error)
+        return False
+    except Exception as error:  # noqa: BLE001 - any failure of an installed triton: logged, then unavailable
+        _report_broken_triton(error)
         return False
     return True
 
 
-def interpreter_active() -> bool:
-    """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+_triton_import_error: str | None = None  #: the first error of a broken Triton install (logged once)
+
+
+def _report_broken_triton(error: BaseException) -> None:
+    global _triton_import_error
+    if _triton_import_error is None:
+        _triton_import_error = f"{type(error).__name__}: {error}"
+        logging.getLogger("grit_kernels.ops").warning(
+            "grit_kernels: triton is installed but `import triton` fails (%s); the triton backend is "
+            "unavailable (backend='auto' uses the next one)",
+            _triton_import_error,
+        )
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

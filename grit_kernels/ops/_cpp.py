@@ -3,7 +3,10 @@
 
 Each wrapper has the signature of the op's ``torch`` implementation (see ``_backend.KERNELS``).
 Inputs the compiled kernels do not take (an unsupported dtype, a gradient without unit column stride)
-go to the ``torch`` implementation, so the result never depends on which backend was picked.
+go to the ``torch`` implementation, so the result never depends on which backend was picked: by a
+check before the call where it is cheap, else when the C++ op rejects the input (``TORCH_CHECK``), which
+is counted and logged once (:mod:`grit_kernels.ops._fallback`; an input the ``torch`` form rejects too
+raises).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _ext
+from ._fallback import record, run_fallback
 
 _GRAD_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 CUDA_MAX_RANK = 64  #: the CUDA kernels keep an R x R matrix per block in shared memory; larger R runs torch
@@ -122,8 +126,9 @@ def _on_cpu(tensors) -> bool:
 
 
 # The C++ ops below validate every input before writing anything (TORCH_CHECK -> RuntimeError); an input
-# they do not take (a dtype, a layout, another device) runs the torch form instead. No per-tensor Python check
-# on the hot path: hundreds of tensors per call.
+# they do not take (a dtype, a layout, another device) runs the torch form instead, counted and logged once
+# (run_fallback; if the torch form rejects it too, that error is raised). No per-tensor Python check on the
+# hot path: hundreds of tensors per call.
 
 
 _rank_statistics_op = None  #: torch.ops.grit_kernels_cpp.rank_statistics_, looked up once (called per module)
@@ -137,8 +142,9 @@ def accumulate_rank_statistics_(stat_sum, rows, indices, h, delta, tolerance: fl
             _rank_statistics_op = _ops().rank_statistics_
         try:
             return _rank_statistics_op(stat_sum, rows, indices, h, delta, tolerance)
-        except RuntimeError:
-            pass
+        except RuntimeError as error:
+            op = "accumulate_rank_statistics_"
+            return run_fallback("cpp", op, error, _torch(op), stat_sum, rows, indices, h, delta, tolerance)
     return _torch("accumulate_rank_statistics_")(stat_sum, rows, indices, h, delta, tolerance)
 
 
@@ -151,11 +157,20 @@ def accumulate_rank_statistics_many_(stat_sum, rows, groups, tolerance: float) -
             return _ops().rank_statistics_many_(
                 stat_sum, rows, indices, counts, [g[1] for g in groups], [g[2] for g in groups], tolerance
             )
-        except RuntimeError:  # mixed dtypes or devices: group by group (same numbers)
-            pass
+        except RuntimeError as error:  # mixed dtypes or devices: group by group (same numbers)
+            try:
+                _each_group(stat_sum, rows, groups, tolerance)
+            except Exception as caller_error:
+                raise caller_error from error
+            record("cpp", "accumulate_rank_statistics_many_", error, fallback="per-group")
+            return None
+    _each_group(stat_sum, rows, groups, tolerance)
+    return None
+
+
+def _each_group(stat_sum, rows, groups, tolerance: float) -> None:
     for indices, h, delta in groups:
         accumulate_rank_statistics_(stat_sum, rows, indices, h, delta, tolerance)
-    return None
 
 
 def precondition_grafted_(grads_a, grads_b, inv_d, inv_h) -> None:
@@ -163,8 +178,9 @@ def precondition_grafted_(grads_a, grads_b, inv_d, inv_h) -> None:
     if _on_cpu(grads_a):
         try:
             return _ops().precondition_grafted_(grads_a, grads_b, inv_d, inv_h)
-        except RuntimeError:
-            pass
+        except RuntimeError as error:
+            op = "precondition_grafted_"
+            return run_fallback("cpp", op, error, _torch(op), grads_a, grads_b, inv_d, inv_h)
     return _torch("precondition_grafted_")(grads_a, grads_b, inv_d, inv_h)
 
 
@@ -187,8 +203,8 @@ def sum_of_squares(tensors):
     if _on_cpu(tensors):
         try:
             return _ops().sum_squares(tensors)
-        except RuntimeError:
-            pass
+        except RuntimeError as error:
+            return run_fallback("cpp", "sum_of_squares", error, _torch("sum_of_squares"), tensors)
     return _torch("sum_of_squares")(tensors)
 
 
@@ -197,6 +213,7 @@ def kl_clip_update_(params_a, params_b, before_a, before_b, factor_d, factor_h, 
     if _on_cpu(params_a):
         try:
             return _ops().kl_clip_update_(params_a, params_b, before_a, before_b, factor_d, factor_h, kl_clip)
-        except RuntimeError:
-            pass
+        except RuntimeError as error:
+            args = (params_a, params_b, before_a, before_b, factor_d, factor_h, kl_clip)
+            return run_fallback("cpp", "kl_clip_update_", error, _torch("kl_clip_update_"), *args)
     return _torch("kl_clip_update_")(params_a, params_b, before_a, before_b, factor_d, factor_h, kl_clip)

@@ -6,8 +6,8 @@ import torch
 
 from ..status import InverseStatus
 from . import _library
-from ._backend import kernel, resolve_backend
-from ._transfer import to_device
+from ._backend import kernel, resolve_backend, triton_impl
+from .._device import to_device
 
 
 def rank_mask(ranks: torch.Tensor | None, n: int, R: int, device: torch.device) -> torch.Tensor:
@@ -42,6 +42,8 @@ def damped_cholesky_inverse(
     if mats.dim() != 3 or mats.shape[1] != mats.shape[2]:
         raise ValueError(f"damped_cholesky_inverse: mats must be [n, R, R], got {tuple(mats.shape)}")
     name = resolve_backend(backend, mats.device)
+    if name == "triton" and not triton_impl("inverse", "handles")(mats):
+        name = "torch"  # R > 64 or float64: beyond the Triton kernel's register tile; the torch batched path
     if ranks is not None and not torch.is_tensor(ranks):
         ranks = to_device([int(r) for r in ranks], torch.int32, mats.device)
     args = (mats, float(damping), float(eps_abs), ranks, previous, previous_valid, float(retry_factor))

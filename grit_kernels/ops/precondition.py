@@ -9,7 +9,7 @@ import torch
 
 from . import _library
 from ._backend import kernel, resolve_backend
-from ._transfer import to_device
+from .._device import to_device
 
 CPU_CHUNK_ELEMENTS = 1 << 16  #: CPU: elements per cache-resident chunk (256 KiB of fp32)
 
@@ -41,17 +41,7 @@ def precondition_(
     if len(grads_a) != len(grads_b) or inv_h.shape != inv_d.shape or inv_d.dim() != 3:
         raise ValueError("precondition_: need one lora_A and one lora_B grad per module and [n, R, R] inverses")
     R = inv_d.shape[-1]
-    for i, (ga, gb) in enumerate(zip(grads_a, grads_b)):
-        if ga.dim() != 2 or gb.dim() != 2 or ga.shape[0] != gb.shape[1]:
-            raise ValueError(
-                f"precondition_: module {i}: lora_A grad {tuple(ga.shape)} and lora_B grad {tuple(gb.shape)} "
-                "must be [r, d_in] and [d_out, r]"
-            )
-        if ga.shape[0] > R:
-            raise ValueError(
-                f"precondition_: module {i} has rank {ga.shape[0]} but the inverses are {R} x {R}; "
-                "the bank was built for smaller ranks (rebuild the preconditioner after changing the adapter)"
-            )
+    _check_shapes(tuple(map(_size, grads_a)), tuple(map(_size, grads_b)), R)
     if modules is not None:
         if len(modules) != len(grads_a):
             raise ValueError(f"precondition_: {len(modules)} module indices for {len(grads_a)} gradient pairs")
@@ -102,6 +92,33 @@ def torch_precondition_grafted_(grads_a, grads_b, inv_d, inv_h, backend="torch",
     tiny = torch.finfo(torch.float32).tiny
     ratio = torch._foreach_div(raw_norms, torch._foreach_clamp_min(torch._foreach_norm(grads), tiny))
     torch._foreach_mul_(grads, ratio)
+
+
+_size = torch.Tensor.size
+_checked: list = [None]  #: the (sizes_a, sizes_b, R) of the last call that passed :func:`_check_shapes`
+
+
+def _check_shapes(sizes_a: tuple, sizes_b: tuple, R: int) -> None:
+    """Raise on a gradient pair that is not ``[r, d_in]`` / ``[d_out, r]`` with ``r <= R``.
+
+    Every optimizer step passes the same shapes (448 tensors for Llama-3-8B): a repeat of the last
+    validated shapes is one tuple comparison instead of a Python loop over every pair.
+    """
+    key = (sizes_a, sizes_b, R)
+    if _checked[0] == key:
+        return
+    for i, (sa, sb) in enumerate(zip(sizes_a, sizes_b)):
+        if len(sa) != 2 or len(sb) != 2 or sa[0] != sb[1]:
+            raise ValueError(
+                f"precondition_: module {i}: lora_A grad {tuple(sa)} and lora_B grad {tuple(sb)} "
+                "must be [r, d_in] and [d_out, r]"
+            )
+        if sa[0] > R:
+            raise ValueError(
+                f"precondition_: module {i} has rank {sa[0]} but the inverses are {R} x {R}; "
+                "the bank was built for smaller ranks (rebuild the preconditioner after changing the adapter)"
+            )
+    _checked[0] = key
 
 
 _indices: OrderedDict[tuple, torch.Tensor] = OrderedDict()

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._device import check_same_device
+
 MAX_CHUNK = 4096
 FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 
@@ -83,6 +85,10 @@ def ema_fold_(
     n, R, _ = factor.shape
     if initialized.dtype != torch.bool or initialized.shape != (n,):
         raise ValueError(f"ema_fold_: initialized must be a [n] bool tensor, got {initialized.dtype} {tuple(initialized.shape)}")
+    check_same_device("ema_fold_", factor.device, stat_sum=stat_sum, weight=weight, initialized=initialized)
+    for name, t in (("factor", factor), ("stat_sum", stat_sum), ("weight", weight)):
+        if not t.is_floating_point():
+            raise TypeError(f"ema_fold_ (triton): {name} must be floating point, got {t.dtype}")
     if n == 0 or R == 0:
         return
     init_bytes = initialized.view(torch.uint8)

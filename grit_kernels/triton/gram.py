@@ -20,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._backend import interpreter_active
-from ..ops._transfer import to_device
+from .._device import check_same_device, interpreter_active, to_device
 
 MAX_TILE_R = 64  #: output tile edge; r above this is tiled
 ROWS_PER_STEP = 128  #: rows loaded per loop iteration of one program
@@ -147,6 +146,7 @@ def accumulate_gram_(out: torch.Tensor, x: torch.Tensor, weight: float = 1.0) ->
     strides: ``reshape`` may copy). One kernel launch, no host synchronisation.
     """
     r = out.shape[-1]
+    check_same_device("accumulate_gram_", out.device, x=x)
     if out.dtype == torch.float64 or x.dtype == torch.float64:
         rows = x.reshape(-1, r).to(out.dtype)
         return out.addmm_(rows.T, rows, alpha=weight)
@@ -205,6 +205,10 @@ def accumulate_grams_(outs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], 
     pinned non-blocking copy: no host synchronisation. Ranks above ``MAX_TILE_R`` and float64 go
     through :func:`accumulate_gram_` one by one.
     """
+    if outs:  # one device for the whole call: each launch reads a pointer table of every member
+        device = outs[0].device
+        for i, (out, x) in enumerate(zip(outs, xs)):
+            check_same_device("accumulate_grams_", device, **{f"outs[{i}]": out, f"xs[{i}]": x})
     groups: dict[torch.dtype, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for out, x in zip(outs, xs):
         r = out.shape[-1]

@@ -26,8 +26,9 @@ else the previous inverse where ``previous_valid``, else ``I/lam`` (``I`` if ``l
 and positive). A non-finite entry in the ``r x r`` block or a non-finite ``lam`` fails every attempt;
 so does a non-finite result. Status codes: :class:`grit_kernels.status.InverseStatus`.
 
-``R > MAX_TRITON_R`` (64) and float64 matrices go to the sync-free torch batched path
-(:func:`grit_kernels.ops.inverse.torch_damped_cholesky_inverse`): the register tile would spill beyond 64.
+``R > MAX_TRITON_R`` (64) and float64 matrices are refused here (``ValueError``): the register tile would
+spill beyond 64. The op front end (:func:`grit_kernels.ops.damped_cholesky_inverse`) sends them to the
+sync-free torch batched path instead (this module imports nothing from ``grit_kernels.ops``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._device import check_same_device
 from ..status import InverseStatus
 
 MAX_TRITON_R = 64
@@ -245,6 +247,11 @@ def _num_warps(rp: int) -> int:
     return {16: 1, 32: 4}.get(rp, 16)
 
 
+def handles(mats: torch.Tensor) -> bool:
+    """Whether the kernel inverts ``mats`` (``[n, R, R]``): ``R <= MAX_TRITON_R`` and not float64."""
+    return mats.shape[-1] <= MAX_TRITON_R and mats.dtype != torch.float64
+
+
 def damped_cholesky_inverse(
     mats: torch.Tensor,
     damping: float,
@@ -260,20 +267,22 @@ def damped_cholesky_inverse(
     returns ``(inverses [n, R, R] in mats.dtype, status [n] int32)`` from one kernel launch.
     """
     n, R, _ = mats.shape
-    if R > MAX_TRITON_R or mats.dtype == torch.float64:
-        from ..ops.inverse import torch_damped_cholesky_inverse
-
-        return torch_damped_cholesky_inverse(mats, damping, eps_abs, ranks, previous, previous_valid, retry_factor)
+    if not handles(mats):
+        raise ValueError(
+            f"triton damped_cholesky_inverse: {mats.dtype} [{n}, {R}, {R}] is beyond the kernel (R <= {MAX_TRITON_R}, "
+            "not float64); grit_kernels.ops.damped_cholesky_inverse sends such matrices to the torch batched path"
+        )
     device = mats.device
+    if ranks is not None and not torch.is_tensor(ranks):
+        ranks = torch.as_tensor(list(ranks), dtype=torch.int32, device=device)
+    has_prev = previous is not None and previous_valid is not None
+    _check_inverse_args(mats, ranks, previous if has_prev else None, previous_valid if has_prev else None)
     out = torch.empty((n, R, R), dtype=mats.dtype, device=device)
     status = torch.empty((n,), dtype=torch.int32, device=device)
     if n == 0:
         return out, status
-    if ranks is not None and not torch.is_tensor(ranks):
-        ranks = torch.as_tensor(list(ranks), dtype=torch.int32, device=device)
-    has_prev = previous is not None and previous_valid is not None
     if has_prev:
-        prev_valid = previous_valid.to(device=device)
+        prev_valid = previous_valid
         prev_valid = prev_valid.view(torch.uint8) if prev_valid.dtype == torch.bool else prev_valid
         prev_strides = previous.stride()
     else:  # unused pointer arguments (distinct tensors: the interpreter mishandles aliased arguments)
@@ -282,7 +291,7 @@ def damped_cholesky_inverse(
     if ranks is None:
         ranks_arg, stride_rank = torch.zeros((1,), dtype=torch.int32, device=device), 0
     else:
-        ranks_arg, stride_rank = ranks.to(device), ranks.stride(0)
+        ranks_arg, stride_rank = ranks, ranks.stride(0)
     rp = max(16, triton.next_power_of_2(R))
     use_scratch = rp >= 64  # L and L^-1 through global scratch: the register tiles would spill
     scratch = torch.empty((n if use_scratch else 1, 2, rp, rp), dtype=torch.float32, device=device)
@@ -312,4 +321,25 @@ def damped_cholesky_inverse(
     return out, status
 
 
-__all__ = ["MAX_TRITON_R", "damped_cholesky_inverse"]
+def _check_inverse_args(mats, ranks, previous, previous_valid) -> None:
+    """Devices, dtypes and shapes of every argument, before the launch (see ``check_same_device``)."""
+    n, R, _ = mats.shape
+    check_same_device("damped_cholesky_inverse", mats.device, ranks=ranks, previous=previous, previous_valid=previous_valid)
+    if not mats.is_floating_point():
+        raise TypeError(f"damped_cholesky_inverse: mats must be floating point, got {mats.dtype}")
+    if ranks is not None and (ranks.shape != (n,) or ranks.is_floating_point() or ranks.dtype == torch.bool):
+        raise ValueError(f"damped_cholesky_inverse: ranks must be an integer [{n}] tensor, got {ranks.dtype} {tuple(ranks.shape)}")
+    if previous is not None:
+        if previous.shape != mats.shape or not previous.is_floating_point():
+            raise ValueError(
+                f"damped_cholesky_inverse: previous must be floating point {tuple(mats.shape)}, got "
+                f"{previous.dtype} {tuple(previous.shape)}"
+            )
+        if previous_valid.shape != (n,) or previous_valid.is_floating_point():
+            raise ValueError(
+                f"damped_cholesky_inverse: previous_valid must be a bool [{n}] tensor, got "
+                f"{previous_valid.dtype} {tuple(previous_valid.shape)}"
+            )
+
+
+__all__ = ["MAX_TRITON_R", "damped_cholesky_inverse", "handles"]
