@@ -1,8 +1,8 @@
 """One source for GRIT's knobs: :class:`GritConfig`'s fields become the Trainer's ``grit_*`` arguments and
 the CLI's ``--grit-*`` flags.
 
-Every :class:`~grit_kernels.GritConfig` field ``name`` (its type, default, and the one-line ``help`` and
-``choices`` in the field's metadata) gives
+Every :class:`~grit_kernels.GritConfig` field ``name`` (its type, default, and the one-line ``brief`` help
+and ``choices`` in the field's metadata) gives
 
 * ``GritTrainingArguments.grit_<name>`` (:data:`GritConfigArguments`, a dataclass mixin), and
 * ``grit-kernels finetune --grit-<name-with-dashes>`` (:func:`add_config_flags`; a few older short
@@ -35,7 +35,7 @@ class Knob:
         kind: ``bool``, ``int``, ``float``, ``str`` or ``list`` (a sequence of names).
         optional: ``None`` is an allowed value.
         default: the field's default.
-        help: the one-line help of the field's metadata.
+        help: the one-line help of the field (its metadata's ``brief``).
         choices: allowed strings of a ``str`` field, else ``None``.
     """
 
@@ -81,9 +81,9 @@ def knobs() -> list[Knob]:
     out = []
     for f in fields(GritConfig):
         kind, optional = _kind(hints[f.name])
-        help_ = f.metadata.get("help")
+        help_ = f.metadata.get("brief")
         if not help_:
-            raise TypeError(f"GritConfig.{f.name} has no help in its field metadata")
+            raise TypeError(f"GritConfig.{f.name} has no one-line help (metadata 'brief') in its field")
         default = f.default if f.default is not MISSING else f.default_factory()
         out.append(Knob(f.name, kind, optional, default, help_, f.metadata.get("choices")))
     return out

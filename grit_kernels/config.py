@@ -17,11 +17,11 @@ RANK_SCHEDULES = ("linear", "cosine", "adaptive")
 OPTIMIZER_STATES = ("reset", "rotate")
 
 
-def _knob(default, help: str, choices: tuple[str, ...] | None = None):
-    """A :class:`GritConfig` field with its one-line ``help`` (and allowed ``choices``) in the field's
+def _knob(default, brief: str, choices: tuple[str, ...] | None = None):
+    """A :class:`GritConfig` field with its one-line ``brief`` help (and allowed ``choices``) in the field's
     metadata: :mod:`grit_kernels.arguments` builds the Trainer's ``grit_*`` arguments and the CLI's
-    ``--grit-*`` flags from them. The class docstring holds the long description."""
-    metadata = {"help": help}
+    ``--grit-*`` flags from them. The class docstring holds the long description (docs/configuration.md)."""
+    metadata = {"brief": brief}
     if choices is not None:
         metadata["choices"] = choices
     return field(default=default, metadata=metadata)

@@ -108,7 +108,7 @@ def field_docs(cls: type = GritConfig) -> list[tuple[str, str, str, str]]:
     rows = []
     for field in dataclasses.fields(cls):
         help_text = field.metadata.get("help") if field.metadata else None
-        description = from_docstring.get(field.name) or help_text  # the long form; help is the flag's one line
+        description = help_text or from_docstring.get(field.name)
         if not description:
             raise ValueError(
                 f"{cls.__name__}.{field.name} has no description: give it field(metadata={{'help': ...}}) "

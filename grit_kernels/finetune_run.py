@@ -167,6 +167,8 @@ def prompt_ids(tokenizer, prompt: str, data_format: str) -> list[int]:
     """The token ids that ask the model ``prompt`` the way the training data asked: the tokenizer's chat
     template (generation prompt added), else the Alpaca prompt (alpaca data) or the fallback chat headers."""
     from . import data
+    from .data.formatting import CHAT_FALLBACK_HEADER
+    from .data.tokenizer import encode_text
 
     if not isinstance(tokenizer, data.ByteTokenizer) and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
@@ -177,9 +179,9 @@ def prompt_ids(tokenizer, prompt: str, data_format: str) -> list[int]:
     if data_format == "alpaca":
         text = data.format_alpaca({"instruction": prompt, "output": ""})[0]
     else:
-        user = data.CHAT_FALLBACK_HEADER.format(role="User")
-        text = f"{user}{prompt}\n\n{data.CHAT_FALLBACK_HEADER.format(role='Assistant')}"
-    return ([bos] if bos is not None else []) + data.encode_text(tokenizer, text)
+        user = CHAT_FALLBACK_HEADER.format(role="User")
+        text = f"{user}{prompt}\n\n{CHAT_FALLBACK_HEADER.format(role='Assistant')}"
+    return ([bos] if bos is not None else []) + encode_text(tokenizer, text)
 
 
 def generate_answer(model, tokenizer, ids: list[int], max_new_tokens: int) -> str:

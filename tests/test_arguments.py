@@ -24,7 +24,7 @@ def _finetune_parser() -> argparse.ArgumentParser:
 def test_every_field_has_help_and_is_documented():
     doc = GritConfig.__doc__
     for f in dataclasses.fields(GritConfig):
-        assert f.metadata.get("help"), f"GritConfig.{f.name}: no help in its field metadata"
+        assert f.metadata.get("brief"), f"GritConfig.{f.name}: no one-line help (metadata 'brief') in its field"
         assert f"{f.name}:" in doc or f"{f.name}," in doc, f"GritConfig.{f.name} is not in the class docstring"
 
 
@@ -144,7 +144,7 @@ def test_a_new_field_reaches_the_trainer_and_the_cli(monkeypatch):
 
     @dataclasses.dataclass
     class Extended(GritConfig):
-        new_knob: float = arguments.field(default=0.5, metadata={"help": "a knob added later"})
+        new_knob: float = arguments.field(default=0.5, metadata={"brief": "a knob added later"})
 
     monkeypatch.setattr(arguments, "GritConfig", Extended)
     knob = next(k for k in arguments.knobs() if k.name == "new_knob")
