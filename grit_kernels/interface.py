@@ -36,6 +36,8 @@ class Preconditioner(abc.ABC):
         num_modules: ``len(modules)``.
         rank_adapter: ``None``, or an object with ``after_step(optimizer)`` that GritOptimizer calls after the
             inner step (periodic reprojection / rank schedule).
+        sharded_layout: ``None``, or the row layout of FSDP2-sharded LoRA weights (:mod:`grit_kernels.fsdp`)
+            that the optimizer's non-finite check and the Trainer's gradient norms reduce over.
     """
 
     config: Any
@@ -46,6 +48,7 @@ class Preconditioner(abc.ABC):
     step_count: int
     num_modules: int
     rank_adapter: Any
+    sharded_layout: Any
 
     # ------------------------------------------------------------------ the step (GritOptimizer)
     @abc.abstractmethod

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from . import fsdp, ops
-from .preconditioner import GritPreconditioner
+from .interface import Preconditioner
 
 
 class GritOptimizer(torch.optim.Optimizer):
@@ -38,12 +38,12 @@ class GritOptimizer(torch.optim.Optimizer):
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
-        preconditioner: GritPreconditioner,
+        preconditioner: Preconditioner,
         grad_scaler: Any | None = None,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"GritOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if not isinstance(preconditioner, GritPreconditioner):
+        if not isinstance(preconditioner, Preconditioner):
             raise TypeError(f"expected a GritPreconditioner, got {type(preconditioner).__name__}")
         if getattr(optimizer, "uses_grit_factors", False) and optimizer.preconditioner is not preconditioner:
             raise ValueError(f"{type(optimizer).__name__} was built with another GritPreconditioner than this one")
@@ -86,9 +86,9 @@ class GritOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in pre.parameters() if p.grad is not None]
         if not grads:
             return "no LoRA parameter has a gradient"
-        if pre.sharded:  # FSDP2: the shards' sums, all-reduced, so every rank takes the same decision
+        if pre.sharded_layout is not None:  # FSDP2: the shards' sums, all-reduced, so every rank takes the same decision
             local = ops.sum_of_squares([fsdp.local(g) for g in grads], backend=pre.backend)
-            total = float(fsdp.global_sum_of_squares(local, pre._sharded))  # the one host read
+            total = float(fsdp.global_sum_of_squares(local, pre.sharded_layout))  # the one host read
         else:
             total = float(ops.sum_of_squares(grads, backend=pre.backend))  # the one host read
         if not math.isfinite(total):
@@ -125,7 +125,7 @@ class GritOptimizer(torch.optim.Optimizer):
         clip = pre.config.kl_clip is not None  # on the step taken: after momentum, with each group's lr
         before = pre.snapshot_adapters() if clip else None
         if getattr(self.optimizer, "uses_grit_factors", False):  # EigenAdamW: it uses the factors itself
-            if pre.sharded:
+            if pre.sharded_layout is not None:
                 raise NotImplementedError(
                     f"{type(self.optimizer).__name__} rotates whole lora_A / lora_B tensors into the factors' eigenbasis; "
                     "it does not run under FSDP2 (sharded rows). Use the default GritOptimizer over AdamW there, or DDP"

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import ops
+from . import fsdp, ops
 from .bank import BACKWARD, FORWARD, FactorBank
 from .compress import RankAdapter
 from .config import GritConfig
-from . import fsdp
 from .distributed import all_reduce_statistics, check_fsdp_supported
 from .fisher import make_fisher
+from .interface import Preconditioner
 from .layers import CaptureSlot, is_lora_layer, patch_lora_layer, unpatch_lora_layer, unsupported_reason
 
 
@@ -40,7 +40,7 @@ def _name_matches(name: str, patterns) -> bool:
     return any(name == p or name.endswith("." + p) or name.split(".")[-1] == p for p in patterns)
 
 
-class GritPreconditioner:
+class GritPreconditioner(Preconditioner):
     """Rank-space K-FAC for every supported LoRA layer of ``model``.
 
     Args:
@@ -127,6 +127,11 @@ class GritPreconditioner:
         """All preconditioned adapter weights (lora_A then lora_B per module)."""
         self._sync_parameters()
         return [p for m in self.modules for p in (m.lora_A, m.lora_B)]
+
+    @property
+    def sharded_layout(self):
+        """FSDP2: the row layout of the sharded LoRA weights; ``None`` when they are plain tensors."""
+        return self._sharded
 
     @property
     def sharded(self) -> bool:

@@ -49,11 +49,12 @@ from transformers.trainer_utils import IntervalStrategy
 
 from .arguments import GritConfigArguments, trainer_config
 from .checkpoints import atomic_checkpoint
+from . import fsdp
 from .config import GritConfig
 from .data import PackedCollator, packing_isolates
-from . import fsdp
 from .distributed import check_fsdp_supported, deepspeed_error, fsdp1_error
 from .fused.patch import fuse, is_fused, unfuse
+from .interface import Preconditioner
 from .optim import GritOptimizer
 from .preconditioner import GritPreconditioner
 
@@ -169,11 +170,11 @@ class TrainerGritOptimizer(GritOptimizer):
         pre = self.preconditioner
         measure, self.measure_grad_norm_ratio = self.measure_grad_norm_ratio, False
         params = pre.parameters()
-        raw = _total_norm(params, pre._sharded) if measure else None
+        raw = _total_norm(params, pre.sharded_layout) if measure else None
         taken_before, skipped_before = pre.step_count, self.skipped_steps
         loss = super().step(closure)
         if measure and self.skipped_steps == skipped_before:
-            after = _total_norm(params, pre._sharded)
+            after = _total_norm(params, pre.sharded_layout)
             self.grad_norm_ratio = torch.where(raw > 0, after / raw.clamp_min(1e-30), torch.ones_like(raw))
             self.grad_norm_ratio_step = taken_before
         return loss
@@ -261,11 +262,10 @@ def grit_log_metrics(
         "grit/trace_backward": "trace_backward_mean",
     }
     keys, values = list(names), [summary[v].float().reshape(()) for v in names.values()]
-    if hasattr(preconditioner, "group_summaries"):  # per modality group (grit_kernels.vlm): grit/<group>/...
-        for group, part in preconditioner.group_summaries().items():
-            for key, name in names.items():
-                keys.append(key.replace("grit/", f"grit/{group}/"))
-                values.append(part[name].float().reshape(()).to(values[0].device))
+    for group, part in preconditioner.group_summaries().items():  # per modality group (vlm): grit/<group>/...
+        for key, name in names.items():
+            keys.append(key.replace("grit/", f"grit/{group}/"))
+            values.append(part[name].float().reshape(()).to(values[0].device))
     ratio = getattr(optimizer, "grad_norm_ratio", None)
     if ratio is not None and getattr(optimizer, "grad_norm_ratio_step", -1) == preconditioner.step_count - 1:
         keys.append("grit/grad_norm_ratio")
@@ -350,7 +350,7 @@ class _GritTrainerMixin:
         """Resolve the config (explicit > the preconditioner's > ``args.to_grit_config()`` > defaults);
         ``args.grit=False`` disables GRIT unless ``force`` (enable_grit). ``fuse`` (default
         ``args.grit_fuse``, else True): fuse the model now (:meth:`_grit_fuse_model`)."""
-        if preconditioner is not None and not isinstance(preconditioner, GritPreconditioner):
+        if preconditioner is not None and not isinstance(preconditioner, Preconditioner):
             raise TypeError(
                 f"grit_preconditioner must be a GritPreconditioner, got {type(preconditioner).__name__}"
             )

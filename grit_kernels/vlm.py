@@ -124,7 +124,7 @@ def _load(model_or_path, kwargs):
     return AutoModelForImageTextToText.from_pretrained(model_or_path, **kwargs)
 
 
-class GroupedGritPreconditioner(Preconditioner, GritPreconditioner):
+class GroupedGritPreconditioner(Preconditioner):
     """One :class:`GritPreconditioner` per modality group, composed behind the :class:`Preconditioner`
     contract (:mod:`grit_kernels.interface`): each method runs on every group.
 
@@ -134,10 +134,8 @@ class GroupedGritPreconditioner(Preconditioner, GritPreconditioner):
         modules: all groups' modules (each ``index`` is within its group's bank).
         config: the shared base config (what the optimizer reads: ``nonfinite_grads``, KL-clip mode).
 
-    ``GritPreconditioner`` is a base class only so that the ``isinstance`` checks of :class:`GritOptimizer`
-    and :class:`GritTrainer` accept it; nothing is inherited from it (:class:`Preconditioner` comes first
-    and declares every member abstract, and ``tests/test_vlm.py`` checks that no ``GritPreconditioner``
-    member is reachable). Once those checks read ``isinstance(pre, Preconditioner)``, the base goes.
+    :class:`GritOptimizer` and :class:`GritTrainer` accept any :class:`Preconditioner`; FSDP2-sharded LoRA
+    weights are refused here (one bank per group is not reduced across ranks).
     """
 
     def __init__(self, model: nn.Module, configs: dict[str, GritConfig], base: GritConfig | None = None):
@@ -146,12 +144,22 @@ class GroupedGritPreconditioner(Preconditioner, GritPreconditioner):
         self.groups = {name: GritPreconditioner(model, cfg) for name, cfg in configs.items()}
         self.config = base if base is not None else next(iter(configs.values()))
         self.group_modules = {g: [m.name for m in p.modules] for g, p in self.groups.items()}
+        if any(p.sharded_layout is not None for p in self.groups.values()):
+            raise NotImplementedError(
+                "per-modality GRIT groups under FSDP2 are not supported; use one GritPreconditioner (a plain "
+                "GritConfig) with FSDP2, or DDP with the modality groups"
+            )
         self._removed = False
 
     # ------------------------------------------------------------------ attributes, derived from the groups
     @property
     def modules(self):
         return [m for p in self.groups.values() for m in p.modules]
+
+    @property
+    def sharded_layout(self):
+        """Always ``None``: sharded groups are refused at construction."""
+        return None
 
     @property
     def num_modules(self) -> int:
