@@ -38,6 +38,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from grit_kernels.bench.harness import rss_mb
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CATEGORIES = (
     "parameter",
@@ -52,16 +54,6 @@ CATEGORIES = (
 
 
 # ----------------------------------------------------------------------------- the probe (child process)
-def _status_mib(key: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def _probe(
     arm: str, model_kind: str, steps: int, batch: int, max_length: int, timeline: bool, threads: int
 ) -> dict:
@@ -82,7 +74,7 @@ def _probe(
     features = data.tokenize_alpaca(data.generate_alpaca_sample(batch, seed=0), tok, max_length=max_length)
     inputs = data.DynamicPaddingCollator(tok.pad_token_id)(features)
     gc.collect()
-    rss_after_build = _status_mib("VmRSS")
+    rss_after_build = rss_mb("VmRSS")
     method = "VmHWM after /proc/self/clear_refs reset (training phase incl. optimizer creation)"
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -108,7 +100,7 @@ def _probe(
 
     losses = [step() for _ in range(steps)]
     if method.startswith("VmHWM"):
-        peak = _status_mib("VmHWM")
+        peak = rss_mb("VmHWM")
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {

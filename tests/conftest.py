@@ -45,3 +45,16 @@ def fresh_seed():
     torch.manual_seed(seed)
     print(f"seed={seed}")
     return seed
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A tiny 1-layer Llama saved with weights (no tokenizer: the byte-level fallback is used)."""
+    from transformers import AutoModelForCausalLM
+
+    from grit_kernels.models import tiny_llama_config
+
+    torch.manual_seed(0)
+    path = tmp_path / "model"
+    AutoModelForCausalLM.from_config(tiny_llama_config(num_layers=1)).save_pretrained(path)
+    return path

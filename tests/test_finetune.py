@@ -147,19 +147,6 @@ def test_load_records_detects_the_format_and_names_bad_records(tmp_path):
 
 # --------------------------------------------------------------------------------------------- flag errors
 @pytest.fixture
-def model_dir(tmp_path):
-    """A tiny 1-layer Llama saved with weights (no tokenizer: the byte-level fallback is used)."""
-    from transformers import AutoModelForCausalLM
-
-    from grit_kernels.models import tiny_llama_config
-
-    torch.manual_seed(0)
-    path = tmp_path / "model"
-    AutoModelForCausalLM.from_config(tiny_llama_config(num_layers=1)).save_pretrained(path)
-    return path
-
-
-@pytest.fixture
 def alpaca_file(tmp_path):
     path = tmp_path / "alpaca.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in generate_alpaca_sample(12, seed=3)))

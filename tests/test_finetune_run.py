@@ -26,18 +26,6 @@ def alpaca_file(tmp_path):
     return path
 
 
-@pytest.fixture
-def model_dir(tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from grit_kernels.models import tiny_llama_config
-
-    torch.manual_seed(0)
-    path = tmp_path / "model"
-    AutoModelForCausalLM.from_config(tiny_llama_config(num_layers=1)).save_pretrained(path)
-    return path
-
-
 def test_gguf_end_to_end_progress_samples_summary_and_merge(tmp_path, alpaca_file, monkeypatch, capsys):
     pytest.importorskip("gguf")
     from peft import AutoPeftModelForCausalLM
