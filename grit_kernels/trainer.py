@@ -47,15 +47,16 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
+from . import fsdp
 from .arguments import GritConfigArguments, trainer_config
 from .checkpoints import atomic_checkpoint
-from . import fsdp
 from .config import GritConfig
 from .data import PackedCollator, packing_isolates
 from .distributed import check_fsdp_supported, deepspeed_error, fsdp1_error
 from .fused.patch import fuse, is_fused, unfuse
 from .interface import Preconditioner
 from .optim import GritOptimizer
+from .preconditioner import GritPreconditioner
 from .trainer_optimizer import (
     TrainerGritOptimizer,
     _eigen_adamw_over,
@@ -63,7 +64,6 @@ from .trainer_optimizer import (
     _split_loraplus_groups,
     _unwrap_accelerated,
 )
-from .preconditioner import GritPreconditioner
 
 GRIT_CHECKPOINT_NAME = "grit_preconditioner.pt"
 logger = logging.getLogger(__name__)

@@ -202,9 +202,8 @@ def test_prior_art_statistics_equal_ours_to_fp16_precision():
     """The prior-way arm does the same math: its (fp16) factors equal the FactorBank's on one batch."""
     import grit_kernels as gk
     from grit_kernels.bank import BACKWARD, FORWARD
-    from grit_kernels.models import build_lora_model, tiny_llama_config
-
     from grit_kernels.bench import prior_art
+    from grit_kernels.models import build_lora_model, tiny_llama_config
 
     cfg = tiny_llama_config(num_layers=2)
     ours_model = build_lora_model(cfg, r=8, seed=1, init_lora_weights=False)  # random B: D != 0
@@ -235,9 +234,8 @@ def test_prior_art_statistics_equal_ours_to_fp16_precision():
 
 
 def test_prior_art_preconditions_with_the_chosen_pairing():
-    from grit_kernels.models import build_lora_model, tiny_llama_config
-
     from grit_kernels.bench import prior_art
+    from grit_kernels.models import build_lora_model, tiny_llama_config
 
     grads = {}
     for pairing in ("correct", "published"):

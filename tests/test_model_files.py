@@ -9,8 +9,9 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from grit_kernels import model_files  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from grit_kernels import model_files  # noqa: E402
 
 
 def _permute_for_gguf(w: np.ndarray, n_head: int) -> np.ndarray:

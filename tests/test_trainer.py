@@ -11,6 +11,17 @@ import textwrap
 
 import pytest
 import torch
+from trainer_helpers import (  # noqa: F401
+    SEQ,
+    _factors,
+    assert_params_close,
+    lora_params,
+    losses,
+    make_args,
+    make_features,
+    run,
+    small_model,
+)
 from transformers import HfArgumentParser, TrainerCallback
 
 from grit_kernels import GritConfig, GritPreconditioner
@@ -22,18 +33,6 @@ from grit_kernels.trainer import (
     GritTrainer,
     GritTrainingArguments,
     TrainerGritOptimizer,
-)
-
-from trainer_helpers import (  # noqa: F401
-    SEQ,
-    _factors,
-    assert_params_close,
-    losses,
-    lora_params,
-    make_args,
-    make_features,
-    run,
-    small_model,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")

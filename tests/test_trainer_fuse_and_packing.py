@@ -9,6 +9,17 @@ import os
 
 import pytest
 import torch
+from trainer_helpers import (  # noqa: F401
+    SEQ,
+    _factors,
+    assert_params_close,
+    lora_params,
+    losses,
+    make_args,
+    make_features,
+    run,
+    small_model,
+)
 from transformers import Trainer, TrainingArguments
 
 from grit_kernels import GritConfig
@@ -22,18 +33,6 @@ from grit_kernels.trainer import (
     TrainerGritOptimizer,
     disable_grit,
     enable_grit,
-)
-
-from trainer_helpers import (  # noqa: F401
-    SEQ,
-    _factors,
-    assert_params_close,
-    losses,
-    lora_params,
-    make_args,
-    make_features,
-    run,
-    small_model,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")

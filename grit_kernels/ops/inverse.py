@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from .._device import to_device
 from ..status import InverseStatus
 from . import _library
 from ._backend import kernel, resolve_backend, triton_impl
-from .._device import to_device
 
 
 def rank_mask(ranks: torch.Tensor | None, n: int, R: int, device: torch.device) -> torch.Tensor:

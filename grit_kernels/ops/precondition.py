@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 import torch
 
+from .._device import to_device
 from . import _library
 from ._backend import kernel, resolve_backend
-from .._device import to_device
 
 CPU_CHUNK_ELEMENTS = 1 << 16  #: CPU: elements per cache-resident chunk (256 KiB of fp32)
 
