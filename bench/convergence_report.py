@@ -30,7 +30,8 @@ def summarise(runs: list[dict], arms: dict, rc) -> dict:
     evals = [s for s, _, _ in runs[0]["curve"]] if runs else [rc.steps]
     checkpoints = sorted({min(evals, key=lambda s: (abs(s - rc.steps / 2), s)), rc.steps})  # mid-run and final
     for name in arms:
-        mine = [r for r in runs if r["arm"] == name]
+        # runs of a cut-short benchmark (a .partial.json) that did not reach the last step are left out
+        mine = [r for r in runs if r["arm"] == name and r["curve"][-1][0] == rc.steps]
         if not mine:
             continue
         by_lr, n_seeds = {}, {}
@@ -68,7 +69,7 @@ def summarise(runs: list[dict], arms: dict, rc) -> dict:
     if out:
         t_equal = min(a["train_s_mean"] for a in out.values())
         for name, a in out.items():
-            best = [r for r in runs if r["arm"] == name and r["lr"] == a["best_lr"]]
+            best = [r for r in runs if r["arm"] == name and r["lr"] == a["best_lr"] and r["curve"][-1][0] == rc.steps]
             vals = [_interp(r["curve"], min(t_equal, r["curve"][-1][2])) for r in best]
             a["at_equal_time"] = {"seconds": t_equal, "mean": _nanmean(vals), "min": min(vals), "max": max(vals)}
     return out
