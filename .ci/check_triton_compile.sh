@@ -19,4 +19,4 @@ python3 -m venv --system-site-packages "$VENV"
 "$VENV/bin/python" -m pip install -q "triton==$VERSION"
 "$VENV/bin/python" -c "import triton; assert triton.__version__ == '$VERSION', triton.__version__; print('triton', triton.__version__)"
 TRITON_CACHE_DIR="$VENV/triton-cache" PYTHONPATH="$PWD" \
-  "$VENV/bin/python" -m pytest -q tests/test_triton_kernels.py -k test_kernels_compile_for_sm90 -p no:cacheprovider
+  "$VENV/bin/python" -m pytest -q tests/test_triton_compile.py -k test_kernels_compile_for_sm90 -p no:cacheprovider

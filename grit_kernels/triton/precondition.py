@@ -33,7 +33,7 @@ is a multiple of ``BLOCK`` the kernel is specialised without masks (``EVEN``), a
 alignment hints (``ALIGNED``) when addresses and strides allow: vectorised loads and stores.
 ``BLOCK`` and ``num_warps`` per ``(RP, dtype)`` come from :data:`CONFIGS`, chosen so that no
 configuration spills registers on sm_90 with triton 3.6 and 3.9 (checked by
-``tests/test_triton_kernels.py::test_kernels_compile_for_sm90``); ``RP = 128`` spills (documented there).
+``tests/test_triton_compile.py::test_kernels_compile_for_sm90``); ``RP = 128`` spills (documented there).
 """
 
 from __future__ import annotations
