@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Our Triton kernels compile for Hopper (sm_90) without register spills under another triton release: the
 # GPU machines this project borrows run triton 3.6, this machine 3.9. A venv on top of the system site
-# packages gets `triton==$TRITON_VERSION` (default 3.6.0) and runs tests/test_triton_kernels.py's
+# packages gets `triton==$TRITON_VERSION` (default 3.6.0) and runs tests/test_triton_compile.py's
 # ahead-of-time compile check (ptxas + cuobjdump from that wheel; no GPU needed):
 #
 #     bash .ci/check_triton_compile.sh                        # triton 3.6.0
