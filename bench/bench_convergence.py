@@ -409,9 +409,50 @@ def _finish(result: dict, arms: dict[str, Arm], rc: RunConfig, out: Path, name: 
     print(f"[convergence] {result['wall_s'] / 60:.1f} min; wrote {path}, {out / f'{name}.md'}" + (f", {png}" if png else ""))
 
 
-def resummarise(path: Path, out: Path, name: str | None = None) -> int:
-    """Recompute summary, table and plot of a saved result from its raw runs (no training)."""
-    result = json.loads(path.read_text())
+#: RunConfig fields that must agree between result files merged by ``--from-json`` (the protocol; seeds and
+#: threads may differ: each run keeps its own step times)
+PROTOCOL_FIELDS = ("steps", "batch_size", "seq_len", "warmup", "eval_every", "r", "alpha", "momentum", "loraplus_ratio",
+                   "heldout_windows", "max_length", "heldout_examples", "fuse")
+
+
+def merge_results(results: list[dict], sources: list[str]) -> dict:
+    """One result from several saved ones of the same protocol (for example seeds run in parallel processes):
+    the union of their runs and arms; a run of the same (arm, lr, seed) in a later file replaces the earlier.
+    Raises ``ValueError`` when the protocols, the model or an arm's definition differ."""
+    merged = json.loads(json.dumps(results[0]))
+    runs = {(r["arm"], r["lr"], r["seed"]): r for r in merged["runs"]}
+    for other, source in zip(results[1:], sources[1:]):
+        for key in PROTOCOL_FIELDS:
+            if other["config"].get(key) != merged["config"].get(key):
+                raise ValueError(f"{source}: config {key}={other['config'].get(key)!r} differs from "
+                                 f"{sources[0]}'s {merged['config'].get(key)!r}; only one protocol can be merged")
+        if Path(other["config"].get("model") or "").name != Path(merged["config"].get("model") or "").name:
+            raise ValueError(f"{source}: another model ({other['config'].get('model')!r})")
+        for name, arm in other["arms"].items():
+            mine = merged["arms"].get(name)
+            if mine is not None and (mine["inner"], mine["grit"]) != (arm["inner"], arm["grit"]):
+                raise ValueError(f"{source}: arm {name!r} is defined differently there ({arm}) than before ({mine})")
+            if mine is None:
+                merged["arms"][name] = arm
+            else:
+                mine["lrs"] = sorted(set(mine["lrs"]) | set(arm["lrs"]))
+        for r in other["runs"]:
+            runs[(r["arm"], r["lr"], r["seed"])] = r
+    merged["runs"] = list(runs.values())
+    merged["config"]["seeds"] = sorted({r["seed"] for r in merged["runs"]})
+    merged["merged_from"] = [{"file": Path(s).name, "git_commit": r.get("git_commit"), "date": r.get("date"),
+                              "command": r.get("command")} for s, r in zip(sources, results)]
+    merged["wall_s"] = sum(r.get("wall_s", 0.0) for r in results)
+    return merged
+
+
+def resummarise(paths: list[Path], out: Path, name: str | None = None) -> int:
+    """Recompute summary, table and plot of saved results from their raw runs (no training); several files
+    of one protocol are merged first (:func:`merge_results`)."""
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    results = [json.loads(p.read_text()) for p in paths]
+    result = merge_results(results, [str(p) for p in paths]) if len(results) > 1 else results[0]
+    path = paths[0]
     cfg = dict(result["config"])
     cfg["base"] = BaseConfig(**cfg["base"])
     cfg["seeds"] = tuple(cfg["seeds"])
@@ -458,7 +499,12 @@ def main(argv=None, prog: str | None = None) -> int:
     p.add_argument("--name", default=None, help="output file stem (default convergence[_quick])")
     p.add_argument("--full-sweep", action="store_true", help="every lr on every seed (default: sweep on seed 0)")
     p.add_argument("--max-extensions", type=int, default=2, help="grid extensions per arm when the best lr is at an edge")
-    p.add_argument("--from-json", default=None, help="re-summarise a saved result's raw runs (no training)")
+    p.add_argument("--from-json", action="append", default=[],
+                   help="re-summarise a saved result's raw runs (no training); repeat to merge results of one "
+                        "protocol (e.g. seeds run in parallel processes; a later file's run of the same arm, lr "
+                        "and seed replaces an earlier one)")
+    p.add_argument("--seed-list", default=None,
+                   help="explicit seeds, comma-separated (instead of --seeds N): the first sweeps the lr grids")
     p.add_argument("--no-probe", dest="probe", action="store_false",
                    help="skip the few timed steps that estimate the run's duration")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # test-only: seconds end to end
@@ -497,6 +543,8 @@ def main(argv=None, prog: str | None = None) -> int:
         args.max_extensions = 0
     if args.seeds:
         rc = dataclasses.replace(rc, seeds=tuple(range(args.seeds)))
+    if args.seed_list:
+        rc = dataclasses.replace(rc, seeds=tuple(int(v) for v in args.seed_list.split(",")))
     if args.steps:
         rc = dataclasses.replace(rc, steps=args.steps)
     if args.eval_every:
@@ -507,7 +555,7 @@ def main(argv=None, prog: str | None = None) -> int:
         rc = dataclasses.replace(rc, fuse=args.fuse)
     torch.set_num_threads(rc.threads)
     if args.from_json:
-        return resummarise(Path(args.from_json), Path(args.out), args.name)
+        return resummarise([Path(f) for f in args.from_json], Path(args.out), args.name)
     name = args.name or ("convergence_quick" if args.quick else "convergence")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -137,7 +137,10 @@ def markdown_table(result: dict) -> str:
     lines.append(
         f"Held-out loss ({_unit(rc)}) of each arm at its best lr (lowest mean final loss over {seeds} seeds): "
         "mean [min, max] over seeds; equal wall-clock = the fastest arm's total training time, "
-        "runs interleaved step by step in one process."
+        + ("runs interleaved step by step in one process."
+           if not result.get("merged_from") else
+           f"runs interleaved step by step within each of {len(result['merged_from'])} processes merged here "
+           "(" + ", ".join(m["file"] for m in result["merged_from"]) + ")")
     )
     v = result.get("verdict")
     if v:

@@ -98,3 +98,30 @@ def test_break_even_step_cost_from_the_mean_curves(bench):
     assert b["max_step_cost_ratio"] == pytest.approx(1.6) and b["measured_step_cost_ratio"] == pytest.approx(1.3)
     summary["grit_adamw"] = arm([2.0, 1.9, 1.8, 1.7, 1.1], 10.0)
     assert bench.verdict(summary)["break_even"]["max_step_cost_ratio"] == 0.0  # never reaches 1.0
+
+
+def _saved(arms, runs, **config):
+    cfg = {"steps": 4, "batch_size": 2, "eval_every": 2, "r": 8, "alpha": 16.0, "fuse": True, "model": "/a/m.gguf",
+           "seeds": sorted({r[2] for r in runs}), **config}
+    return {"config": cfg, "arms": {n: {"inner": i, "grit": g, "lrs": lrs} for n, (i, g, lrs) in arms.items()},
+            "runs": [{"arm": a, "lr": lr, "seed": s, "curve": [[4, loss, 1.0]]} for a, lr, s, loss in runs],
+            "wall_s": 10.0, "git_commit": "c", "date": "d", "command": []}
+
+
+def test_merge_results_unions_runs_and_checks_the_protocol(bench):
+    first = _saved({"adamw": ("adamw", None, [1e-3, 2e-3])}, [("adamw", 1e-3, 0, 2.0), ("adamw", 2e-3, 0, 1.9)])
+    second = _saved({"adamw": ("adamw", None, [2e-3]), "eigen": ("eigen_adam", {}, [2e-3])},
+                    [("adamw", 2e-3, 0, 1.8), ("adamw", 2e-3, 1, 1.7), ("eigen", 2e-3, 1, 1.6)],
+                    model="/elsewhere/m.gguf")
+    merged = bench.merge_results([first, second], ["first.json", "second.json"])
+    runs = {(r["arm"], r["lr"], r["seed"]): r["curve"][-1][1] for r in merged["runs"]}
+    assert runs == {("adamw", 1e-3, 0): 2.0, ("adamw", 2e-3, 0): 1.8, ("adamw", 2e-3, 1): 1.7, ("eigen", 2e-3, 1): 1.6}
+    assert merged["arms"]["adamw"]["lrs"] == [1e-3, 2e-3] and merged["config"]["seeds"] == [0, 1]
+    assert [m["file"] for m in merged["merged_from"]] == ["first.json", "second.json"] and merged["wall_s"] == 20.0
+    assert first["runs"][1]["curve"][-1][1] == 1.9  # the inputs are left as they were
+    with pytest.raises(ValueError, match="steps=8"):
+        bench.merge_results([first, _saved({}, [], steps=8)], ["first.json", "x.json"])
+    with pytest.raises(ValueError, match="another model"):
+        bench.merge_results([first, _saved({}, [], model="/a/other.gguf")], ["first.json", "x.json"])
+    with pytest.raises(ValueError, match="defined differently"):
+        bench.merge_results([first, _saved({"adamw": ("sgd", None, [1.0])}, [])], ["first.json", "x.json"])
