@@ -446,12 +446,18 @@ def merge_results(results: list[dict], sources: list[str]) -> dict:
     return merged
 
 
-def resummarise(paths: list[Path], out: Path, name: str | None = None) -> int:
+def resummarise(paths: list[Path], out: Path, name: str | None = None, keep_arms: list[str] | None = None) -> int:
     """Recompute summary, table and plot of saved results from their raw runs (no training); several files
-    of one protocol are merged first (:func:`merge_results`)."""
+    of one protocol are merged first (:func:`merge_results`); ``keep_arms``: only these arms."""
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     results = [json.loads(p.read_text()) for p in paths]
     result = merge_results(results, [str(p) for p in paths]) if len(results) > 1 else results[0]
+    if keep_arms:
+        missing = sorted(set(keep_arms) - set(result["arms"]))
+        if missing:
+            raise ValueError(f"--merge-arms: {missing} not in the results (arms: {sorted(result['arms'])})")
+        result["arms"] = {n: a for n, a in result["arms"].items() if n in keep_arms}
+        result["runs"] = [r for r in result["runs"] if r["arm"] in keep_arms]
     path = paths[0]
     cfg = dict(result["config"])
     cfg["base"] = BaseConfig(**cfg["base"])
@@ -503,6 +509,7 @@ def main(argv=None, prog: str | None = None) -> int:
                    help="re-summarise a saved result's raw runs (no training); repeat to merge results of one "
                         "protocol (e.g. seeds run in parallel processes; a later file's run of the same arm, lr "
                         "and seed replaces an earlier one)")
+    p.add_argument("--merge-arms", default=None, help="with --from-json: keep only these arms (comma-separated)")
     p.add_argument("--seed-list", default=None,
                    help="explicit seeds, comma-separated (instead of --seeds N): the first sweeps the lr grids")
     p.add_argument("--no-probe", dest="probe", action="store_false",
@@ -555,7 +562,8 @@ def main(argv=None, prog: str | None = None) -> int:
         rc = dataclasses.replace(rc, fuse=args.fuse)
     torch.set_num_threads(rc.threads)
     if args.from_json:
-        return resummarise([Path(f) for f in args.from_json], Path(args.out), args.name)
+        keep = [n for n in (args.merge_arms or "").split(",") if n] or None
+        return resummarise([Path(f) for f in args.from_json], Path(args.out), args.name, keep)
     name = args.name or ("convergence_quick" if args.quick else "convergence")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
