@@ -142,8 +142,8 @@ def markdown_table(result: dict) -> str:
            f"runs interleaved step by step within each of {len(result['merged_from'])} processes merged here "
            "(" + ", ".join(m["file"] for m in result["merged_from"]) + ")")
     )
-    v = result.get("verdict")
-    if v:
+    verdicts = list((result.get("verdicts") or {}).values()) or [result.get("verdict")]
+    for v in [v for v in verdicts if v]:
         parts = [f"{k}: {d['grit']:.4f} vs {d['best_baseline']} {d['baseline']:.4f} ({d['grit_minus_baseline']:+.4f})"
                  for k, d in v.items() if isinstance(d, dict) and "grit" in d]
         lines.append(f"{v['grit_arm']} vs the better baseline: " + "; ".join(parts)
