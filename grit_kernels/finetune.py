@@ -164,10 +164,10 @@ def add_arguments(ft: argparse.ArgumentParser) -> None:
     grit.add_argument(
         "--optimizer",
         choices=("adamw", "eigen_adamw"),
-        default="adamw",
-        help="adamw: GRIT-preconditioned AdamW (default); eigen_adamw: grit_kernels.EigenAdamW, Adam in the "
-        "eigenbasis of GRIT's factors (KL-clip off unless --grit-kl-clip is given, as benchmarked in "
-        "docs/benchmarks.md)",
+        default="eigen_adamw",
+        help="eigen_adamw (default): grit_kernels.EigenAdamW, Adam in the eigenbasis of GRIT's factors (KL-clip "
+        "off unless --grit-kl-clip is given), the best-measured setting (docs/benchmarks.md); adamw: "
+        "GRIT-preconditioned AdamW (needed for --grit-fisher other than kfac and for --grit-reprojection)",
     )
     grit.add_argument(
         "--loraplus-ratio",
@@ -235,8 +235,6 @@ def validate_args(args: argparse.Namespace) -> None:
         args.loraplus_ratio,
         "a finite number > 0",
     )
-    if args.optimizer == "eigen_adamw" and args.no_grit:
-        raise CliError("--optimizer eigen_adamw needs GRIT's factors: drop --no-grit")
     _need(
         args.alpha is None or (_finite(args.alpha) and args.alpha > 0),
         "--alpha",
@@ -304,9 +302,16 @@ def grit_config(args: argparse.Namespace):
 
     overrides = {"kl_clip": None} if args.optimizer == "eigen_adamw" else {}
     try:
-        return config_from_flags(args, **overrides)
+        config = config_from_flags(args, **overrides)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    if args.optimizer == "eigen_adamw" and not args.no_grit and (config.fisher != "kfac" or config.reprojection != "off"):
+        raise CliError(
+            f"--optimizer eigen_adamw (the default) runs in the eigenbasis of the rank-space factors: it needs "
+            f"--grit-fisher kfac and --grit-reprojection off, got {config.fisher}, {config.reprojection}; "
+            "add --optimizer adamw to precondition AdamW's gradients instead"
+        )
+    return config
 
 
 def _check_report_to(value: str) -> None:

@@ -223,7 +223,7 @@ def test_finetune_bad_flag_exits_2_naming_it(model_dir, alpaca_file, no_model_lo
         (["--resume", "NOWHERE"], "--resume NOWHERE: no such directory"),
         (["--report-to", "none,wandb"], "--report-to"),
         (["--bf16", "--fp16"], "--fp16"),
-        (["--optimizer", "eigen_adamw", "--no-grit"], "--optimizer eigen_adamw needs GRIT's factors"),
+        (["--grit-fisher", "diagonal"], "add --optimizer adamw"),
     ],
 )
 def test_finetune_inconsistent_flags_exit_2(model_dir, alpaca_file, no_model_load, capsys, extra, expected):
@@ -306,7 +306,9 @@ def test_finetune_checkpoints_and_resume_continue_exactly(model_dir, alpaca_file
 
     full = tmp_path / "full"
     base = ["finetune", "--model", str(model_dir), "--data", str(alpaca_file), *COMMON, "--max-steps", "4"]
-    base += ["--val-fraction", "0.25", "--eval-steps", "2", "--save-steps", "2"]
+    # --optimizer adamw: the fused path's ~1e-7 evaluation perturbation (below) rotates EigenAdamW's bases of
+    # near-degenerate early factors; its resume without evaluations is exact (test_finetune_run.py, test_trainer.py)
+    base += ["--val-fraction", "0.25", "--eval-steps", "2", "--save-steps", "2", "--optimizer", "adamw"]
     assert cli.main([*base, "--output", str(full)]) == 0
     assert "held-out loss" in capsys.readouterr().out
     for step in (2, 4):
