@@ -123,12 +123,13 @@ GritConfigArguments.__module__ = __name__
 GritConfigArguments.__doc__ = "One ``grit_<name>`` field per :class:`~grit_kernels.GritConfig` field (generated)."
 
 
-def trainer_config(arguments) -> GritConfig:
-    """The :class:`GritConfig` that ``arguments``' ``grit_<name>`` fields describe (``None`` for a
-    non-optional list field means its default); errors name ``GritTrainingArguments.grit_<name>``."""
+def trainer_config(arguments, **overrides) -> GritConfig:
+    """The :class:`GritConfig` that ``arguments``' ``grit_<name>`` fields describe, ``overrides`` (by field
+    name) replacing some (``None`` for a non-optional list field means its default); errors name
+    ``GritTrainingArguments.grit_<name>``."""
     values = {}
     for knob in knobs():
-        value = getattr(arguments, f"grit_{knob.name}")
+        value = overrides[knob.name] if knob.name in overrides else getattr(arguments, f"grit_{knob.name}")
         if value is None and knob.kind is list and not knob.optional:
             value = knob.default
         values[knob.name] = value

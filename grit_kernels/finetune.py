@@ -163,11 +163,11 @@ def add_arguments(ft: argparse.ArgumentParser) -> None:
     add_config_flags(grit)
     grit.add_argument(
         "--optimizer",
-        choices=("adamw", "eigen_adamw"),
-        default="adamw",
-        help="adamw: GRIT-preconditioned AdamW (default); eigen_adamw: grit_kernels.EigenAdamW, Adam in the "
-        "eigenbasis of GRIT's factors (KL-clip off unless --grit-kl-clip is given, as benchmarked in "
-        "docs/benchmarks.md)",
+        choices=("auto", "eigen_adamw", "adamw"),
+        default="auto",
+        help="eigen_adamw: grit_kernels.EigenAdamW, Adam in the eigenbasis of GRIT's factors (KL-clip off unless "
+        "--grit-kl-clip is given), the best-measured setting (docs/benchmarks.md); adamw: GRIT-preconditioned "
+        "AdamW; auto (default): eigen_adamw unless --grit-fisher is not kfac or --grit-reprojection is on",
     )
     grit.add_argument(
         "--loraplus-ratio",
@@ -235,8 +235,6 @@ def validate_args(args: argparse.Namespace) -> None:
         args.loraplus_ratio,
         "a finite number > 0",
     )
-    if args.optimizer == "eigen_adamw" and args.no_grit:
-        raise CliError("--optimizer eigen_adamw needs GRIT's factors: drop --no-grit")
     _need(
         args.alpha is None or (_finite(args.alpha) and args.alpha > 0),
         "--alpha",
@@ -297,16 +295,34 @@ def validate_args(args: argparse.Namespace) -> None:
         raise CliError("--qlora needs bitsandbytes (pip install 'grit-kernels[qlora]')")
 
 
+def chosen_optimizer(args: argparse.Namespace) -> str:
+    """``"eigen_adamw"`` or ``"wrap"`` (the Trainer's names): ``--optimizer``, with ``auto`` resolved from the
+    ``--grit-fisher`` / ``--grit-reprojection`` flags (:func:`grit_kernels.trainer.choose_optimizer`)."""
+    from .arguments import given_config_values
+    from .trainer import choose_optimizer
+
+    given = given_config_values(args)
+    requested = "wrap" if args.optimizer == "adamw" else args.optimizer
+    return choose_optimizer(requested, given.get("fisher", "kfac"), given.get("reprojection", "off"))[0]
+
+
 def grit_config(args: argparse.Namespace):
-    """The :class:`GritConfig` of the ``--grit-*`` flags (``--optimizer eigen_adamw``: KL-clip off unless
-    ``--grit-kl-clip`` is given); a :class:`CliError` naming the flag."""
+    """The :class:`GritConfig` of the ``--grit-*`` flags (EigenAdamW: KL-clip off unless ``--grit-kl-clip`` is
+    given); a :class:`CliError` naming the flag."""
     from .arguments import config_from_flags
 
-    overrides = {"kl_clip": None} if args.optimizer == "eigen_adamw" else {}
+    overrides = {"kl_clip": None} if chosen_optimizer(args) == "eigen_adamw" else {}
     try:
-        return config_from_flags(args, **overrides)
+        config = config_from_flags(args, **overrides)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    if args.optimizer == "eigen_adamw" and not args.no_grit and (config.fisher != "kfac" or config.reprojection != "off"):
+        raise CliError(
+            f"--optimizer eigen_adamw runs in the eigenbasis of the rank-space factors: it needs "
+            f"--grit-fisher kfac and --grit-reprojection off, got {config.fisher}, {config.reprojection}; "
+            "add --optimizer adamw to precondition AdamW's gradients instead"
+        )
+    return config
 
 
 def _check_report_to(value: str) -> None:

@@ -47,8 +47,7 @@ def training_arguments(args: argparse.Namespace, mode: str, has_eval: bool):
     extra.update(
         {"warmup_ratio": args.warmup_ratio} if "warmup_ratio" in known else {"warmup_steps": args.warmup_ratio}
     )
-    if args.optimizer == "eigen_adamw":
-        extra["grit_optimizer"] = "eigen_adamw"
+    extra["grit_optimizer"] = ft.chosen_optimizer(args)
     if mode == "bf16" and not torch.cuda.is_available():
         extra["use_cpu"] = True  # CPU autocast; transformers refuses bf16 without a GPU otherwise
     if args.save_steps:

@@ -79,7 +79,8 @@ def check_config(config, optimizer: str = "wrap") -> None:
         if bad:
             raise NotImplementedError(
                 f"GRIT under FSDP2 (fully_shard) does not support {what}; use GritConfig(fisher='kfac', "
-                "reprojection='off') with the default GritOptimizer there, or DDP, which runs every option"
+                "reprojection='off') with GritOptimizer over AdamW there (the Trainer's grit_optimizer='wrap', "
+                "enable_grit(..., optimizer='wrap')), or DDP, which runs every option"
             )
 
 

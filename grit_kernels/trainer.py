@@ -67,7 +67,7 @@ from .trainer_optimizer import (
 
 GRIT_CHECKPOINT_NAME = "grit_preconditioner.pt"
 logger = logging.getLogger(__name__)
-GRIT_OPTIMIZERS = ("wrap", "eigen_adamw")
+GRIT_OPTIMIZERS = ("auto", "eigen_adamw", "wrap")
 
 
 # --------------------------------------------------------------------------------------------- arguments
@@ -95,13 +95,22 @@ class GritTrainingArguments(GritConfigArguments, TrainingArguments):
         },
     )
     grit_optimizer: str = field(
-        default="wrap",
+        default="auto",
         metadata={
-            "help": "wrap | eigen_adamw. wrap: GRIT preconditions the gradients of the optimizer Trainer builds "
-            "(optim=..., AdamW by default). eigen_adamw: Trainer's optimizer is replaced by grit_kernels.EigenAdamW "
-            "(Adam in the eigenbasis of the rank-space factors), with Trainer's lr, betas, eps, weight decay and "
-            "parameter groups; it uses the factors only (grit_damping, grit_graft, grit_update_freq and "
-            "grit_warmup_steps do not apply; set grit_kl_clip=None for the benchmarked setting)."
+            "help": "auto | eigen_adamw | wrap. eigen_adamw: Trainer's optimizer is replaced by "
+            "grit_kernels.EigenAdamW (Adam in the eigenbasis of the rank-space factors), with Trainer's lr, betas, "
+            "eps, weight decay and parameter groups; it uses the factors only (grit_damping, grit_graft, "
+            "grit_update_freq and grit_warmup_steps do not apply); the best-measured setting (docs/benchmarks.md). "
+            "wrap: GRIT preconditions the gradients of the optimizer Trainer builds (optim=..., AdamW by default). "
+            "auto (default): eigen_adamw wherever it runs, else wrap (grit_fisher other than 'kfac', "
+            "grit_reprojection, VLM modality groups, FSDP2); the choice and its reason are logged."
+        },
+    )
+    grit_kl_clip: str | None = field(  # replaces the generated float field: its default depends on grit_optimizer
+        default="auto",
+        metadata={
+            "help": "KL-clip trust region on the step taken, > 0, or none (off). auto (default): off with "
+            "grit_optimizer='eigen_adamw', GritConfig's default (0.1) with 'wrap' (each as measured best)."
         },
     )
     grit_loraplus_ratio: float | None = field(
@@ -123,29 +132,70 @@ class GritTrainingArguments(GritConfigArguments, TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if not (isinstance(self.grit_kl_clip, str) and self.grit_kl_clip.strip().lower() == "auto"):
+            self.grit_kl_clip = resolve_kl_clip(self.grit_kl_clip, "wrap")  # a number or None ("auto": at build time)
         if self.grit_packing not in ("auto", "on", "off"):
             raise ValueError(f"grit_packing must be 'auto', 'on' or 'off', got {self.grit_packing!r}")
         if self.grit_optimizer not in GRIT_OPTIMIZERS:
             raise ValueError(f"grit_optimizer must be one of {GRIT_OPTIMIZERS}, got {self.grit_optimizer!r}")
-        if self.grit_optimizer == "eigen_adamw" and not self.grit:
-            raise ValueError("grit_optimizer='eigen_adamw' needs GRIT's factors: it cannot run with grit=False")
-        if self.grit_optimizer == "eigen_adamw" and (self.grit_fisher != "kfac" or self.grit_reprojection != "off"):
-            raise ValueError(
-                "grit_optimizer='eigen_adamw' runs in the eigenbasis of the rank-space factors: it needs "
-                f"grit_fisher='kfac' and grit_reprojection='off', got {self.grit_fisher!r}, {self.grit_reprojection!r}"
-            )
+        if self.grit and self.grit_optimizer == "eigen_adamw":
+            check_eigen_config(self.grit_fisher, self.grit_reprojection, "grit_")
         ratio = self.grit_loraplus_ratio
         if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0):
             raise ValueError(f"grit_loraplus_ratio must be a number > 0 or None, got {ratio!r}")
         if self.grit:
             self.to_grit_config()  # fail at argument time, naming the grit_* field
 
-    def to_grit_config(self) -> GritConfig:
-        """The :class:`GritConfig` these arguments describe."""
-        return trainer_config(self)
+    def to_grit_config(self, optimizer: str | None = None) -> GritConfig:
+        """The :class:`GritConfig` these arguments describe; ``grit_kl_clip="auto"`` resolved for ``optimizer``
+        (default: what ``grit_optimizer`` gives without modality groups or FSDP2)."""
+        choice = optimizer or choose_optimizer(self.grit_optimizer, self.grit_fisher, self.grit_reprojection)[0]
+        clip = resolve_kl_clip(self.grit_kl_clip, choice)
+        return trainer_config(self, kl_clip=clip)
 
 
-# --------------------------------------------------------------------------------------------- optimizer
+def check_eigen_config(fisher: str, reprojection: str, prefix: str = "") -> None:
+    """``ValueError`` when GRIT's options need ``"wrap"`` rather than EigenAdamW (``prefix``: how the caller
+    spells the options, ``"grit_"`` for GritTrainingArguments)."""
+    if fisher != "kfac" or reprojection != "off":
+        raise ValueError(
+            f"{prefix}optimizer='eigen_adamw' (the default) runs in the eigenbasis of the rank-space factors: it needs "
+            f"{prefix}fisher='kfac' and {prefix}reprojection='off', got {fisher!r}, {reprojection!r}; "
+            f"set {prefix}optimizer='wrap' to precondition the inner optimizer's gradients instead"
+        )
+
+
+def choose_optimizer(requested: str, fisher: str, reprojection: str, grouped: bool = False,
+                     sharded: bool = False) -> tuple[str, str]:
+    """``(optimizer, reason)``: ``requested`` itself unless it is ``"auto"``, which is ``"eigen_adamw"`` where
+    EigenAdamW runs and ``"wrap"`` where it does not (the reason says why)."""
+    if requested != "auto":
+        return requested, "requested"
+    blockers = [(fisher != "kfac", f"fisher={fisher!r}"), (reprojection != "off", f"reprojection={reprojection!r}"),
+                (grouped, "modality groups (GroupedGritPreconditioner)"), (sharded, "FSDP2")]
+    why = [what for bad, what in blockers if bad]
+    if why:
+        return "wrap", "EigenAdamW does not run with " + ", ".join(why)
+    return "eigen_adamw", "the best-measured setting"
+
+
+def resolve_kl_clip(value, optimizer: str) -> float | None:
+    """``grit_kl_clip`` as a number or ``None``: ``"auto"`` is ``None`` with ``grit_optimizer="eigen_adamw"``
+    and :class:`GritConfig`'s default with ``"wrap"``; strings (from the command line) are parsed; numbers
+    and ``None`` pass through (GritConfig validates them)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    if text == "auto":
+        return None if optimizer == "eigen_adamw" else GritConfig().kl_clip
+    if text == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"GritTrainingArguments.grit_kl_clip must be a number > 0, 'none' or 'auto', got {value!r}") from None
+
+
 # --------------------------------------------------------------------------------------------- logging
 def grit_log_metrics(
     preconditioner: GritPreconditioner, optimizer: GritOptimizer | None = None
@@ -180,7 +230,11 @@ def grit_log_metrics(
     host = torch.stack(values).tolist()  # the one sync
     logs = dict(zip(keys, host))
     logs["grit/inverse_failures"] = int(logs["grit/inverse_failures"])
-    logs["grit/preconditioning_active"] = int(preconditioner.bank.refresh_count > 0)
+    inner = getattr(optimizer, "optimizer", None)
+    if getattr(inner, "uses_grit_factors", False):  # EigenAdamW: its bases come from the factors from step 1 on
+        logs["grit/preconditioning_active"] = int(inner.steps > 0)
+    else:
+        logs["grit/preconditioning_active"] = int(preconditioner.bank.refresh_count > 0)
     logs["grit/steps"] = preconditioner.step_count
     if optimizer is not None:
         logs["grit/skipped_steps"] = optimizer.skipped_steps
@@ -264,13 +318,28 @@ class _GritTrainerMixin:
         args = getattr(self, "args", None)
         if config is None and preconditioner is not None:
             config = preconditioner.config
+        requested = self.__dict__.get("_grit_optimizer_request") or getattr(args, "grit_optimizer", "auto")
+        grouped = preconditioner is not None and not isinstance(preconditioner, GritPreconditioner)
+        sharded = bool(getattr(self, "is_fsdp_enabled", False))
+        if config is None and isinstance(args, GritTrainingArguments):
+            fisher, reprojection = args.grit_fisher, args.grit_reprojection
+        else:
+            fisher, reprojection = (config.fisher, config.reprojection) if config is not None else ("kfac", "off")
+        choice, reason = choose_optimizer(requested, fisher, reprojection, grouped, sharded)
+        self._grit_optimizer_resolved = choice
         if config is None:
             if isinstance(args, GritTrainingArguments):
-                config = args.to_grit_config() if (args.grit or force) else None
+                config = args.to_grit_config(choice) if (args.grit or force) else None
             else:
-                config = GritConfig()
+                config = GritConfig(kl_clip=resolve_kl_clip("auto", choice))
         if config is not None and not isinstance(config, GritConfig):
             raise TypeError(f"grit_config must be a GritConfig, got {type(config).__name__}")
+        if config is not None and choice == "eigen_adamw":
+            check_eigen_config(config.fisher, config.reprojection)
+            if grouped:
+                raise ValueError("optimizer 'eigen_adamw' needs one GritPreconditioner; modality groups run with 'wrap'")
+        if config is not None and requested == "auto":
+            logger.info("GRIT: optimizer %s (%s)", choice, reason)
         self.grit_config = config
         self.grit_preconditioner = preconditioner
         self.grit_fuse = bool(getattr(args, "grit_fuse", True) if fuse is None else fuse)
@@ -282,7 +351,7 @@ class _GritTrainerMixin:
             if getattr(self, "is_fsdp_enabled", False):  # FSDP2 runs (grit_kernels.fsdp); FSDP1 cannot
                 if getattr(getattr(self.accelerator.state, "fsdp_plugin", None), "fsdp_version", 1) != 2:
                     raise fsdp1_error()
-                fsdp.check_config(config, getattr(self.args, "grit_optimizer", "wrap"))
+                fsdp.check_config(config, choice)
             if getattr(self, "is_deepspeed_enabled", False):
                 raise deepspeed_error()
             check_fsdp_supported(self.model)
@@ -326,6 +395,12 @@ class _GritTrainerMixin:
         """The :class:`TrainerGritOptimizer` inside ``self.optimizer`` (None before training / no GRIT)."""
         return _find_grit_optimizer(getattr(self, "optimizer", None))
 
+    @property
+    def grit_optimizer_choice(self) -> str:
+        """``"eigen_adamw"`` or ``"wrap"``: the optimizer GRIT builds, as resolved when GRIT was set up
+        (``"auto"``: :func:`choose_optimizer`)."""
+        return self.__dict__.get("_grit_optimizer_resolved") or "wrap"
+
     def get_train_dataloader(self, *args, **kwargs):
         _check_train_dataset(self.train_dataset)
         return super().get_train_dataloader(*args, **kwargs)
@@ -350,8 +425,8 @@ class _GritTrainerMixin:
         if pre is None:
             self.grit_preconditioner = GritPreconditioner(self.model, self.grit_config)
         inner = _unwrap_accelerated(optimizer)
-        if grit_args is not None and grit_args.grit_optimizer == "eigen_adamw":
-            inner = _eigen_adamw_over(inner, self.grit_preconditioner, grit_args)
+        if self.grit_optimizer_choice == "eigen_adamw":
+            inner = _eigen_adamw_over(inner, self.grit_preconditioner, self.args)
         scaler = getattr(getattr(self, "accelerator", None), "scaler", None)
         self.optimizer = TrainerGritOptimizer(inner, self.grit_preconditioner, scaler)
         return self.optimizer
@@ -470,6 +545,7 @@ def enable_grit(
     config: GritConfig | None = None,
     preconditioner: GritPreconditioner | None = None,
     fuse: bool | None = None,
+    optimizer: str | None = None,
 ) -> Trainer:
     """Turn GRIT on for an existing ``transformers.Trainer`` (or subclass, e.g. TRL's ``SFTTrainer``).
 
@@ -485,7 +561,12 @@ def enable_grit(
         preconditioner: an existing :class:`GritPreconditioner` of ``trainer.model``.
         fuse: fuse the model (default: ``args.grit_fuse`` for :class:`GritTrainingArguments`, else True);
             parts :func:`grit_kernels.fuse` does not support keep PEFT's path and the reason is logged.
+        optimizer: ``"auto"``, ``"eigen_adamw"`` or ``"wrap"``, as ``GritTrainingArguments.grit_optimizer``
+            (default: that field for :class:`GritTrainingArguments`, else ``"auto"``: EigenAdamW, the best-measured
+            setting, where it runs; with no config given, ``GritConfig(kl_clip=None)`` for EigenAdamW).
     """
+    if optimizer is not None and optimizer not in GRIT_OPTIMIZERS:
+        raise ValueError(f"enable_grit: optimizer must be one of {GRIT_OPTIMIZERS}, got {optimizer!r}")
     if not isinstance(trainer, Trainer):
         raise TypeError(f"enable_grit expects a transformers.Trainer, got {type(trainer).__name__}")
     if isinstance(trainer, _GritTrainerMixin):
@@ -499,6 +580,7 @@ def enable_grit(
         trainer.__class__ = _grit_class(type(trainer))
     if getattr(trainer, "optimizer", None) is not None:
         trainer.optimizer = _unwrap_accelerated(trainer.optimizer)
+    trainer._grit_optimizer_request = optimizer
     trainer._grit_init(config, preconditioner, force=True, fuse=fuse)
     return trainer
 
@@ -507,7 +589,9 @@ def disable_grit(trainer: Trainer) -> Trainer:
     """Undo :func:`enable_grit` (or turn GRIT off on a :class:`GritTrainer`) between ``train()`` calls.
 
     The model is unfused if GRIT fused it, the preconditioner is removed (plain PEFT layers), the inner
-    optimizer (with its state) replaces GRIT's wrapper, GRIT's callback goes, and a trainer whose class
+    optimizer (with its state) replaces GRIT's wrapper (EigenAdamW, whose moments live in the factors'
+    eigenbasis, is dropped instead: the next ``train()`` builds the Trainer's own optimizer and scheduler),
+    GRIT's callback goes, and a trainer whose class
     :func:`enable_grit` swapped gets its original class back. Returns the trainer.
     """
     if not isinstance(trainer, _GritTrainerMixin):
@@ -517,7 +601,10 @@ def disable_grit(trainer: Trainer) -> Trainer:
     if trainer.grit_preconditioner is not None:
         trainer.grit_preconditioner.remove()
     grit_optimizer = _find_grit_optimizer(getattr(trainer, "optimizer", None))
-    if grit_optimizer is not None:
+    if grit_optimizer is not None and getattr(grit_optimizer.optimizer, "uses_grit_factors", False):
+        # EigenAdamW's moments live in the factors' eigenbasis: dropped; the next train() builds Trainer's own
+        trainer.optimizer = trainer.lr_scheduler = None
+    elif grit_optimizer is not None:
         trainer.optimizer = grit_optimizer.optimizer
     for callback in [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, GritCallback)]:
         trainer.remove_callback(callback)
@@ -526,7 +613,8 @@ def disable_grit(trainer: Trainer) -> Trainer:
     original = type(trainer).__dict__.get("_grit_original_class")
     if original is not None:
         trainer.__class__ = original
-        for name in ("grit_config", "grit_preconditioner", "grit_fusion", "_grit_fused_model", "grit_fuse"):
+        for name in ("grit_config", "grit_preconditioner", "grit_fusion", "_grit_fused_model", "grit_fuse", "_grit_optimizer_request",
+                     "_grit_optimizer_resolved"):
             trainer.__dict__.pop(name, None)
     return trainer
 

@@ -8,7 +8,7 @@ Runtime: 32 s wall on our 2-core CPU VM with about one other job running (one in
 thread); 236 s while ~9 other jobs shared it. ``--quick``: seconds.
 
     python python/trainer.py [--max-steps 8] [--output runs/trainer-example]
-    python python/trainer.py --optimizer eigen_adamw --loraplus-ratio 16    # the best-measured setting
+    python python/trainer.py --optimizer wrap    # GRIT-preconditioned AdamW instead of the default EigenAdamW
 """
 
 import argparse
@@ -25,8 +25,8 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--output", default="runs/trainer-example")
     p.add_argument("--no-grit", action="store_true")
-    p.add_argument("--optimizer", choices=("wrap", "eigen_adamw"), default="wrap",
-                   help="wrap: GRIT-preconditioned AdamW; eigen_adamw: gk.EigenAdamW (KL-clip off)")
+    p.add_argument("--optimizer", choices=("eigen_adamw", "wrap"), default="eigen_adamw",
+                   help="eigen_adamw (default): gk.EigenAdamW (KL-clip off); wrap: GRIT-preconditioned AdamW")
     p.add_argument("--loraplus-ratio", type=float, default=None, help="LoRA+: lora_B at this multiple of the lr")
     p.add_argument("--no-fuse", action="store_true", help="keep PEFT's LoRA layers (grit_fuse=False)")
     p.add_argument("--quick", action="store_true", help="smoke size: 2 layers, 2 steps (a few seconds)")
@@ -48,7 +48,6 @@ def main(argv=None):
         grit_warmup_steps=3,
         grit_optimizer=args.optimizer,
         grit_loraplus_ratio=args.loraplus_ratio,
-        **({"grit_kl_clip": None} if args.optimizer == "eigen_adamw" else {}),
         max_steps=args.max_steps,
         learning_rate=1e-3,
         per_device_train_batch_size=4,

@@ -33,6 +33,8 @@ def test_trainer_arguments_are_the_config_fields():
     assert set(trainer_fields) == {f"grit_{n}" for n in FIELDS} | TRAINER_ONLY
     defaults = GritConfig()
     for knob in arguments.knobs():
+        if knob.name == "kl_clip":  # the Trainer's default is "auto" (it depends on grit_optimizer), test_kl_clip_auto
+            continue
         f = trainer_fields[f"grit_{knob.name}"]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         expected = getattr(defaults, knob.name)
@@ -41,7 +43,24 @@ def test_trainer_arguments_are_the_config_fields():
         if knob.choices:
             assert all(c in knob.help_text for c in knob.choices), knob.name
     built = GritTrainingArguments(output_dir="unused", report_to="none")
-    assert built.to_grit_config() == defaults
+    assert built.to_grit_config() == GritConfig(kl_clip=None)  # the default optimizer, EigenAdamW, runs unclipped
+    wrapped = GritTrainingArguments(output_dir="unused", report_to="none", grit_optimizer="wrap")
+    assert wrapped.to_grit_config() == defaults
+
+
+@pytest.mark.parametrize(
+    "optimizer, given, expected",
+    [("eigen_adamw", "auto", None), ("auto", "auto", None), ("wrap", "auto", GritConfig().kl_clip),
+     ("eigen_adamw", "0.05", 0.05), ("wrap", "none", None), ("auto", 0.2, 0.2), ("wrap", None, None)],
+)
+def test_kl_clip_auto(optimizer, given, expected):
+    built = GritTrainingArguments(output_dir="unused", report_to="none", grit_optimizer=optimizer, grit_kl_clip=given)
+    assert built.to_grit_config().kl_clip == expected
+
+
+def test_kl_clip_rejects_words():
+    with pytest.raises(ValueError, match="grit_kl_clip must be a number > 0, 'none' or 'auto'"):
+        GritTrainingArguments(output_dir="unused", report_to="none", grit_kl_clip="often")
 
 
 def test_cli_flags_are_the_config_fields():
@@ -113,7 +132,8 @@ def test_every_field_is_settable_from_the_cli_and_the_trainer():
         parsed = parser.parse_args(["--model", "m", "--data", "d", flag, value])
         name = flag.removeprefix("--grit-")
         assert getattr(arguments.config_from_flags(parsed), name) == value
-        assert GritTrainingArguments(output_dir="u", report_to="none", **{f"grit_{name}": value}).to_grit_config() == (
+        wrap = GritTrainingArguments(output_dir="u", report_to="none", grit_optimizer="wrap", **{f"grit_{name}": value})
+        assert wrap.to_grit_config() == (
             arguments.config_from_flags(parsed)
         )
 

@@ -24,6 +24,7 @@ from trainer_helpers import (  # noqa: F401
 )
 from transformers import HfArgumentParser, TrainerCallback
 
+import grit_kernels as gk
 from grit_kernels import GritConfig, GritPreconditioner
 from grit_kernels.bank import BACKWARD, FORWARD
 from grit_kernels.data import DynamicPaddingCollator
@@ -34,6 +35,7 @@ from grit_kernels.trainer import (
     GritTrainingArguments,
     TrainerGritOptimizer,
 )
+from grit_kernels.trainer_optimizer import _find_grit_optimizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -128,9 +130,13 @@ def test_fisher_and_rank_schedule_arguments_map_and_name_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"GritTrainingArguments\.grit_rank_schedule needs"):
         make_args(tmp_path, grit_rank_schedule="linear")
     (parsed,) = HfArgumentParser(GritTrainingArguments).parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--grit_fisher", "diagonal", "--grit_rank_end", "0.25"]
+        ["--output_dir", str(tmp_path), "--grit_optimizer", "wrap", "--grit_fisher", "diagonal", "--grit_rank_end", "0.25",
+         "--grit_kl_clip", "0.05"]
     )
-    assert (parsed.to_grit_config().fisher, parsed.to_grit_config().rank_end) == ("diagonal", 0.25)
+    cfg = parsed.to_grit_config()
+    assert (cfg.fisher, cfg.rank_end, cfg.kl_clip) == ("diagonal", 0.25, 0.05)
+    (default,) = HfArgumentParser(GritTrainingArguments).parse_args_into_dataclasses(["--output_dir", str(tmp_path)])
+    assert (default.grit_optimizer, default.to_grit_config().kl_clip) == ("auto", None)
 
 
 def test_trainer_trains_with_diagonal_fisher(tmp_path):
@@ -170,6 +176,37 @@ def _group_lrs(optimizer, model):
             if "lora_" in names[id(p)]:
                 out["B" if ".lora_B." in names[id(p)] else "A"].add(group["lr"])
     return out
+
+
+def test_default_optimizer_is_eigen_adamw_unclipped(tmp_path):
+    """GritTrainingArguments' defaults (no grit_optimizer, no grit_kl_clip): EigenAdamW, KL-clip off, and the
+    logs say the factors are in use."""
+    model = small_model()
+    args = make_args(tmp_path, grit_optimizer="auto", grit_kl_clip="auto")  # the dataclass defaults
+    assert GritTrainingArguments(output_dir=str(tmp_path), report_to="none").grit_optimizer == "auto"
+    trainer = run(model, args, make_features(6))
+    assert type(trainer.grit_optimizer.optimizer).__name__ == "EigenAdamW"
+    assert trainer.grit_config.kl_clip is None
+    logged = [h for h in trainer.state.log_history if "grit/preconditioning_active" in h]
+    assert logged and logged[-1]["grit/preconditioning_active"] == 1
+
+
+@pytest.mark.parametrize("optimizer, inner, clip", [(None, "EigenAdamW", None), ("auto", "EigenAdamW", None),
+                                                    ("wrap", "AdamW", 0.1)])
+def test_enable_grit_default_optimizer(tmp_path, optimizer, inner, clip):
+    from transformers import Trainer, TrainingArguments
+
+    model = small_model()
+    trainer = Trainer(model=model, args=make_args(tmp_path, cls=TrainingArguments), train_dataset=make_features(6),
+                      data_collator=DynamicPaddingCollator(pad_token_id=0))
+    gk.enable_grit(trainer, optimizer=optimizer)
+    trainer.train()
+    assert type(_find_grit_optimizer(trainer.optimizer).optimizer).__name__ == inner
+    assert trainer.grit_config.kl_clip == clip
+    gk.disable_grit(trainer)  # EigenAdamW's moments are in the eigenbasis: dropped, not handed to a plain Trainer
+    assert (trainer.optimizer is None) == (inner == "EigenAdamW")
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        gk.enable_grit(Trainer(model=small_model(), args=make_args(tmp_path, cls=TrainingArguments)), optimizer="sgd")
 
 
 @pytest.mark.parametrize("optimizer", ["wrap", "eigen_adamw"])
@@ -215,10 +252,14 @@ def test_loraplus_ratio_without_grit_is_plain_loraplus(tmp_path):
 def test_optimizer_arguments_are_validated(tmp_path):
     with pytest.raises(ValueError, match="grit_optimizer must be one of"):
         make_args(tmp_path, grit_optimizer="sgd")
-    with pytest.raises(ValueError, match="cannot run with grit=False"):
-        make_args(tmp_path, grit_optimizer="eigen_adamw", grit=False)
-    with pytest.raises(ValueError, match="needs grit_fisher='kfac' and grit_reprojection='off'"):
-        make_args(tmp_path, grit_optimizer="eigen_adamw", grit_fisher="kfac_lowrank")
+    plain = GritTrainingArguments(output_dir=str(tmp_path), report_to="none", grit=False, grit_optimizer="eigen_adamw")
+    assert plain.grit_optimizer == "eigen_adamw"  # unused without GRIT: no error
+    with pytest.raises(ValueError, match="needs grit_fisher='kfac' and grit_reprojection='off'.*grit_optimizer='wrap'"):
+        GritTrainingArguments(output_dir=str(tmp_path), report_to="none", grit_fisher="kfac_lowrank",
+                              grit_optimizer="eigen_adamw")
+    auto = GritTrainingArguments(output_dir=str(tmp_path), report_to="none", grit_fisher="kfac_lowrank")
+    assert auto.grit_optimizer == "auto" and auto.to_grit_config().kl_clip == GritConfig().kl_clip  # auto -> wrap
+    assert make_args(tmp_path, grit_optimizer="wrap", grit_fisher="kfac_lowrank").grit_fisher == "kfac_lowrank"
     for bad in (0.0, -1.0, "16"):
         with pytest.raises(ValueError, match="grit_loraplus_ratio must be a number > 0"):
             make_args(tmp_path, grit_loraplus_ratio=bad)

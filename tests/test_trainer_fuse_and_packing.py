@@ -44,7 +44,7 @@ def test_enable_grit_on_plain_trainer_matches_grit_trainer(tmp_path):
     trainer = Trainer(
         model=small_model(), args=plain_args, train_dataset=feats, data_collator=DynamicPaddingCollator(0)
     )
-    assert enable_grit(trainer, cfg) is trainer and isinstance(trainer, Trainer)
+    assert enable_grit(trainer, cfg, optimizer="wrap") is trainer and isinstance(trainer, Trainer)
     assert type(trainer).__name__ == "GritTrainer" and type(trainer) is not GritTrainer
     assert any(isinstance(cb, GritCallback) for cb in trainer.callback_handler.callbacks)
     trainer.train()
@@ -120,7 +120,7 @@ def test_enable_grit_fuses_and_disable_grit_undoes_it(tmp_path):
         model=model, args=make_args(tmp_path, cls=TrainingArguments, max_steps=2), train_dataset=feats,
         data_collator=DynamicPaddingCollator(0),
     )
-    enable_grit(trainer, GritConfig(warmup_steps=1))
+    enable_grit(trainer, GritConfig(warmup_steps=1), optimizer="wrap")
     assert is_fused(model) and trainer.grit_fusion.fused_modules == 14
     trainer.train()
     assert trainer.grit_preconditioner.step_count == 2

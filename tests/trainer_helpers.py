@@ -39,8 +39,9 @@ def make_args(out, cls=GritTrainingArguments, **kw):
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    if cls is GritTrainingArguments:
-        base.update(grit_warmup_steps=1, grit_update_freq=1)
+    if cls is GritTrainingArguments:  # the mechanics of the "wrap" path (preconditioned gradients); the default
+        # EigenAdamW path has its own tests (test_trainer.py: test_default_optimizer_is_eigen_adamw, ...)
+        base.update(grit_warmup_steps=1, grit_update_freq=1, grit_optimizer="wrap")
     base.update(kw)
     return cls(**base)
 
