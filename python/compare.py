@@ -32,9 +32,11 @@ def train(kind, args, train_batches, val_batches):
     model.train()
     if not args.no_fuse:  # both arms on the fused blocks: like for like
         gk.fuse(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    if kind == "grit":
-        opt = gk.GritOptimizer(opt, gk.GritPreconditioner(model, gk.GritConfig(warmup_steps=5)))
+    if kind == "grit":  # GRIT's default: Adam in the eigenbasis of its factors
+        pre = gk.GritPreconditioner(model, gk.GritConfig(kl_clip=None))
+        opt = gk.GritOptimizer(gk.EigenAdamW(model.parameters(), pre, lr=args.lr), pre)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     times = []
     for batch in train_batches:
         t0 = time.perf_counter()

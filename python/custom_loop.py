@@ -1,7 +1,7 @@
 """GRIT in your own training loop: two lines on top of PEFT.
 
-    pre = gk.GritPreconditioner(peft_model, gk.GritConfig())
-    opt = gk.GritOptimizer(torch.optim.AdamW(peft_model.parameters(), lr=...), pre)
+    pre = gk.GritPreconditioner(peft_model, gk.GritConfig(kl_clip=None))
+    opt = gk.GritOptimizer(gk.EigenAdamW(peft_model.parameters(), pre, lr=...), pre)   # Adam in the factors' eigenbasis
     ... loss.backward(); opt.step(); opt.zero_grad()
 
 plus ``gk.fuse(peft_model)`` (fused LoRA blocks; ``--no-fuse`` to compare with PEFT's layers).
@@ -33,6 +33,7 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--no-fuse", action="store_true", help="keep PEFT's LoRA layers (no gk.fuse)")
+    p.add_argument("--wrap", action="store_true", help="GRIT-preconditioned AdamW instead of gk.EigenAdamW")
     p.add_argument("--quick", action="store_true", help="smoke size: 2 layers, 2 steps (a few seconds)")
     args = p.parse_args(argv)
     if args.quick:
@@ -45,8 +46,12 @@ def main(argv=None):
         print(gk.fuse(model))  # was fused and why any part keeps PEFT's path
 
     # the two lines
-    pre = gk.GritPreconditioner(model, gk.GritConfig(update_freq=10, damping=1e-3, warmup_steps=3))
-    opt = gk.GritOptimizer(torch.optim.AdamW(model.parameters(), lr=args.lr), pre)
+    if args.wrap:  # precondition AdamW's gradients
+        pre = gk.GritPreconditioner(model, gk.GritConfig(update_freq=10, damping=1e-3, warmup_steps=3))
+        opt = gk.GritOptimizer(torch.optim.AdamW(model.parameters(), lr=args.lr), pre)
+    else:  # the default: Adam in the eigenbasis of GRIT's factors (docs/benchmarks.md)
+        pre = gk.GritPreconditioner(model, gk.GritConfig(kl_clip=None))
+        opt = gk.GritOptimizer(gk.EigenAdamW(model.parameters(), pre, lr=args.lr), pre)
     print(pre)
 
     tok = data.ByteTokenizer()
@@ -65,7 +70,7 @@ def main(argv=None):
             loss = model(**next(batches)).loss / args.grad_accum
             loss.backward()
             total += loss.item()
-        opt.step()  # fold statistics, invert every update_freq steps, precondition, AdamW
+        opt.step()  # fold statistics, then EigenAdamW's step (--wrap: invert, precondition, AdamW)
         opt.zero_grad()
         print(f"step {step + 1:3d}  loss {total:.4f}")
 

@@ -29,6 +29,7 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--no-fuse", action="store_true", help="keep PEFT's LoRA layers (no gk.fuse)")
+    p.add_argument("--wrap", action="store_true", help="GRIT-preconditioned AdamW instead of gk.EigenAdamW")
     p.add_argument("--quick", action="store_true", help="smoke size: 2 layers, 2 steps (a few seconds)")
     args = p.parse_args(argv)
     if args.quick:
@@ -42,8 +43,12 @@ def main(argv=None):
     if not args.no_fuse:  # the fused blocks run over NF4 base weights too
         print(gk.fuse(model))
 
-    pre = gk.GritPreconditioner(model, gk.GritConfig(warmup_steps=3))
-    opt = gk.GritOptimizer(torch.optim.AdamW(model.parameters(), lr=args.lr), pre)
+    if args.wrap:
+        pre = gk.GritPreconditioner(model, gk.GritConfig(warmup_steps=3))
+        opt = gk.GritOptimizer(torch.optim.AdamW(model.parameters(), lr=args.lr), pre)
+    else:  # the default: Adam in the eigenbasis of GRIT's factors
+        pre = gk.GritPreconditioner(model, gk.GritConfig(kl_clip=None))
+        opt = gk.GritOptimizer(gk.EigenAdamW(model.parameters(), pre, lr=args.lr), pre)
     print(pre)
 
     tok = data.ByteTokenizer()
