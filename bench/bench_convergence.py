@@ -68,7 +68,7 @@ from convergence_byte import (  # noqa: E402  (the byte-level task; re-exported:
     load_finetune_data,
     train_batches,
 )
-from convergence_report import _nanmean, markdown_table, plot, summarise, verdict  # noqa: E402
+from convergence_report import _nanmean, markdown_table, merge_results, plot, summarise, verdict  # noqa: E402
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -409,43 +409,6 @@ def _finish(result: dict, arms: dict[str, Arm], rc: RunConfig, out: Path, name: 
     png = plot(result, out / f"{name}.png")
     print("\n" + table)
     print(f"[convergence] {result['wall_s'] / 60:.1f} min; wrote {path}, {out / f'{name}.md'}" + (f", {png}" if png else ""))
-
-
-#: RunConfig fields that must agree between result files merged by ``--from-json`` (the protocol; seeds and
-#: threads may differ: each run keeps its own step times)
-PROTOCOL_FIELDS = ("steps", "batch_size", "seq_len", "warmup", "eval_every", "r", "alpha", "momentum", "loraplus_ratio",
-                   "heldout_windows", "max_length", "heldout_examples", "fuse")
-
-
-def merge_results(results: list[dict], sources: list[str]) -> dict:
-    """One result from several saved ones of the same protocol (for example seeds run in parallel processes):
-    the union of their runs and arms; a run of the same (arm, lr, seed) in a later file replaces the earlier.
-    Raises ``ValueError`` when the protocols, the model or an arm's definition differ."""
-    merged = json.loads(json.dumps(results[0]))
-    runs = {(r["arm"], r["lr"], r["seed"]): r for r in merged["runs"]}
-    for other, source in zip(results[1:], sources[1:]):
-        for key in PROTOCOL_FIELDS:
-            if other["config"].get(key) != merged["config"].get(key):
-                raise ValueError(f"{source}: config {key}={other['config'].get(key)!r} differs from "
-                                 f"{sources[0]}'s {merged['config'].get(key)!r}; only one protocol can be merged")
-        if Path(other["config"].get("model") or "").name != Path(merged["config"].get("model") or "").name:
-            raise ValueError(f"{source}: another model ({other['config'].get('model')!r})")
-        for name, arm in other["arms"].items():
-            mine = merged["arms"].get(name)
-            if mine is not None and (mine["inner"], mine["grit"]) != (arm["inner"], arm["grit"]):
-                raise ValueError(f"{source}: arm {name!r} is defined differently there ({arm}) than before ({mine})")
-            if mine is None:
-                merged["arms"][name] = arm
-            else:
-                mine["lrs"] = sorted(set(mine["lrs"]) | set(arm["lrs"]))
-        for r in other["runs"]:
-            runs[(r["arm"], r["lr"], r["seed"])] = r
-    merged["runs"] = list(runs.values())
-    merged["config"]["seeds"] = sorted({r["seed"] for r in merged["runs"]})
-    merged["merged_from"] = [{"file": Path(s).name, "git_commit": r.get("git_commit"), "date": r.get("date"),
-                              "command": r.get("command")} for s, r in zip(sources, results)]
-    merged["wall_s"] = sum(r.get("wall_s", 0.0) for r in results)
-    return merged
 
 
 def resummarise(paths: list[Path], out: Path, name: str | None = None, keep_arms: list[str] | None = None) -> int:

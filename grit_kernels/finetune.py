@@ -297,9 +297,9 @@ def validate_args(args: argparse.Namespace) -> None:
 
 def chosen_optimizer(args: argparse.Namespace) -> str:
     """``"eigen_adamw"`` or ``"wrap"`` (the Trainer's names): ``--optimizer``, with ``auto`` resolved from the
-    ``--grit-fisher`` / ``--grit-reprojection`` flags (:func:`grit_kernels.trainer.choose_optimizer`)."""
+    ``--grit-fisher`` / ``--grit-reprojection`` flags (:func:`grit_kernels.trainer_optimizer.choose_optimizer`)."""
     from .arguments import given_config_values
-    from .trainer import choose_optimizer
+    from .trainer_optimizer import choose_optimizer
 
     given = given_config_values(args)
     requested = "wrap" if args.optimizer == "adamw" else args.optimizer

@@ -8,7 +8,9 @@ GRIT wraps it in a :class:`TrainerGritOptimizer` *before* ``accelerator.prepare`
     micro-batch forward/backward x gradient_accumulation_steps   (statistics of all micro-batches)
     -> Trainer clips gradients to ``max_grad_norm``               (RAW gradients, see below)
     -> optimizer.step(): [GradScaler unscale / inf check] -> all-reduce statistics (DDP)
-       -> EMA fold, inversion every ``update_freq`` steps, precondition LoRA grads, KL-clip -> AdamW
+       -> EMA fold, then ``grit_optimizer``: "eigen_adamw" (the default where it runs, "auto"): Adam in
+          the factors' eigenbasis (grit_kernels.EigenAdamW, over the Trainer's parameter groups);
+          "wrap": inversion every ``update_freq`` steps, precondition LoRA grads, KL-clip -> AdamW
 
 * **Batches**: with no ``data_collator``, :class:`GritTrainer` packs text features padding-free
   (:class:`PackingCollator`) when the model keeps packed sequences apart (``grit_packing``, default "auto").
@@ -63,6 +65,9 @@ from .trainer_optimizer import (
     _find_grit_optimizer,
     _split_loraplus_groups,
     _unwrap_accelerated,
+    check_eigen_config,
+    choose_optimizer,
+    resolve_kl_clip,
 )
 
 GRIT_CHECKPOINT_NAME = "grit_preconditioner.pt"
@@ -152,48 +157,6 @@ class GritTrainingArguments(GritConfigArguments, TrainingArguments):
         choice = optimizer or choose_optimizer(self.grit_optimizer, self.grit_fisher, self.grit_reprojection)[0]
         clip = resolve_kl_clip(self.grit_kl_clip, choice)
         return trainer_config(self, kl_clip=clip)
-
-
-def check_eigen_config(fisher: str, reprojection: str, prefix: str = "") -> None:
-    """``ValueError`` when GRIT's options need ``"wrap"`` rather than EigenAdamW (``prefix``: how the caller
-    spells the options, ``"grit_"`` for GritTrainingArguments)."""
-    if fisher != "kfac" or reprojection != "off":
-        raise ValueError(
-            f"{prefix}optimizer='eigen_adamw' (the default) runs in the eigenbasis of the rank-space factors: it needs "
-            f"{prefix}fisher='kfac' and {prefix}reprojection='off', got {fisher!r}, {reprojection!r}; "
-            f"set {prefix}optimizer='wrap' to precondition the inner optimizer's gradients instead"
-        )
-
-
-def choose_optimizer(requested: str, fisher: str, reprojection: str, grouped: bool = False,
-                     sharded: bool = False) -> tuple[str, str]:
-    """``(optimizer, reason)``: ``requested`` itself unless it is ``"auto"``, which is ``"eigen_adamw"`` where
-    EigenAdamW runs and ``"wrap"`` where it does not (the reason says why)."""
-    if requested != "auto":
-        return requested, "requested"
-    blockers = [(fisher != "kfac", f"fisher={fisher!r}"), (reprojection != "off", f"reprojection={reprojection!r}"),
-                (grouped, "modality groups (GroupedGritPreconditioner)"), (sharded, "FSDP2")]
-    why = [what for bad, what in blockers if bad]
-    if why:
-        return "wrap", "EigenAdamW does not run with " + ", ".join(why)
-    return "eigen_adamw", "the best-measured setting"
-
-
-def resolve_kl_clip(value, optimizer: str) -> float | None:
-    """``grit_kl_clip`` as a number or ``None``: ``"auto"`` is ``None`` with ``grit_optimizer="eigen_adamw"``
-    and :class:`GritConfig`'s default with ``"wrap"``; strings (from the command line) are parsed; numbers
-    and ``None`` pass through (GritConfig validates them)."""
-    if not isinstance(value, str):
-        return value
-    text = value.strip().lower()
-    if text == "auto":
-        return None if optimizer == "eigen_adamw" else GritConfig().kl_clip
-    if text == "none":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"GritTrainingArguments.grit_kl_clip must be a number > 0, 'none' or 'auto', got {value!r}") from None
 
 
 # --------------------------------------------------------------------------------------------- logging

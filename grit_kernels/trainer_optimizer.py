@@ -1,5 +1,6 @@
 """The optimizer side of the GRIT Trainer: :class:`TrainerGritOptimizer` (the GritOptimizer a GRIT trainer
-builds: grad-norm ratio at logging steps, plain inner-optimizer checkpoints), the LoRA+ group split and the
+builds: grad-norm ratio at logging steps, plain inner-optimizer checkpoints), the choice between EigenAdamW and
+the preconditioned inner optimizer (``grit_optimizer``, ``grit_kl_clip``), the LoRA+ group split and the
 EigenAdamW swap applied to the optimizer ``Trainer.create_optimizer`` built, and finding a GritOptimizer
 under accelerate's wrappers."""
 
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 
 from . import fsdp
+from .config import GritConfig
 from .optim import GritOptimizer
 from .preconditioner import GritPreconditioner
 
@@ -63,6 +65,48 @@ class TrainerGritOptimizer(GritOptimizer):
             super().load_state_dict(state_dict)
         else:
             self.optimizer.load_state_dict(state_dict)
+
+
+def check_eigen_config(fisher: str, reprojection: str, prefix: str = "") -> None:
+    """``ValueError`` when GRIT's options need ``"wrap"`` rather than EigenAdamW (``prefix``: how the caller
+    spells the options, ``"grit_"`` for GritTrainingArguments)."""
+    if fisher != "kfac" or reprojection != "off":
+        raise ValueError(
+            f"{prefix}optimizer='eigen_adamw' runs in the eigenbasis of the rank-space factors: it needs "
+            f"{prefix}fisher='kfac' and {prefix}reprojection='off', got {fisher!r}, {reprojection!r}; "
+            f"set {prefix}optimizer='wrap' to precondition the inner optimizer's gradients instead"
+        )
+
+
+def choose_optimizer(requested: str, fisher: str, reprojection: str, grouped: bool = False,
+                     sharded: bool = False) -> tuple[str, str]:
+    """``(optimizer, reason)``: ``requested`` itself unless it is ``"auto"``, which is ``"eigen_adamw"`` where
+    EigenAdamW runs and ``"wrap"`` where it does not (the reason says why)."""
+    if requested != "auto":
+        return requested, "requested"
+    blockers = [(fisher != "kfac", f"fisher={fisher!r}"), (reprojection != "off", f"reprojection={reprojection!r}"),
+                (grouped, "modality groups (GroupedGritPreconditioner)"), (sharded, "FSDP2")]
+    why = [what for bad, what in blockers if bad]
+    if why:
+        return "wrap", "EigenAdamW does not run with " + ", ".join(why)
+    return "eigen_adamw", "the best-measured setting"
+
+
+def resolve_kl_clip(value, optimizer: str) -> float | None:
+    """``grit_kl_clip`` as a number or ``None``: ``"auto"`` is ``None`` with ``grit_optimizer="eigen_adamw"``
+    and :class:`GritConfig`'s default with ``"wrap"``; strings (from the command line) are parsed; numbers
+    and ``None`` pass through (GritConfig validates them)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    if text == "auto":
+        return None if optimizer == "eigen_adamw" else GritConfig().kl_clip
+    if text == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"GritTrainingArguments.grit_kl_clip must be a number > 0, 'none' or 'auto', got {value!r}") from None
 
 
 def _split_loraplus_groups(optimizer: torch.optim.Optimizer, model: torch.nn.Module, ratio: float) -> None:
