@@ -7,7 +7,7 @@
 plus ``gk.fuse(peft_model)`` (fused LoRA blocks; ``--no-fuse`` to compare with PEFT's layers).
 
 Runs on CPU with the tiny 224-module Llama (random weights) and synthetic Alpaca data.
-Runtime: 28 s wall on our 2-core CPU VM with about one other job running (one intra-op
+Runtime: 16 s wall on our idle 2-core CPU VM (torch's default threads) with GRIT's default optimizer (EigenAdamW); 28 s wall on it with about one other job running (one intra-op
 thread); 197 s while ~9 other jobs shared it. ``--quick``: seconds.
 Swap in your own model (``AutoModelForCausalLM.from_pretrained`` + ``peft.get_peft_model``) and data
 (``grit_kernels.data.load_alpaca_json``) and a real tokenizer.
