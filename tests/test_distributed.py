@@ -4,6 +4,7 @@ of one unfused process on the concatenated batch."""
 import functools
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -87,8 +88,30 @@ def _worker(rank, port, out_dir, fuse=False, fisher="kfac"):
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        finish_ranks()
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # an exception above: tear down without waiting for the peer
+            dist.destroy_process_group()
+
+
+def finish_ranks() -> None:
+    """End a worker's process group: a barrier first, so no rank tears gloo down while a peer still talks
+    to it (seen once: a rank left blocked in teardown after both had saved their results)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def spawn_ranks(fn, args: tuple, timeout_s: float = 300.0) -> None:
+    """``mp.spawn(fn, args, nprocs=WORLD)`` with a deadline: ranks still running after ``timeout_s`` (a hung
+    collective) are terminated and the test fails, instead of blocking the whole suite."""
+    ctx = mp.spawn(fn, args=args, nprocs=WORLD, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.terminate()
+            pytest.fail(f"{WORLD} ranks of {fn.__name__} did not finish in {timeout_s:.0f} s; terminated")
 
 
 def _free_port():
@@ -116,7 +139,7 @@ def test_ddp_two_processes_match_one_process_on_concatenated_batch(tmp_path, fus
     """GritPreconditioner.step all-reduces the statistics (scaled by 1/W^2) right before its fold; with
     gk.fuse on every rank, the fused Functions' statistics and gradients give the same answer; with
     fisher="kfac_lowrank" the large factors' sketches are all-reduced the same way."""
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), fuse, fisher), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, (_free_port(), str(tmp_path), fuse, fisher))
     ref_factor, ref_params = single_process(fisher)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for r, res in enumerate(results):
@@ -207,7 +230,7 @@ def test_grit_trainer_under_ddp_matches_one_process_with_the_global_batch(tmp_pa
     consecutive batches of the same seeded sampler; the Trainer normalises by the global token count)."""
     from test_trainer import make_args, make_features, run, small_model
 
-    mp.spawn(_trainer_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_ranks(_trainer_worker, (_free_port(), str(tmp_path)))
     single = run(
         small_model(),
         make_args(

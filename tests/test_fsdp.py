@@ -11,8 +11,16 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from test_distributed import LR, STEPS, WORLD, _free_port, global_batches, supervised
+from test_distributed import (
+    LR,
+    STEPS,
+    WORLD,
+    _free_port,
+    finish_ranks,
+    global_batches,
+    spawn_ranks,
+    supervised,
+)
 from torch import nn
 
 import grit_kernels as gk
@@ -144,8 +152,10 @@ def _worker(rank, port, out_dir):
         results["refusals"] = refusals()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         _trainer_part(rank, out_dir)
+        finish_ranks()
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # an exception above: tear down without waiting for the peer
+            dist.destroy_process_group()
 
 
 @functools.cache
@@ -161,7 +171,7 @@ def single_process(fuse, ckpt, micro, graft, gclip, storage):
 @pytest.fixture(scope="module")
 def fsdp_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, (_free_port(), str(out)))
     return out
 
 
