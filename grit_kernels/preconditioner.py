@@ -222,7 +222,6 @@ class GritPreconditioner(Preconditioner):
         self.check_active_adapter()
         all_reduce_statistics(self.bank)
         self.bank.fold(self.config.ema_decay, loss_scale=loss_scale, backend=self.backend)
-        self._has_statistics = self.bank.initialized.any()  # the optimizer's bases come from statistics (device flag)
         self.step_count += 1
 
     def discard_step(self) -> None:
