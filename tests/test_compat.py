@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_trainer import lora_params, make_features
+from trainer_helpers import lora_params, make_features
 from transformers import TrainingArguments
 
 from grit_kernels import GritConfig, GritPreconditioner

@@ -206,7 +206,7 @@ def _trainer_worker(rank, port, out_dir):
         WORLD_SIZE=str(WORLD),
         LOCAL_WORLD_SIZE=str(WORLD),
     )
-    from test_trainer import make_args, make_features, run, small_model
+    from trainer_helpers import make_args, make_features, run, small_model
 
     trainer = run(
         small_model(),
@@ -228,7 +228,7 @@ def _trainer_worker(rank, port, out_dir):
 def test_grit_trainer_under_ddp_matches_one_process_with_the_global_batch(tmp_path):
     """GritTrainer with two gloo ranks x 2 rows == one process with 4 rows per step (accelerate shards
     consecutive batches of the same seeded sampler; the Trainer normalises by the global token count)."""
-    from test_trainer import make_args, make_features, run, small_model
+    from trainer_helpers import make_args, make_features, run, small_model
 
     spawn_ranks(_trainer_worker, (_free_port(), str(tmp_path)))
     single = run(

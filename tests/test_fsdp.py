@@ -319,7 +319,7 @@ def _accelerate_fsdp_on_cpu():
 def _trainer_part(rank, out_dir):
     """GritTrainer under accelerate's FSDP2 (3 steps, sharded checkpoint at 2), then a Trainer with enable_grit
     resuming from it; in the workers' process group (one spawn for all of this file's multi-process checks)."""
-    from test_trainer import make_args, make_features, run, small_model
+    from trainer_helpers import make_args, make_features, run, small_model
 
     _accelerate_fsdp_on_cpu()
     fsdp_args = dict(
@@ -356,7 +356,7 @@ def _trainer_part(rank, out_dir):
 def test_grit_trainer_under_fsdp2_matches_one_process_and_resumes(fsdp_dir, tmp_path):
     """GritTrainer with accelerate's FSDP2 (fsdp_version 2, two gloo ranks x 2 rows) == one process with 4 rows per
     step; a Trainer with enable_grit resuming from its sharded checkpoint-2 reproduces step 3 bit for bit."""
-    from test_trainer import make_args, make_features, run, small_model
+    from trainer_helpers import make_args, make_features, run, small_model
 
     init = lora_state(small_model())
     single = run(
@@ -382,7 +382,7 @@ def test_trainer_under_fsdp2_accepts_kfac_and_refuses_what_cannot_shard(tmp_path
     whole LoRA tensors are refused at once (not at the first step)."""
     from types import SimpleNamespace
 
-    from test_trainer import make_args, make_features, small_model
+    from trainer_helpers import make_args, make_features, small_model
     from transformers import Trainer, TrainingArguments
 
     def fsdp2_trainer(**kw):

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from trainer_helpers import (  # noqa: F401
+from trainer_helpers import (
     SEQ,
     _factors,
     assert_params_close,

@@ -1,15 +1,13 @@
 """GritTrainer / enable_grit on CPU, part 2: enable/disable_grit, fusion by default and its fallbacks, refusals,
-model_init, default packing. (Part 1, tests/test_trainer.py: arguments, training, checkpoints, numerics.)
-
-The 224-module runs (plain and NF4) train, checkpoint and resume; the smaller properties (gradient
-accumulation, loss scale, skipped steps, checkpointing, clipping, logging) use a 2-layer model.
+model_init, default packing, on the 2-layer model. (Part 1, tests/test_trainer.py: arguments, training,
+checkpoints, numerics; shared helpers: tests/trainer_helpers.py.)
 """
 
 import os
 
 import pytest
 import torch
-from trainer_helpers import (  # noqa: F401
+from trainer_helpers import (
     SEQ,
     _factors,
     assert_params_close,
